@@ -1,0 +1,31 @@
+// fastattn._C: a small pybind11 module reporting how the extension was built. The ops themselves
+// are dispatcher ops (torch.ops.fastattn.*), registered by static initialisers when this .so loads.
+#include <pybind11/pybind11.h>
+
+#include "cpu_isa.h"
+
+#ifndef FASTATTN_VERSION
+#define FASTATTN_VERSION "unknown"
+#endif
+#ifndef FASTATTN_CUDA_ARCHS
+#define FASTATTN_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastattn compiled extension (build facts; ops live in torch.ops.fastattn)";
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = FASTATTN_VERSION;
+#ifdef FASTATTN_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    d["cuda_archs"] = FASTATTN_CUDA_ARCHS;
+    d["cpu_isas_compiled"] = fastattn::cpu::compiled_isas();
+    d["cpu_isa"] = fastattn::cpu::isa_name(fastattn::cpu::isa());
+    return d;
+  });
+}
