@@ -1,0 +1,12 @@
+"""fastattn: fused attention, normalisation and softmax kernels as drop-in PyTorch ops.
+
+Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"`` (default from
+``FASTATTN_BACKEND``); :func:`backends` reports which are usable here and why not.
+"""
+
+from fastattn import nn
+from fastattn._version import __version__
+from fastattn.dispatch import backends
+from fastattn.ops import softmax
+
+__all__ = ["__version__", "backends", "nn", "softmax"]

@@ -1,0 +1,48 @@
+"""Loads the compiled extension ``fastattn._C`` once; the package works without it.
+
+Importing ``_C`` runs the ``TORCH_LIBRARY`` static initialisers that register the C++ kernels as
+``torch.ops.fastattn.*``. If the module is missing or fails to load, fastattn warns once with the
+reason and the Triton and reference backends keep working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import Any
+
+_module: ModuleType | None = None
+_error: str | None = None
+_loaded = False
+
+
+def load() -> ModuleType | None:
+    """Returns ``fastattn._C``, or None (after one warning) when it cannot be imported."""
+    global _module, _error, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            _module = importlib.import_module("fastattn._C")
+        except (ImportError, OSError) as e:  # not built, or built against another torch
+            _error = f"{type(e).__name__}: {e}"
+            warnings.warn(
+                "fastattn: the compiled extension fastattn._C is unavailable, so the 'cpu' and "
+                f"'cuda' backends are off (Triton and reference still work). Reason: {_error}. "
+                "Build it with `pip install --no-build-isolation -e .`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _module
+
+
+def error() -> str | None:
+    """Why the extension failed to load, or None."""
+    load()
+    return _error
+
+
+def build_info() -> dict[str, Any]:
+    """Build facts reported by the extension (empty when it is missing)."""
+    mod = load()
+    return dict(mod.build_info()) if mod is not None else {}

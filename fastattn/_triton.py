@@ -1,0 +1,50 @@
+"""Triton import shim: kernels are defined even when Triton is missing (they are then never run).
+
+Kernels cast every loaded value to fp32 right away: the math is fp32 anyway, and the Triton
+interpreter miscomputes raw bf16 arithmetic (it stores bf16 as uint16 bit patterns).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton installed
+    HAS_TRITON = False
+
+    class _LanguageStub:
+        constexpr = Any
+
+    triton = None  # type: ignore[assignment]
+    tl = _LanguageStub()  # type: ignore[assignment]
+
+
+def jit(fn: Callable[..., Any]) -> Any:
+    """``triton.jit`` when Triton is importable, else the plain function (never launched)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+@jit
+def round_to_bf16(y):
+    """fp32 -> the nearest-even bf16 value (still fp32). Only for the interpreter, whose
+    fp32 -> bf16 cast truncates; on a GPU the cast already rounds to nearest even."""
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(y != y, y, bits.to(tl.float32, bitcast=True))  # keep NaN as NaN
+
+
+def needs_bf16_rounding(out: torch.Tensor) -> bool:
+    """True when a kernel storing into ``out`` must round bf16 itself (interpreter only)."""
+    return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

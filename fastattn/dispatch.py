@@ -1,0 +1,119 @@
+"""Chooses the backend of each call: ``backend=`` argument, else ``FASTATTN_BACKEND``, else auto.
+
+``auto`` takes the first backend that can serve the call: for CUDA tensors ``triton`` then
+``cuda``; for CPU tensors ``cpu``; ``reference`` (eager PyTorch) last. Every backend computes the
+same function within the tolerances the tests check, so ``auto`` never changes results. A backend
+named explicitly that cannot serve the call raises a ``RuntimeError`` saying why.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from fastattn import _extension
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def _probe_triton() -> str | None:
+    """None when Triton is importable, else the reason it is not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    return None
+
+
+# Resolved once at import, so that dispatch reads plain constants (cheap, and traceable by Dynamo).
+_TRITON_ERROR = _probe_triton()
+_EXTENSION_ERROR = None if _extension.load() is not None else _extension.error()
+_CUDA_BUILT = bool(_extension.build_info().get("cuda", False))
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``) on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run on tensors of this device and dtype, or None if it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if _TRITON_ERROR is not None:
+            return _TRITON_ERROR
+        if device.type == "cuda":
+            return None if dtype != torch.float64 else "the Triton kernels do not take float64"
+        if device.type == "cpu" and triton_interpreting():
+            if dtype == torch.float64:
+                return "the Triton kernels do not take float64"
+            return None
+        return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+    if backend in ("cpu", "cuda"):
+        if _EXTENSION_ERROR is not None:
+            return f"the compiled extension is unavailable ({_EXTENSION_ERROR})"
+        if device.type != backend:
+            return f"the {backend} backend needs {backend} tensors, got {device}"
+        if backend == "cuda" and not _CUDA_BUILT:
+            return "fastattn._C was built without CUDA kernels"
+        return None
+    return f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}"
+
+
+def select(backend: str | None, device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """The backend that will run ``op`` on tensors of ``device``/``dtype``."""
+    requested = backend if backend not in (None, "auto") else os.environ.get("FASTATTN_BACKEND")
+    if requested not in (None, "", "auto"):
+        assert requested is not None
+        why = unavailable_reason(requested, device, dtype)
+        if why is not None:
+            raise RuntimeError(f"fastattn.{op}: backend {requested!r} cannot run this call: {why}")
+        return requested
+    for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        if unavailable_reason(name, device, dtype) is None:
+            return name
+    return "reference"
+
+
+def backends() -> dict[str, Any]:
+    """Reports which backends are usable here, and why not for the others.
+
+    Returns a dict: ``{"backends": {name: {"available": bool, "reason": str | None}}, "extension":
+    build facts of fastattn._C (version, cpu_isa, cpu_isas_compiled, cuda, cuda_archs),
+    "torch": version, "triton": version or None, "cuda_device": name or None}``.
+    """
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    report: dict[str, Any] = {"backends": {}}
+    for name in BACKENDS:
+        probe = dev if name != "cpu" else torch.device("cpu")
+        if name == "cuda":
+            probe = torch.device("cuda")
+        why = unavailable_reason(name, probe, torch.float32)
+        report["backends"][name] = {"available": why is None, "reason": why}
+    report["extension"] = _extension.build_info() or {"error": _extension.error()}
+    report["torch"] = torch.__version__
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    report["triton_interpret"] = triton_interpreting()
+    report["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return report
+
+
+def new_output(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous output; NaN-filled when ``FASTATTN_POISON_OUTPUTS=1``.
+
+    The tests set that variable so that any element a kernel fails to write shows up as NaN
+    (the C++ kernels honour the same variable).
+    """
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    if os.environ.get("FASTATTN_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan"))
+    return out

@@ -1,0 +1,356 @@
+"""Fused softmax: ``softmax(x * scale + mask)`` (or log-softmax) in one pass over memory.
+
+Kernels (Triton) first, then their launchers, then the custom-op glue that registers fake kernels
+and autograd for every backend, then the public function. The C++ kernels live in
+``csrc/softmax.cpp`` (CPU) and ``csrc/cuda/softmax.cu`` (CUDA); the oracle is
+``fastattn.reference.softmax``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastattn import dispatch, reference
+from fastattn._triton import jit, needs_bf16_rounding, next_power_of_2, round_to_bf16, tl
+
+# Rows up to this many columns are held in registers and read once; longer rows are streamed
+# twice (online max/sum, then normalise). 16K fp32 over 16 warps is 32 registers a thread.
+MAX_SINGLE_PASS = 16384
+LOOP_BLOCK = 4096
+
+
+# ----------------------------------------------------------------------------------- kernels
+@jit
+def _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2, m_sc,
+                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr):
+    """z = x * scale + mask for columns ``cols`` of ``row`` in fp32; -inf where masked/outside."""
+    inb = cols < n_cols
+    z = tl.load(X + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32) * scale
+    if HAS_MASK:
+        # The mask is read through strides (0 where broadcast): row -> (i0, i1, i2).
+        i2 = row % m_d2
+        i1 = (row // m_d2) % m_d1
+        i0 = row // (m_d2 * m_d1)
+        m_ptr = M + i0 * m_s0 + i1 * m_s1 + i2 * m_s2 + cols * m_sc
+        if MASK_BOOL:
+            keep = tl.load(m_ptr, mask=inb, other=0).to(tl.int32) != 0
+            z = tl.where(keep, z, float("-inf"))
+        else:
+            z = z + tl.load(m_ptr, mask=inb, other=0.0).to(tl.float32)
+    if CAUSAL:
+        z = tl.where(cols <= q_idx, z, float("-inf"))
+    return tl.where(inb, z, float("-inf"))
+
+
+@jit
+def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m_d1, m_d2, m_sc,
+                        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                        LOG: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+                        RNE_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    q_idx = row % causal_rows
+    offs = tl.arange(0, BLOCK)
+    if SINGLE:
+        z = _row_logits(X, M, row, offs, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2, m_sc,
+                        HAS_MASK, MASK_BOOL, CAUSAL)
+        row_max = tl.max(z, 0)
+    else:
+        # Online pass: per-lane running max and sum, merged once at the end.
+        m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
+        s_vec = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            z = _row_logits(X, M, row, start + offs, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1,
+                            m_d2, m_sc, HAS_MASK, MASK_BOOL, CAUSAL)
+            m_new = tl.maximum(m_vec, z)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids -inf - -inf = NaN
+            s_vec = s_vec * tl.exp(m_vec - m_ref) + tl.exp(z - m_ref)
+            m_vec = m_new
+        row_max = tl.max(m_vec, 0)
+    # A fully masked row has max -inf: shift by 0 instead so exp gives 0, not NaN.
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    if SINGLE:
+        e = tl.exp(z - shift)
+        total = tl.sum(e, 0)
+    else:
+        total = tl.sum(s_vec * tl.exp(m_vec - shift), 0)
+    # total == 0 only for a fully masked row (-> 0, or -inf = z for log); NaN propagates.
+    inv = tl.where(total == 0.0, 0.0, 1.0 / total)
+    log_total = tl.where(total == 0.0, 0.0, tl.log(total))
+    if SINGLE:
+        if LOG:
+            y = z - shift - log_total
+        else:
+            y = e * inv
+        if RNE_BF16:
+            y = round_to_bf16(y)
+        tl.store(Y + row * n_cols + offs, y.to(Y.dtype.element_ty), mask=offs < n_cols)
+    else:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            z = _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2,
+                            m_sc, HAS_MASK, MASK_BOOL, CAUSAL)
+            if LOG:
+                y = z - shift - log_total
+            else:
+                y = tl.exp(z - shift) * inv
+            if RNE_BF16:
+                y = round_to_bf16(y)
+            tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=cols < n_cols)
+
+
+@jit
+def _softmax_bwd_kernel(G, Y, DX, n_cols, scale, LOG: tl.constexpr, BLOCK: tl.constexpr,
+                        RNE_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    # Row sum: sum(g * y) for softmax; sum of g over unmasked (y != -inf) entries for log.
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        inb = cols < n_cols
+        g = tl.load(G + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
+        y = tl.load(Y + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
+        if LOG:
+            acc += tl.where(y == float("-inf"), 0.0, g)
+        else:
+            acc += g * y
+    total = tl.sum(acc, 0)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        inb = cols < n_cols
+        # A row of one block re-reads these from cache, not memory.
+        g = tl.load(G + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
+        y = tl.load(Y + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
+        if LOG:
+            dz = tl.where(y == float("-inf"), 0.0, g - tl.exp(y) * total)
+        else:
+            dz = y * (g - total)
+        dx = dz * scale
+        if RNE_BF16:
+            dx = round_to_bf16(dx)
+        tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=inb)
+
+
+# --------------------------------------------------------------------------------- launchers
+def launch_config(n_cols: int) -> dict[str, Any]:
+    """Block size, single/looped variant and warps for a row of ``n_cols`` columns."""
+    single = n_cols <= MAX_SINGLE_PASS
+    block = next_power_of_2(max(n_cols, 1)) if single else LOOP_BLOCK
+    # Enough warps that each thread holds at most ~32 row elements.
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return {"SINGLE": single, "BLOCK": block, "num_warps": num_warps}
+
+
+def mask_strides(mask: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, list[int]]:
+    """Strides to read ``mask`` broadcast to ``shape`` without materialising it.
+
+    Returns the mask tensor and ``[s0, s1, s2, d1, d2, sc]``: a flat row index r of ``shape``
+    splits as (i0, i1, i2) with sizes (., d1, d2) and the mask row starts at i0*s0 + i1*s1 + i2*s2;
+    sc is the column stride. Leading dims that cannot be coalesced into three fall back to a copy.
+    """
+    full = mask.expand(shape)
+    dims = [(s, st) for s, st in zip(full.shape[:-1], full.stride()[:-1], strict=True) if s != 1]
+    merged: list[tuple[int, int]] = []
+    for size, stride in dims:  # outer to inner; merge when the outer dim steps over the inner
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if len(merged) > 3:
+        full = full.contiguous()
+        merged = [(full.numel() // max(shape[-1], 1), shape[-1])]
+    merged = [(1, 0)] * (3 - len(merged)) + merged
+    (_, s0), (d1, s1), (d2, s2) = merged
+    return full, [s0, s1, s2, d1, d2, full.stride(-1)]
+
+
+def _triton_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
+                    log: bool) -> torch.Tensor:
+    x = x.contiguous()
+    y = dispatch.new_output(x)
+    n_cols = x.shape[-1]
+    rows = x.numel() // n_cols if n_cols else 0
+    if rows == 0:
+        return y
+    if mask is None:
+        m_arg, strides = x, [0, 0, 0, 1, 1, 0]
+    else:
+        m_arg, strides = mask_strides(mask, x.shape)
+        if m_arg.dtype == torch.bool:
+            m_arg = m_arg.view(torch.uint8)  # Triton loads bool pointers as int1; bytes are safer
+    cfg = launch_config(n_cols)
+    _softmax_fwd_kernel[(rows,)](
+        x, y, m_arg, n_cols, x.shape[-2] if x.dim() >= 2 else 1, scale, *strides,
+        HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+        CAUSAL=causal, LOG=log, SINGLE=cfg["SINGLE"], BLOCK=cfg["BLOCK"],
+        RNE_BF16=needs_bf16_rounding(y), num_warps=cfg["num_warps"],
+    )
+    return y
+
+
+def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: bool) -> torch.Tensor:
+    grad, y = grad.contiguous(), y.contiguous()
+    dx = dispatch.new_output(y)
+    n_cols = y.shape[-1]
+    rows = y.numel() // n_cols if n_cols else 0
+    if rows == 0:
+        return dx
+    cfg = launch_config(n_cols)
+    _softmax_bwd_kernel[(rows,)](grad, y, dx, n_cols, scale, LOG=log, BLOCK=cfg["BLOCK"],
+                                 RNE_BF16=needs_bf16_rounding(dx), num_warps=cfg["num_warps"])
+    return dx
+
+
+# ------------------------------------------------------------------------- custom-op glue
+@torch.library.custom_op("fastattn::softmax_triton", mutates_args=())
+def softmax_triton(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
+                   log: bool) -> torch.Tensor:
+    """Triton kernel of ``fastattn::softmax`` (same schema); see that op in csrc/ops.cpp."""
+    return _triton_forward(x, mask, scale, causal, log)
+
+
+@torch.library.custom_op("fastattn::softmax_triton_backward", mutates_args=())
+def softmax_triton_backward(grad_out: torch.Tensor, out: torch.Tensor, scale: float,
+                            log: bool) -> torch.Tensor:
+    return _triton_backward(grad_out, out, scale, log)
+
+
+def _fake_forward(x, mask, scale, causal, log):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_backward(grad_out, out, scale, log):  # type: ignore[no-untyped-def]
+    return torch.empty_like(out, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    x, mask, scale, causal, log = inputs
+    ctx.scale, ctx.log = scale, log
+    ctx.mask_shape = None if mask is None else mask.shape
+    ctx.mask_dtype = None if mask is None else mask.dtype
+    ctx.save_for_backward(output)
+
+
+def _make_backward(backward_op: Any) -> Any:
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (y,) = ctx.saved_tensors
+        need_mask_grad = ctx.needs_input_grad[1]
+        # d(x*scale + mask): dx = scale * dz and dmask = dz summed over the broadcast dims.
+        dz = backward_op(grad, y, 1.0 if need_mask_grad else ctx.scale, ctx.log)
+        if not need_mask_grad:
+            return dz, None, None, None, None
+        dmask = dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
+        return dz * ctx.scale, dmask, None, None, None
+
+    return backward
+
+
+def _register(fwd: str, bwd: str) -> None:
+    torch.library.register_fake(fwd)(_fake_forward)
+    torch.library.register_fake(bwd)(_fake_backward)
+    bwd_op = getattr(torch.ops.fastattn, bwd.split("::")[1])
+    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+
+
+_register("fastattn::softmax_triton", "fastattn::softmax_triton_backward")
+if dispatch.unavailable_reason("cpu", torch.device("cpu"), torch.float32) is None:
+    _register("fastattn::softmax", "fastattn::softmax_backward")  # the C++ op (CPU and CUDA)
+
+_KERNELS = {"triton": "softmax_triton", "cpu": "softmax", "cuda": "softmax"}
+
+
+# ------------------------------------------------------------------------------ public API
+def _check_inputs(x: Any, dim: int, mask: Any, scale: Any, causal: bool) -> int:
+    """Validates before any allocation; returns ``dim`` normalised to be non-negative."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastattn.softmax: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"fastattn.softmax: x must be a floating point tensor, got {x.dtype} (pass dtype= to "
+            "convert integer inputs)"
+        )
+    if x.dim() == 0:
+        raise ValueError("fastattn.softmax: x must have at least one dimension, got a scalar")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"fastattn.softmax: dim {dim} is out of range for x of shape {tuple(x.shape)}"
+        )
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+        raise TypeError(f"fastattn.softmax: scale must be a Python number, got {type(scale)}")
+    dim %= x.dim()
+    if causal and dim != x.dim() - 1:
+        raise ValueError(
+            f"fastattn.softmax: causal=True masks the last two dims, so dim must be the last "
+            f"dim ({x.dim() - 1} or -1), got {dim}"
+        )
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"fastattn.softmax: mask must be a tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(
+                f"fastattn.softmax: mask must be bool (True = keep) or floating point "
+                f"(additive), got {mask.dtype}"
+            )
+        if mask.device != x.device:
+            raise ValueError(
+                f"fastattn.softmax: mask is on {mask.device} but x is on {x.device}"
+            )
+        ok = mask.dim() <= x.dim() and all(
+            m in (1, s) for m, s in zip(reversed(mask.shape), reversed(x.shape), strict=False)
+        )
+        if not ok:
+            raise ValueError(
+                f"fastattn.softmax: mask of shape {tuple(mask.shape)} is not broadcastable to x "
+                f"of shape {tuple(x.shape)}"
+            )
+    return dim
+
+
+def softmax(
+    x: torch.Tensor,
+    dim: int = -1,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    log: bool = False,
+    dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax (or log-softmax) of ``x * scale + mask`` along ``dim``, fused in one kernel.
+
+    Args:
+        x: input of any shape, e.g. attention scores ``(batch, heads, seqlen_q, seqlen_k)``.
+        dim: the dimension to normalise; must be the last one when ``causal``.
+        scale: multiplies ``x`` before the mask is added (default 1).
+        mask: bool (True = keep) or additive float tensor broadcastable to ``x``; broadcast dims
+            are read with stride 0, never expanded in memory. A float mask that requires grad
+            gets its gradient.
+        causal: mask column j > row i of the last two dims (top-left aligned, as
+            ``F.scaled_dot_product_attention(is_causal=True)``).
+        log: return log-softmax.
+        dtype: cast ``x`` to this dtype first (as ``torch.softmax``); the result has it.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+
+    A row whose entries are all masked returns zeros (log-softmax: -inf) and a zero gradient,
+    never NaN; NaN inputs propagate. Math is in fp32 (fp64 for float64 inputs).
+    """
+    if dtype is not None:
+        x = x.to(dtype)
+    d = _check_inputs(x, dim, mask, scale, causal)
+    scale_f = 1.0 if scale is None else float(scale)
+    last = x.dim() - 1
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype not in (x.dtype, torch.float32):
+            mask = mask.to(torch.float32)  # kernels take bool, float32 or x's own dtype
+        if d != last:
+            mask = mask[(None,) * (x.dim() - mask.dim())].movedim(d, last)
+    xt = x.movedim(d, last) if d != last else x  # the kernels normalise the last dim
+    name = dispatch.select(backend, x.device, x.dtype, "softmax")
+    if name == "reference":
+        y = reference.softmax(xt, mask, scale_f, causal, log)
+    else:
+        y = getattr(torch.ops.fastattn, _KERNELS[name])(xt, mask, scale_f, causal, log)
+    return y.movedim(last, d) if d != last else y
