@@ -1,5 +1,5 @@
-"""Functional ops: one module per op (kernels, launchers, custom-op glue, public function)."""
+"""Functional ops: one module per op (kernels, launchers, custom-op glue, public function).
 
-from fastattn.ops.softmax import softmax
-
-__all__ = ["softmax"]
+The public functions are re-exported at the package top level (``fastattn.softmax``), so that
+``fastattn.ops.<op>`` always names the op's module.
+"""

@@ -203,6 +203,45 @@ def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: boo
     return dx
 
 
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specs() -> Any:
+    """Each kernel configuration ``launch_config`` can pick, per dtype, for ``fastattn._aot``."""
+    # One row length per (SINGLE, BLOCK, num_warps) the launcher can pick: every power-of-two
+    # block of the single-pass kernel, then the looped kernel.
+    for cols in [2**i for i in range(MAX_SINGLE_PASS.bit_length())] + [MAX_SINGLE_PASS + 1]:
+        cfg = launch_config(cols)
+        for dtype, t in _TRITON_TYPE.items():
+            # Every feature on: an additive mask of x's dtype, then a bool mask with log.
+            for mask_t, log in ((t, False), ("u8", True)):
+                yield {
+                    "id": f"softmax_fwd-{cols}-{t}-mask_{mask_t}-log{int(log)}",
+                    "kernel": _softmax_fwd_kernel,
+                    "signature": {
+                        "X": f"*{t}", "Y": f"*{t}", "M": f"*{mask_t}", "n_cols": "i32",
+                        "causal_rows": "i32", "scale": "fp32", "m_s0": "i64", "m_s1": "i64",
+                        "m_s2": "i64", "m_d1": "i32", "m_d2": "i32", "m_sc": "i32",
+                    },
+                    "constexprs": {
+                        "HAS_MASK": True, "MASK_BOOL": mask_t == "u8", "CAUSAL": True,
+                        "LOG": log, "SINGLE": cfg["SINGLE"], "BLOCK": cfg["BLOCK"],
+                        "RNE_BF16": False,
+                    },
+                    "num_warps": cfg["num_warps"],
+                }
+            for log in (False, True):
+                yield {
+                    "id": f"softmax_bwd-{cols}-{t}-log{int(log)}",
+                    "kernel": _softmax_bwd_kernel,
+                    "signature": {"G": f"*{t}", "Y": f"*{t}", "DX": f"*{t}", "n_cols": "i32",
+                                  "scale": "fp32"},
+                    # RNE_BF16 (interpreter-only rounding) must stay valid GPU code too.
+                    "constexprs": {"LOG": log, "BLOCK": cfg["BLOCK"], "RNE_BF16": t == "bf16"},
+                    "num_warps": cfg["num_warps"],
+                }
+
+
 # ------------------------------------------------------------------------- custom-op glue
 @torch.library.custom_op("fastattn::softmax_triton", mutates_args=())
 def softmax_triton(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
