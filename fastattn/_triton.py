@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover - exercised only without triton installe
     class _LanguageStub:
         constexpr = Any
 
-    triton = None  # type: ignore[assignment]
-    tl = _LanguageStub()  # type: ignore[assignment]
+    triton = None
+    tl = _LanguageStub()
 
 
 def jit(fn: Callable[..., Any]) -> Any:

@@ -47,8 +47,15 @@ class Softmax(torch.nn.Softmax):
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         dim = self.dim if self.dim is not None else _legacy_softmax_dim(input.dim())
-        return softmax(input, dim, scale=self.scale, mask=mask, causal=self.causal,
-                       log=self.log, backend=self.backend)
+        return softmax(
+            input,
+            dim,
+            scale=self.scale,
+            mask=mask,
+            causal=self.causal,
+            log=self.log,
+            backend=self.backend,
+        )
 
     @classmethod
     def from_torch(cls, module: torch.nn.Softmax) -> Softmax:

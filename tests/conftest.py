@@ -15,7 +15,8 @@ import torch  # noqa: E402
 import fastattn  # noqa: E402
 from fastattn import dispatch  # noqa: E402
 
-# Tolerance per dtype. fp32/fp64 compare directly with the float64 reference: ATOL + RTOL * max|ref|.
+# Tolerance per dtype. fp32/fp64 compare directly with the float64 reference:
+# |fast - ref| <= ATOL + RTOL * max|ref|.
 # fp16/bf16 use the FlashAttention rule: |fast - ref| <= 2 * |eager_same_dtype - ref| + atol, with
 # atol = ATOL * max(1, max|ref|): about one unit of rounding of the dtype at the data's own scale
 # (as FlashAttention-3's atol, 2 * |(ref + 0.3 - 0.3) - ref|), since values such as log-softmax
@@ -84,5 +85,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     rep = fastattn.backends()
     lines = [f"fastattn {fastattn.__version__}; extension: {rep['extension']}"]
     for name, st in rep["backends"].items():
-        lines.append(f"  backend {name}: {'yes' if st['available'] else 'no (' + st['reason'] + ')'}")
+        lines.append(
+            f"  backend {name}: {'yes' if st['available'] else 'no (' + st['reason'] + ')'}"
+        )
     return lines

@@ -111,7 +111,9 @@ MASK_SHAPES = [
 def test_broadcast_masks(backend, shape, mshape, mdtype, causal):
     x = torch.randn(shape)
     mask = torch.rand(mshape) < 0.7 if mdtype == torch.bool else torch.randn(mshape)
-    check_against_reference(backend, x, mask.requires_grad_(mdtype != torch.bool), {"causal": causal})
+    check_against_reference(
+        backend, x, mask.requires_grad_(mdtype != torch.bool), {"causal": causal}
+    )
 
 
 @pytest.mark.parametrize("log", [False, True])
@@ -226,18 +228,33 @@ BAD_INPUTS = [
     (lambda: fastattn.softmax([1.0, 2.0]), TypeError, "torch.Tensor"),
     (lambda: fastattn.softmax(torch.tensor(1.0)), ValueError, "at least one dimension"),
     (lambda: fastattn.softmax(torch.randn(2, 3), dim=2), ValueError, r"dim 2 .*\(2, 3\)"),
-    (lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(4, dtype=torch.bool)),
-     ValueError, r"mask of shape \(4,\) is not broadcastable to x of shape \(2, 3\)"),
-    (lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(1, 2, 3, dtype=torch.bool)),
-     ValueError, "not broadcastable"),
-    (lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(3, dtype=torch.int32)),
-     TypeError, "torch.int32"),
-    (lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(3, device="meta")),
-     ValueError, "mask is on meta"),
+    (
+        lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(4, dtype=torch.bool)),
+        ValueError,
+        r"mask of shape \(4,\) is not broadcastable to x of shape \(2, 3\)",
+    ),
+    (
+        lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(1, 2, 3, dtype=torch.bool)),
+        ValueError,
+        "not broadcastable",
+    ),
+    (
+        lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(3, dtype=torch.int32)),
+        TypeError,
+        "torch.int32",
+    ),
+    (
+        lambda: fastattn.softmax(torch.randn(2, 3), mask=torch.ones(3, device="meta")),
+        ValueError,
+        "mask is on meta",
+    ),
     (lambda: fastattn.softmax(torch.randn(2, 3), dim=0, causal=True), ValueError, "causal"),
     (lambda: fastattn.softmax(torch.randn(2, 3), scale="2"), TypeError, "scale"),
-    (lambda: fastattn.softmax(torch.randn(2, 3), backend="cuda"), RuntimeError,
-     "backend 'cuda' cannot run this call"),
+    (
+        lambda: fastattn.softmax(torch.randn(2, 3), backend="cuda"),
+        RuntimeError,
+        "backend 'cuda' cannot run this call",
+    ),
     (lambda: fastattn.softmax(torch.randn(2, 3), backend="tpu"), RuntimeError, "unknown backend"),
 ]
 
@@ -250,18 +267,40 @@ def test_bad_input_is_rejected_in_python(call, exc, match):
 
 # The C++ entry checks again (TORCH_CHECK) for callers that use torch.ops directly.
 CPP_BAD_INPUTS = [
-    (lambda: torch.ops.fastattn.softmax(torch.arange(6).view(2, 3), None, 1.0, False, False),
-     "floating"),
-    (lambda: torch.ops.fastattn.softmax(torch.randn(2, 3), torch.ones(4, dtype=torch.bool), 1.0,
-                                        False, False), "broadcastable"),
-    (lambda: torch.ops.fastattn.softmax(torch.randn(2, 3), torch.ones(3, dtype=torch.int64), 1.0,
-                                        False, False), "mask"),
-    (lambda: torch.ops.fastattn.softmax(torch.randn(2, 3), torch.ones(3, dtype=torch.float16),
-                                        1.0, False, False), "mask"),
-    (lambda: torch.ops.fastattn.softmax_backward(torch.randn(2, 3), torch.randn(2, 4), 1.0,
-                                                 False), "shape"),
-    (lambda: torch.ops.fastattn.softmax_backward(torch.randn(2, 3), torch.randn(2, 3).double(),
-                                                 1.0, False), "dtype"),
+    (
+        lambda: torch.ops.fastattn.softmax(torch.arange(6).view(2, 3), None, 1.0, False, False),
+        "floating",
+    ),
+    (
+        lambda: torch.ops.fastattn.softmax(
+            torch.randn(2, 3), torch.ones(4, dtype=torch.bool), 1.0, False, False
+        ),
+        "broadcastable",
+    ),
+    (
+        lambda: torch.ops.fastattn.softmax(
+            torch.randn(2, 3), torch.ones(3, dtype=torch.int64), 1.0, False, False
+        ),
+        "mask",
+    ),
+    (
+        lambda: torch.ops.fastattn.softmax(
+            torch.randn(2, 3), torch.ones(3, dtype=torch.float16), 1.0, False, False
+        ),
+        "mask",
+    ),
+    (
+        lambda: torch.ops.fastattn.softmax_backward(
+            torch.randn(2, 3), torch.randn(2, 4), 1.0, False
+        ),
+        "shape",
+    ),
+    (
+        lambda: torch.ops.fastattn.softmax_backward(
+            torch.randn(2, 3), torch.randn(2, 3).double(), 1.0, False
+        ),
+        "dtype",
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fastattn import dispatch, reference
+from fastattn import _checks, dispatch, reference
 from fastattn._triton import jit, needs_bf16_rounding, next_power_of_2, round_to_bf16, tl
 
 # Rows up to this many columns are held in registers and read once; longer rows are streamed
@@ -22,6 +22,7 @@ LOOP_BLOCK = 4096
 
 
 # ----------------------------------------------------------------------------------- kernels
+# fmt: off
 @jit
 def _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2, m_sc,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr):
@@ -79,10 +80,7 @@ def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m
     inv = tl.where(total == 0.0, 0.0, 1.0 / total)
     log_total = tl.where(total == 0.0, 0.0, tl.log(total))
     if SINGLE:
-        if LOG:
-            y = z - shift - log_total
-        else:
-            y = e * inv
+        y = z - shift - log_total if LOG else e * inv
         if RNE_BF16:
             y = round_to_bf16(y)
         tl.store(Y + row * n_cols + offs, y.to(Y.dtype.element_ty), mask=offs < n_cols)
@@ -91,10 +89,7 @@ def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m
             cols = start + offs
             z = _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2,
                             m_sc, HAS_MASK, MASK_BOOL, CAUSAL)
-            if LOG:
-                y = z - shift - log_total
-            else:
-                y = tl.exp(z - shift) * inv
+            y = z - shift - log_total if LOG else tl.exp(z - shift) * inv
             if RNE_BF16:
                 y = round_to_bf16(y)
             tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=cols < n_cols)
@@ -112,10 +107,7 @@ def _softmax_bwd_kernel(G, Y, DX, n_cols, scale, LOG: tl.constexpr, BLOCK: tl.co
         inb = cols < n_cols
         g = tl.load(G + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
         y = tl.load(Y + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32)
-        if LOG:
-            acc += tl.where(y == float("-inf"), 0.0, g)
-        else:
-            acc += g * y
+        acc += tl.where(y == float("-inf"), 0.0, g) if LOG else g * y
     total = tl.sum(acc, 0)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
@@ -131,6 +123,7 @@ def _softmax_bwd_kernel(G, Y, DX, n_cols, scale, LOG: tl.constexpr, BLOCK: tl.co
         if RNE_BF16:
             dx = round_to_bf16(dx)
         tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=inb)
+# fmt: on
 
 
 # --------------------------------------------------------------------------------- launchers
@@ -166,8 +159,9 @@ def mask_strides(mask: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, l
     return full, [s0, s1, s2, d1, d2, full.stride(-1)]
 
 
-def _triton_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
-                    log: bool) -> torch.Tensor:
+def _triton_forward(
+    x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool, log: bool
+) -> torch.Tensor:
     x = x.contiguous()
     y = dispatch.new_output(x)
     n_cols = x.shape[-1]
@@ -182,10 +176,21 @@ def _triton_forward(x: torch.Tensor, mask: torch.Tensor | None, scale: float, ca
             m_arg = m_arg.view(torch.uint8)  # Triton loads bool pointers as int1; bytes are safer
     cfg = launch_config(n_cols)
     _softmax_fwd_kernel[(rows,)](
-        x, y, m_arg, n_cols, x.shape[-2] if x.dim() >= 2 else 1, scale, *strides,
-        HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-        CAUSAL=causal, LOG=log, SINGLE=cfg["SINGLE"], BLOCK=cfg["BLOCK"],
-        RNE_BF16=needs_bf16_rounding(y), num_warps=cfg["num_warps"],
+        x,
+        y,
+        m_arg,
+        n_cols,
+        x.shape[-2] if x.dim() >= 2 else 1,
+        scale,
+        *strides,
+        HAS_MASK=mask is not None,
+        MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+        CAUSAL=causal,
+        LOG=log,
+        SINGLE=cfg["SINGLE"],
+        BLOCK=cfg["BLOCK"],
+        RNE_BF16=needs_bf16_rounding(y),
+        num_warps=cfg["num_warps"],
     )
     return y
 
@@ -198,8 +203,17 @@ def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: boo
     if rows == 0:
         return dx
     cfg = launch_config(n_cols)
-    _softmax_bwd_kernel[(rows,)](grad, y, dx, n_cols, scale, LOG=log, BLOCK=cfg["BLOCK"],
-                                 RNE_BF16=needs_bf16_rounding(dx), num_warps=cfg["num_warps"])
+    _softmax_bwd_kernel[(rows,)](
+        grad,
+        y,
+        dx,
+        n_cols,
+        scale,
+        LOG=log,
+        BLOCK=cfg["BLOCK"],
+        RNE_BF16=needs_bf16_rounding(dx),
+        num_warps=cfg["num_warps"],
+    )
     return dx
 
 
@@ -212,20 +226,33 @@ def aot_specs() -> Any:
     # block of the single-pass kernel, then the looped kernel.
     for cols in [2**i for i in range(MAX_SINGLE_PASS.bit_length())] + [MAX_SINGLE_PASS + 1]:
         cfg = launch_config(cols)
-        for dtype, t in _TRITON_TYPE.items():
+        for t in _TRITON_TYPE.values():
             # Every feature on: an additive mask of x's dtype, then a bool mask with log.
             for mask_t, log in ((t, False), ("u8", True)):
                 yield {
                     "id": f"softmax_fwd-{cols}-{t}-mask_{mask_t}-log{int(log)}",
                     "kernel": _softmax_fwd_kernel,
                     "signature": {
-                        "X": f"*{t}", "Y": f"*{t}", "M": f"*{mask_t}", "n_cols": "i32",
-                        "causal_rows": "i32", "scale": "fp32", "m_s0": "i64", "m_s1": "i64",
-                        "m_s2": "i64", "m_d1": "i32", "m_d2": "i32", "m_sc": "i32",
+                        "X": f"*{t}",
+                        "Y": f"*{t}",
+                        "M": f"*{mask_t}",
+                        "n_cols": "i32",
+                        "causal_rows": "i32",
+                        "scale": "fp32",
+                        "m_s0": "i64",
+                        "m_s1": "i64",
+                        "m_s2": "i64",
+                        "m_d1": "i32",
+                        "m_d2": "i32",
+                        "m_sc": "i32",
                     },
                     "constexprs": {
-                        "HAS_MASK": True, "MASK_BOOL": mask_t == "u8", "CAUSAL": True,
-                        "LOG": log, "SINGLE": cfg["SINGLE"], "BLOCK": cfg["BLOCK"],
+                        "HAS_MASK": True,
+                        "MASK_BOOL": mask_t == "u8",
+                        "CAUSAL": True,
+                        "LOG": log,
+                        "SINGLE": cfg["SINGLE"],
+                        "BLOCK": cfg["BLOCK"],
                         "RNE_BF16": False,
                     },
                     "num_warps": cfg["num_warps"],
@@ -234,8 +261,13 @@ def aot_specs() -> Any:
                 yield {
                     "id": f"softmax_bwd-{cols}-{t}-log{int(log)}",
                     "kernel": _softmax_bwd_kernel,
-                    "signature": {"G": f"*{t}", "Y": f"*{t}", "DX": f"*{t}", "n_cols": "i32",
-                                  "scale": "fp32"},
+                    "signature": {
+                        "G": f"*{t}",
+                        "Y": f"*{t}",
+                        "DX": f"*{t}",
+                        "n_cols": "i32",
+                        "scale": "fp32",
+                    },
                     # RNE_BF16 (interpreter-only rounding) must stay valid GPU code too.
                     "constexprs": {"LOG": log, "BLOCK": cfg["BLOCK"], "RNE_BF16": t == "bf16"},
                     "num_warps": cfg["num_warps"],
@@ -244,27 +276,29 @@ def aot_specs() -> Any:
 
 # ------------------------------------------------------------------------- custom-op glue
 @torch.library.custom_op("fastattn::softmax_triton", mutates_args=())
-def softmax_triton(x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
-                   log: bool) -> torch.Tensor:
+def softmax_triton(
+    x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool, log: bool
+) -> torch.Tensor:
     """Triton kernel of ``fastattn::softmax`` (same schema); see that op in csrc/ops.cpp."""
     return _triton_forward(x, mask, scale, causal, log)
 
 
 @torch.library.custom_op("fastattn::softmax_triton_backward", mutates_args=())
-def softmax_triton_backward(grad_out: torch.Tensor, out: torch.Tensor, scale: float,
-                            log: bool) -> torch.Tensor:
+def softmax_triton_backward(
+    grad_out: torch.Tensor, out: torch.Tensor, scale: float, log: bool
+) -> torch.Tensor:
     return _triton_backward(grad_out, out, scale, log)
 
 
-def _fake_forward(x, mask, scale, causal, log):  # type: ignore[no-untyped-def]
+def _fake_forward(x, mask, scale, causal, log):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _fake_backward(grad_out, out, scale, log):  # type: ignore[no-untyped-def]
+def _fake_backward(grad_out, out, scale, log):
     return torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+def _setup_context(ctx, inputs, output):
     x, mask, scale, causal, log = inputs
     ctx.scale, ctx.log = scale, log
     ctx.mask_shape = None if mask is None else mask.shape
@@ -273,7 +307,7 @@ def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
 
 
 def _make_backward(backward_op: Any) -> Any:
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         need_mask_grad = ctx.needs_input_grad[1]
         # d(x*scale + mask): dx = scale * dz and dmask = dz summed over the broadcast dims.
@@ -301,52 +335,6 @@ _KERNELS = {"triton": "softmax_triton", "cpu": "softmax", "cuda": "softmax"}
 
 
 # ------------------------------------------------------------------------------ public API
-def _check_inputs(x: Any, dim: int, mask: Any, scale: Any, causal: bool) -> int:
-    """Validates before any allocation; returns ``dim`` normalised to be non-negative."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"fastattn.softmax: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"fastattn.softmax: x must be a floating point tensor, got {x.dtype} (pass dtype= to "
-            "convert integer inputs)"
-        )
-    if x.dim() == 0:
-        raise ValueError("fastattn.softmax: x must have at least one dimension, got a scalar")
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(
-            f"fastattn.softmax: dim {dim} is out of range for x of shape {tuple(x.shape)}"
-        )
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
-        raise TypeError(f"fastattn.softmax: scale must be a Python number, got {type(scale)}")
-    dim %= x.dim()
-    if causal and dim != x.dim() - 1:
-        raise ValueError(
-            f"fastattn.softmax: causal=True masks the last two dims, so dim must be the last "
-            f"dim ({x.dim() - 1} or -1), got {dim}"
-        )
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"fastattn.softmax: mask must be a tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(
-                f"fastattn.softmax: mask must be bool (True = keep) or floating point "
-                f"(additive), got {mask.dtype}"
-            )
-        if mask.device != x.device:
-            raise ValueError(
-                f"fastattn.softmax: mask is on {mask.device} but x is on {x.device}"
-            )
-        ok = mask.dim() <= x.dim() and all(
-            m in (1, s) for m, s in zip(reversed(mask.shape), reversed(x.shape), strict=False)
-        )
-        if not ok:
-            raise ValueError(
-                f"fastattn.softmax: mask of shape {tuple(mask.shape)} is not broadcastable to x "
-                f"of shape {tuple(x.shape)}"
-            )
-    return dim
-
-
 def softmax(
     x: torch.Tensor,
     dim: int = -1,
@@ -376,9 +364,18 @@ def softmax(
     A row whose entries are all masked returns zeros (log-softmax: -inf) and a zero gradient,
     never NaN; NaN inputs propagate. Math is in fp32 (fp64 for float64 inputs).
     """
-    if dtype is not None:
+    if dtype is not None and isinstance(x, torch.Tensor):
         x = x.to(dtype)
-    d = _check_inputs(x, dim, mask, scale, causal)
+    x = _checks.floating_tensor("softmax", "x", x)
+    d = _checks.dim_index("softmax", x, dim)
+    _checks.number("softmax", "scale", scale)
+    if causal and d != x.dim() - 1:
+        raise ValueError(
+            "fastattn.softmax: causal=True masks the last two dims, so dim must be the last "
+            f"({x.dim() - 1} or -1), got {dim}"
+        )
+    if mask is not None:
+        _checks.mask("softmax", mask, x)
     scale_f = 1.0 if scale is None else float(scale)
     last = x.dim() - 1
     if mask is not None:
