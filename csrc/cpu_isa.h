@@ -7,8 +7,8 @@ namespace fastattn::cpu {
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
-Isa isa();                     // the path in use (cached after the first call)
-const char* isa_name(Isa isa); // "avx512", "avx2" or "scalar"
-const char* compiled_isas();   // e.g. "avx512,avx2,scalar"
+Isa isa();                      // the path in use (cached after the first call)
+const char* isa_name(Isa isa);  // "avx512", "avx2" or "scalar"
+const char* compiled_isas();    // e.g. "avx512,avx2,scalar"
 
 }  // namespace fastattn::cpu

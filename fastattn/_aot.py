@@ -21,9 +21,10 @@ SMEM_LIMIT = {80: 166_912, 90: 232_448}
 
 def all_specs() -> Iterator[dict[str, Any]]:
     """Every (kernel, signature, constexprs, num_warps) the launchers can use, over all ops."""
-    from fastattn.ops import softmax
+    from fastattn.ops import norm, softmax
 
     yield from softmax.aot_specs()
+    yield from norm.aot_specs()
 
 
 def compile_spec(spec: dict[str, Any], cc: int) -> dict[str, Any]:

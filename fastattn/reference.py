@@ -60,3 +60,35 @@ def softmax(
     else:
         y = torch.softmax(z, dim=-1).masked_fill(masked, 0.0)
     return y.to(x.dtype)
+
+
+def norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    rms: bool = False,
+    residual: torch.Tensor | None = None,
+    *,
+    opmath: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LayerNorm (or RMSNorm when ``rms``) over the last dim of ``h = x (+ residual)``.
+
+    Returns ``(y, h)``, with ``h`` None when there is no residual. ``h`` is rounded to x's dtype
+    before it is normalised, so ``y`` is exactly the norm of the ``h`` returned. Statistics in
+    fp32 (fp64 for float64 inputs); weight and bias may have another float dtype than x.
+    """
+    h = x if residual is None else (x.to(_opmath(x.dtype)) + residual).to(x.dtype)
+    dt = opmath or _opmath(x.dtype)
+    hf = h.to(dt)
+    if rms:
+        y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        mean = hf.mean(-1, keepdim=True)
+        var = (hf - mean).pow(2).mean(-1, keepdim=True)
+        y = (hf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(dt)
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.to(x.dtype), (None if residual is None else h)
