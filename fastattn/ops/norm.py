@@ -160,7 +160,7 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 8))
 
 
-def _triton_forward(x, residual, weight, bias, eps, rms):  # type: ignore[no-untyped-def]
+def _triton_forward(x, residual, weight, bias, eps, rms):
     x = x.contiguous()
     n_cols = x.shape[-1]
     rows = x.numel() // n_cols if n_cols else 0
@@ -182,7 +182,7 @@ def _triton_forward(x, residual, weight, bias, eps, rms):  # type: ignore[no-unt
     return y, h, mean, rstd
 
 
-def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):  # type: ignore[no-untyped-def]
+def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):
     dy, inp = dy.contiguous(), inp.contiguous()
     n_cols = inp.shape[-1]
     rows = inp.numel() // n_cols if n_cols else 0

@@ -1,0 +1,240 @@
+"""LayerNorm / RMSNorm (with and without the fused residual add): parity, gradients,
+determinism, bad input, compiler integration, and the drop-in modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, GPU_BACKENDS, HAS_CUDA, LOW_PRECISION, assert_parity
+
+import fastattn
+from fastattn import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# 1 and 7: shorter than any vector; 1000: not a power of two; 5120: not a power of two and past
+# one 4096 block; 65536: past the single-pass limit (looped kernels; CPU/reference only).
+HIDDEN = [1, 7, 64, 768, 1000, 4096, 5120, 65536]
+LEADING = [(1,), (3, 17), (2, 3, 5)]
+# plain; weight only; weight + bias + residual; fp32 weight/bias under low-precision x + residual
+VARIANTS = ["plain", "weight", "affine_residual", "mixed_residual"]
+TRITON_MAX_ELEMENTS = 120_000  # the interpreter costs ~ms per block step
+
+
+def make_case(variant, lead, hidden, dtype, rms, device="cpu"):
+    x = torch.randn(*lead, hidden, device=device).to(dtype) * 2 + 0.5  # non-zero mean on purpose
+    wdt = torch.float32 if variant == "mixed_residual" else dtype
+    w = b = r = None
+    if variant != "plain":
+        w = (torch.randn(hidden, device=device) * 0.5 + 1).to(wdt).requires_grad_()
+    if variant in ("affine_residual", "mixed_residual"):
+        r = torch.randn(*lead, hidden, device=device).to(dtype)
+        if not rms:
+            b = torch.randn(hidden, device=device).to(wdt).requires_grad_()
+    return x, w, b, r
+
+
+def run(impl, x, w, b, r, rms, grads_in, opmath=None):
+    """Outputs (y, h) and gradients wrt (x, w, b, r) of one implementation, in one pass."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    xs, ws, bs, rs = leaves
+    if impl == "reference64":
+        cast = [t.double() if t is not None else None for t in leaves]
+        y, h = reference.norm(cast[0], cast[1], cast[2], 1e-5, rms, cast[3])
+    elif impl == "eager":  # torch's own kernels in the input's precision (weights cast to it)
+        h = xs + rs if rs is not None else None
+        inp, n, dt = (h if h is not None else xs), (x.shape[-1],), x.dtype
+        wd, bd = (t.to(dt) if t is not None else None for t in (ws, bs))
+        f = torch.nn.functional
+        y = f.rms_norm(inp, n, wd, 1e-5) if rms else f.layer_norm(inp, n, wd, bd, 1e-5)
+    else:
+        fn = fastattn.rms_norm if rms else fastattn.layer_norm
+        args = (ws,) if rms else (ws, bs)
+        out = fn(xs, x.shape[-1], *args, 1e-5, residual=rs, backend=impl)
+        y, h = out if rs is not None else (out, None)
+    outs = [y] + ([h] if h is not None else [])
+    gouts = [g.to(o.dtype) for g, o in zip(grads_in, outs, strict=False)]
+    needs = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outs, needs, gouts)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def check(backend, x, w, b, r, rms):
+    shape = x.shape
+    grads_in = [torch.randn(shape, dtype=torch.float64) for _ in range(2)]
+    got = run(backend, x, w, b, r, rms, grads_in)
+    want = run("reference64", x, w, b, r, rms, grads_in)
+    base = run("eager", x, w, b, r, rms, grads_in) if x.dtype in LOW_PRECISION else [None] * 9
+    assert len(got) == len(want)
+    for i, (g, wt, bs) in enumerate(zip(got, want, base, strict=False)):
+        assert_parity(g, wt, bs, f"{backend} output/grad #{i}", dtype=x.dtype)
+
+
+def grid():
+    for backend in CPU_BACKENDS:
+        for hidden in HIDDEN:
+            for i, variant in enumerate(VARIANTS):
+                lead = LEADING[(i + HIDDEN.index(hidden)) % len(LEADING)]
+                n = hidden * torch.Size(lead).numel()
+                if backend == "triton" and n > TRITON_MAX_ELEMENTS:
+                    continue  # covered by cpu/reference; the interpreter would take minutes
+                yield backend, hidden, variant, lead
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("backend", "hidden", "variant", "lead"), list(grid()))
+def test_parity_grid(backend, hidden, variant, lead, dtype, rms):
+    check(backend, *make_case(variant, lead, hidden, dtype, rms), rms)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_huge_rows_cpu(rms):
+    # 262144 elements a row: far past on-chip sizes (and Liger's/FlashAttention's caps).
+    check("cpu", *make_case("affine_residual", (2,), 262144, torch.bfloat16, rms), rms)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_noncontiguous_and_multidim_normalized_shape(backend, rms):
+    x = torch.randn(6, 4, 5).transpose(0, 1)  # (4, 6, 5), non-contiguous
+    w = torch.randn(6, 5, requires_grad=True)
+    fn = fastattn.rms_norm if rms else fastattn.layer_norm
+    ref = torch.nn.functional.rms_norm if rms else torch.nn.functional.layer_norm
+    y = fn(x, (6, 5), w, eps=1e-5, backend=backend)
+    assert_parity(y, ref(x.double(), (6, 5), w.double(), eps=1e-5))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    y = fastattn.layer_norm(x, 16, w, backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16))
+
+
+def test_rms_norm_default_eps_is_dtype_eps():
+    x = torch.randn(4, 8) * 1e-4  # tiny values: eps matters
+    eps = torch.finfo(torch.float32).eps
+    assert_parity(fastattn.rms_norm(x, 8), torch.nn.functional.rms_norm(x.double(), (8,), eps=eps))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_weight_gradients_are_deterministic(backend, rms):
+    x, w, b, r = make_case("affine_residual", (37, 3), 1000, torch.float32, rms)
+    g = [torch.randn(37, 3, 1000, dtype=torch.float64)] * 2
+    first = run(backend, x, w, b, r, rms, g)
+    second = run(backend, x, w, b, r, rms, g)
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c), "two identical backward passes must agree bitwise"
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_gradcheck_float64_cpu(rms):
+    x = torch.randn(3, 4, 9, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, r, w, b):
+        if rms:
+            return fastattn.rms_norm(x, 9, w, 1e-5, residual=r, backend="cpu")
+        return fastattn.layer_norm(x, 9, w, b, 1e-5, residual=r, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (x, r, w, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", HIDDEN + [262144])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_parity_gpu(backend, hidden, dtype, rms):
+    check(backend, *make_case("mixed_residual", (3, 17), hidden, dtype, rms, "cuda"), rms)
+
+
+# ------------------------------------------------------------------------- bad input
+def _ln(*a, **k):
+    return fastattn.layer_norm(*a, **k)
+
+
+BAD_INPUTS = [
+    (lambda: _ln(torch.randn(2, 8), 7), ValueError, r"normalized_shape \[7\] does not match"),
+    (lambda: _ln(torch.randn(2, 8), (2, 8, 1)), ValueError, "does not match"),
+    (lambda: _ln(torch.randn(2, 8), 8, torch.randn(7)), ValueError, r"weight has shape \(7,\)"),
+    (lambda: _ln(torch.randn(2, 8), 8, None, torch.randn(2, 8)), ValueError, "bias has shape"),
+    (lambda: _ln(torch.randn(2, 8), 8, residual=torch.randn(2, 7)), ValueError, "residual"),
+    (lambda: _ln(torch.randn(2, 8), 8, residual=torch.randn(2, 8).double()), ValueError,
+     "residual"),
+    (lambda: _ln(torch.randn(2, 8), 8, torch.randn(8, device="meta")), ValueError,
+     "weight is on meta"),
+    (lambda: _ln(torch.ones(2, 8, dtype=torch.int64), 8), TypeError, "floating point"),
+    (lambda: _ln(torch.randn(2, 8), 8, torch.ones(8, dtype=torch.int32)), TypeError, "weight"),
+    (lambda: fastattn.rms_norm(torch.randn(2, 8), 8, eps="1e-6"), TypeError, "eps"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "exc", "match"), BAD_INPUTS, ids=[b[2] for b in BAD_INPUTS])
+def test_bad_input_is_rejected_in_python(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+CPP_BAD_INPUTS = [
+    ((torch.randn(2, 8), None, torch.randn(7), None, 1e-5, False), "weight"),
+    ((torch.randn(2, 8), torch.randn(2, 7), None, None, 1e-5, False), "residual"),
+    ((torch.ones(2, 8, dtype=torch.int32), None, None, None, 1e-5, True), "floating"),
+    ((torch.randn(2, 8), None, None, torch.randn(8).long(), 1e-5, False), "bias"),
+]
+
+
+@pytest.mark.parametrize(("args", "match"), CPP_BAD_INPUTS)
+def test_bad_input_is_rejected_in_cpp(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastattn.norm(*args)
+
+
+# -------------------------------------------------------------- torch.library / compile
+@pytest.mark.parametrize("op", ["norm", "norm_triton"])
+def test_opcheck(op):
+    x, r = torch.randn(5, 33), torch.randn(5, 33)
+    w, b = torch.randn(33, requires_grad=True), torch.randn(33, requires_grad=True)
+    fwd = getattr(torch.ops.fastattn, op)
+    samples = [
+        (x, None, None, None, 1e-5, False),
+        (x.requires_grad_(), r.requires_grad_(), w, b, 1e-5, False),
+        (x, r, w, None, 1e-6, True),
+    ]
+    for args in samples:
+        torch.library.opcheck(fwd, args)
+    y, h, mean, rstd = (
+        t.detach() for t in fwd(x.detach(), r.detach(), w.detach(), b.detach(), 1e-5, False)
+    )
+    bwd = getattr(torch.ops.fastattn, op + "_backward")
+    torch.library.opcheck(bwd, (torch.randn(5, 33), torch.randn(5, 33), h, w.detach(), mean,
+                                rstd, False, True))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    ln, rms = fastattn.nn.FusedAddLayerNorm(64), fastattn.nn.RMSNorm(64, eps=1e-6)
+    ln.backend = rms.backend = backend
+
+    def block(x, r):  # pre-norm residual stream: add + LN, then an RMSNorm
+        y, h = ln(x * 2, r)
+        return rms(y) + h
+
+    x, r = torch.randn(4, 7, 64, requires_grad=True), torch.randn(4, 7, 64, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, r)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, r, ln.weight, ln.bias, rms.weight), g)
+    ln.backend = rms.backend = "reference"
+    want_out = block(x, r)
+    want = torch.autograd.grad(want_out, (x, r, ln.weight, ln.bias, rms.weight), g)
+    assert_parity(out, want_out.double())
+    for a, b in zip(got, want, strict=True):
+        assert_parity(a, b.double())
