@@ -6,6 +6,7 @@ interpreter miscomputes raw bf16 arithmetic (it stores bf16 as uint16 bit patter
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,11 @@ def round_to_bf16(y):
 def needs_bf16_rounding(out: torch.Tensor) -> bool:
     """True when a kernel storing into ``out`` must round bf16 itself (interpreter only)."""
     return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_guard(t: torch.Tensor) -> Any:
+    """Makes ``t``'s GPU current for a launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def next_power_of_2(n: int) -> int:

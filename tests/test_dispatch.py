@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -76,3 +77,49 @@ def test_import_without_extension_warns_once_and_falls_back():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+ISA_CHECK = textwrap.dedent(
+    """
+    import os, torch, fastattn
+    from fastattn import _extension
+    assert _extension.build_info()["cpu_isa"] == os.environ["FASTATTN_CPU_ISA"]
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for cols in (1, 7, 100, 1025, 70001):  # tails, a vector multiple, the looped path
+            x = (torch.randn(3, cols) * 4).to(dtype).requires_grad_()
+            mask = torch.rand(cols) < 0.8
+            for log in (False, True):
+                y = fastattn.softmax(x, mask=mask, scale=0.7, log=log, backend="cpu")
+                r = fastattn.softmax(x.double(), mask=mask, scale=0.7, log=log,
+                                     backend="reference")
+                fin = torch.isfinite(r)
+                assert torch.equal(torch.isfinite(y), fin)
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                err = ((y.double() - r)[fin].abs() / (1 + r[fin].abs())).max().item()
+                assert err < tol, (dtype, cols, log, err)
+            w = torch.randn(cols)
+            for fn in (fastattn.layer_norm, fastattn.rms_norm):
+                y = fn(x.detach(), cols, w, eps=1e-5, backend="cpu")
+                r = fn(x.detach().double(), cols, w.double(), eps=1e-5, backend="reference")
+                err = ((y.double() - r).abs() / (1 + r.abs())).max().item()
+                assert err < (1e-5 if dtype == torch.float32 else 2e-2), (fn, dtype, cols, err)
+    print("OK")
+    """
+)
+
+
+def _supported_isas() -> list[str]:
+    compiled = _extension.build_info().get("cpu_isas_compiled", "scalar").split(",")
+    best = _extension.build_info().get("cpu_isa", "scalar")
+    order = ["scalar", "avx2", "avx512"]  # each path at or below what this CPU runs
+    return [i for i in order if i in compiled and order.index(i) <= order.index(best)]
+
+
+@pytest.mark.parametrize("isa", _supported_isas())
+def test_every_cpu_isa_path_matches_reference(isa):
+    # The main grid runs the best path only; force each lower one in a fresh process.
+    env = {**os.environ, "FASTATTN_CPU_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

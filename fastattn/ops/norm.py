@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from fastattn import _checks, dispatch, reference
-from fastattn._triton import jit, needs_bf16_rounding, next_power_of_2, round_to_bf16, tl
+from fastattn._triton import (
+    device_guard,
+    jit,
+    needs_bf16_rounding,
+    next_power_of_2,
+    round_to_bf16,
+    tl,
+)
 
 # Rows up to this size stay in registers (one read); longer rows are streamed three times.
 MAX_SINGLE_PASS = 16384
@@ -171,14 +178,13 @@ def _triton_forward(x, residual, weight, bias, eps, rms):
     if rows == 0:
         return y, h, mean, rstd
     cfg = launch_config(n_cols)
-    _norm_fwd_kernel[(rows,)](
-        x, residual.contiguous() if residual is not None else x,
-        weight if weight is not None else x, bias if bias is not None else x, y, h, mean, rstd,
-        n_cols, eps,
-        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
-        SINGLE=cfg["SINGLE"], BLOCK=cfg["BLOCK"], RNE_BF16=needs_bf16_rounding(x),
-        num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    r, w, b = (t.contiguous() if t is not None else x for t in (residual, weight, bias))
+    with device_guard(x):
+        _norm_fwd_kernel[(rows,)](
+            x, r, w, b, y, h, mean, rstd, n_cols, eps, HAS_RES=residual is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, SINGLE=cfg["SINGLE"],
+            BLOCK=cfg["BLOCK"], RNE_BF16=needs_bf16_rounding(x), num_warps=cfg["num_warps"],
+        )  # fmt: skip
     return y, h, mean, rstd
 
 
@@ -192,13 +198,14 @@ def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):
     db_part = torch.zeros(progs, n_cols, dtype=torch.float32, device=inp.device)
     if rows > 0:
         cfg = launch_config(n_cols)
-        _norm_bwd_kernel[(progs,)](
-            dy, dh.contiguous() if dh is not None else dy, inp,
-            weight if weight is not None else inp, mean if not rms else rstd, rstd, dx, dw_part,
-            db_part, rows, n_cols, math.ceil(rows / progs), HAS_DH=dh is not None,
-            HAS_W=weight is not None, HAS_B=has_bias, RMS=rms, SINGLE=cfg["SINGLE"],
-            BLOCK=cfg["BLOCK"], RNE_BF16=needs_bf16_rounding(dx), num_warps=cfg["num_warps"],
-        )  # fmt: skip
+        g2, w = (t.contiguous() if t is not None else inp for t in (dh, weight))
+        with device_guard(inp):
+            _norm_bwd_kernel[(progs,)](
+                dy, g2, inp, w, mean if not rms else rstd, rstd, dx, dw_part, db_part, rows,
+                n_cols, math.ceil(rows / progs), HAS_DH=dh is not None, HAS_W=weight is not None,
+                HAS_B=has_bias, RMS=rms, SINGLE=cfg["SINGLE"], BLOCK=cfg["BLOCK"],
+                RNE_BF16=needs_bf16_rounding(dx), num_warps=cfg["num_warps"],
+            )  # fmt: skip
     return dx, dw_part.sum(0), db_part.sum(0) if has_bias else dw_part.new_empty(0)
 
 

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from fastattn import _checks, dispatch, reference
-from fastattn._triton import jit, needs_bf16_rounding, next_power_of_2, round_to_bf16, tl
+from fastattn._triton import (
+    device_guard,
+    jit,
+    needs_bf16_rounding,
+    next_power_of_2,
+    round_to_bf16,
+    tl,
+)
 
 # Rows up to this many columns are held in registers and read once; longer rows are streamed
 # twice (online max/sum, then normalise). 16K fp32 over 16 warps is 32 registers a thread.
@@ -175,23 +182,13 @@ def _triton_forward(
         if m_arg.dtype == torch.bool:
             m_arg = m_arg.view(torch.uint8)  # Triton loads bool pointers as int1; bytes are safer
     cfg = launch_config(n_cols)
-    _softmax_fwd_kernel[(rows,)](
-        x,
-        y,
-        m_arg,
-        n_cols,
-        x.shape[-2] if x.dim() >= 2 else 1,
-        scale,
-        *strides,
-        HAS_MASK=mask is not None,
-        MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-        CAUSAL=causal,
-        LOG=log,
-        SINGLE=cfg["SINGLE"],
-        BLOCK=cfg["BLOCK"],
-        RNE_BF16=needs_bf16_rounding(y),
-        num_warps=cfg["num_warps"],
-    )
+    with device_guard(x):
+        _softmax_fwd_kernel[(rows,)](
+            x, y, m_arg, n_cols, x.shape[-2] if x.dim() >= 2 else 1, scale, *strides,
+            HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
+            CAUSAL=causal, LOG=log, SINGLE=cfg["SINGLE"], BLOCK=cfg["BLOCK"],
+            RNE_BF16=needs_bf16_rounding(y), num_warps=cfg["num_warps"],
+        )  # fmt: skip
     return y
 
 
@@ -203,17 +200,11 @@ def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: boo
     if rows == 0:
         return dx
     cfg = launch_config(n_cols)
-    _softmax_bwd_kernel[(rows,)](
-        grad,
-        y,
-        dx,
-        n_cols,
-        scale,
-        LOG=log,
-        BLOCK=cfg["BLOCK"],
-        RNE_BF16=needs_bf16_rounding(dx),
-        num_warps=cfg["num_warps"],
-    )
+    with device_guard(y):
+        _softmax_bwd_kernel[(rows,)](
+            grad, y, dx, n_cols, scale, LOG=log, BLOCK=cfg["BLOCK"],
+            RNE_BF16=needs_bf16_rounding(dx), num_warps=cfg["num_warps"],
+        )  # fmt: skip
     return dx
 
 

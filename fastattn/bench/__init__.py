@@ -1,0 +1,210 @@
+"""``fastattn-bench``: time fastattn's ops against their PyTorch peers on the same inputs.
+
+For every case (op, shape, dtype, variant) each implementation runs once and is checked against
+a float64 oracle; a disagreement is reported and makes the exit code 1. Then each is warmed up
+and timed call by call (median and IQR). Cases are defined in :mod:`fastattn.bench.cases`.
+
+Examples::
+
+    fastattn-bench                              # every registered op, fp32 and bf16
+    fastattn-bench softmax --quick --markdown   # small shapes, plus a Markdown table
+    fastattn-bench softmax --shape 8192x4096 --dtype fp32 --alloc reuse -k bias
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from fastattn.bench import cases as C
+from fastattn.bench import report, timing
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fastattn-bench",
+        description="Benchmark fastattn's fused ops against eager PyTorch and torch.compile.",
+    )
+    p.add_argument(
+        "ops", nargs="*", metavar="OPS", help=f"ops to run (default: all: {list(C.REGISTRY)})"
+    )
+    p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16,fp64")
+    p.add_argument("--shape", help="comma-separated shapes overriding the defaults, e.g. 8192x4096")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--backend", default="auto", help="fastattn backend (auto, cpu, triton, cuda, reference)"
+    )
+    p.add_argument("--quick", action="store_true", help="small shapes and a short time budget")
+    p.add_argument(
+        "--alloc", choices=timing.ALLOC_MODES, default="fresh", help="CPU allocation (see README)"
+    )
+    p.add_argument("--flush", action="store_true", help="evict caches before every timed call")
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip torch.compile peers"
+    )
+    p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per impl")
+    p.add_argument(
+        "-k", dest="keyword", action="append", default=[], help="only case ids containing this"
+    )
+    p.add_argument("--json", metavar="PATH", help="write every row and the machine facts to PATH")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    return p.parse_args(list(argv))
+
+
+def _parse_dtypes(spec: str) -> tuple[torch.dtype, ...]:
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    alias = {
+        "float32": "fp32",
+        "bfloat16": "bf16",
+        "float16": "fp16",
+        "half": "fp16",
+        "float64": "fp64",
+    }
+    names = [alias.get(n, n) for n in names]
+    bad = [n for n in names if n not in C.DTYPES]
+    if bad or not names:
+        raise ValueError(f"unknown dtype(s) {bad or spec!r}; choose from {', '.join(C.DTYPES)}")
+    return tuple(C.DTYPES[n] for n in names)
+
+
+def _parse_shapes(spec: str | None) -> tuple[tuple[int, ...], ...] | None:
+    if not spec:
+        return None
+    try:
+        shapes = tuple(tuple(int(d) for d in s.lower().split("x")) for s in spec.split(",") if s)
+    except ValueError as e:
+        raise ValueError(f"bad --shape {spec!r}: expected e.g. 1024x4096,32x131072") from e
+    if not shapes or any(len(s) < 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"bad --shape {spec!r}: each shape needs >= 2 positive dims")
+    return shapes
+
+
+def run_case(
+    case: C.Case, device: torch.device, budget: timing.Budget, flush: bool
+) -> list[report.Row]:
+    """Check every implementation of ``case`` against the oracle, then time each that ran."""
+    inputs = case.make_inputs(device)
+    ref = case.reference(inputs)
+    rows: list[report.Row] = []
+    for impl in case.impls:
+        row = report.Row(
+            case.op,
+            case.shape_str,
+            case.dtype_str,
+            case.variant,
+            impl.name,
+            impl.subject,
+            case.nbytes,
+        )
+        rows.append(row)
+        try:
+            out, row.first_call_ms = timing.call_once(functools.partial(impl.fn, inputs), device)
+            chk = C.compare(out, ref, case.dtype)
+            del out
+        except Exception as e:  # report any failure of an implementation as a row
+            row.error = f"{type(e).__name__}: {e}"
+            row.check = f"ERROR: {row.error}"
+            continue
+        row.check_ok, row.check, row.max_err = chk.ok, chk.message, chk.max_err
+    del ref
+    for impl, row in zip(case.impls, rows, strict=True):
+        if row.error is None:
+            st = timing.time_fn(functools.partial(impl.fn, inputs), device, budget, flush=flush)
+            row.median_ms, row.q25_ms, row.q75_ms = st.median_ms, st.q25_ms, st.q75_ms
+            row.min_ms, row.reps = st.min_ms, st.reps
+            row.gbps = timing.gbps(case.nbytes, st.median_ms)
+    subject = next((r for r in rows if r.subject and r.error is None), None)
+    for r in rows:
+        if subject is not None and not r.subject and r.error is None:
+            r.speedup = r.median_ms / subject.median_ms
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fastattn-bench`` command; returns the exit status: 0 ok, 1 check failed, 2 usage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        opts = C.Options(
+            quick=args.quick,
+            dtypes=_parse_dtypes(args.dtype),
+            device=args.device,
+            backend=args.backend,
+            shapes=_parse_shapes(args.shape),
+            compile=args.compile,
+        )
+        case_list = C.build(args.ops, opts)
+    except ValueError as e:
+        print(f"fastattn-bench: error: {e}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastattn-bench: error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    for kw in args.keyword:
+        case_list = [c for c in case_list if kw.lower() in c.id.lower()] if kw else case_list
+    device = torch.device(args.device)
+
+    threads = args.threads or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    )
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        alloc = "n/a (CUDA caching allocator)"
+        timer = "CUDA events around each call, synchronised"
+    else:
+        alloc = timing.set_alloc_mode(args.alloc)
+        timer = "time.perf_counter around each call"
+    budget = timing.Budget.quick() if args.quick else timing.Budget()
+    if args.min_time is not None:
+        budget.min_time_s = args.min_time
+    info = report.machine_info(argv, device, threads)
+    for line in report.header_lines(info, alloc, args.flush, timer):
+        print(line)
+    print()
+    print(report.table_header(), flush=True)
+
+    rows: list[report.Row] = []
+    for case in case_list:
+        case_rows = run_case(case, device, budget, args.flush)
+        rows += case_rows
+        print(report.table_rows(case_rows), flush=True)
+        for r in case_rows:
+            if not r.check_ok:
+                print(f"!! {case.id} {r.impl}: {r.check}", file=sys.stderr, flush=True)
+    bad = [r for r in rows if not r.check_ok]
+    if args.markdown:
+        print()
+        print(report.markdown(rows))
+    if args.json:
+        doc = {
+            "machine": info,
+            "config": {**vars(args), "alloc": alloc, "timer": timer, "budget": vars(budget)},
+            "agreement": {
+                "ok": not bad,
+                "failures": [f"{r.variant} {r.impl}: {r.check}" for r in bad],
+            },
+            "rows": [r.as_dict() for r in rows],
+        }
+        parent = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(parent, exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, default=str)
+        print(f"\nwrote {len(rows)} rows to {args.json}")
+    if bad:
+        print(
+            f"\n!! AGREEMENT CHECK FAILED: {len(bad)} of {len(rows)} result(s) disagree with the "
+            "float64 reference or failed to run (rows marked MISMATCH / ERROR above)",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"\nagreement check passed: {len(rows)} results within tolerance of the float64 reference"
+    )
+    return 0

@@ -1,0 +1,170 @@
+"""Result rows, the plain-text and Markdown tables, and the machine description for JSON."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Row:
+    """One implementation of one case: its timing, bandwidth, speed-up and agreement check."""
+
+    op: str
+    shape: str
+    dtype: str
+    variant: str
+    impl: str
+    subject: bool  # fastattn's own row
+    nbytes: int
+    median_ms: float = math.nan
+    q25_ms: float = math.nan
+    q75_ms: float = math.nan
+    min_ms: float = math.nan
+    reps: int = 0
+    first_call_ms: float = math.nan  # includes torch.compile for compiled peers
+    gbps: float = math.nan
+    speedup: float | None = None  # peer rows: peer median / fastattn median (>1: fastattn faster)
+    check_ok: bool = False
+    check: str = ""
+    max_err: float = math.nan
+    error: str | None = None  # the exception, when the implementation failed to run
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q75_ms - self.q25_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["iqr_ms"] = self.iqr_ms
+        # JSON has no NaN/inf: write null.
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()
+        }
+
+
+COLUMNS = (
+    ("op", 8, "<"),
+    ("shape", 11, "<"),
+    ("dtype", 5, "<"),
+    ("variant", 19, "<"),
+    ("impl", 20, "<"),
+    ("median ms", 10, ">"),
+    ("IQR ms", 8, ">"),
+    ("GB/s", 7, ">"),
+    ("fastattn speedup", 16, ">"),
+    ("check", 8, "<"),
+)
+
+
+def _num(v: float, digits: int = 3) -> str:
+    if not math.isfinite(v):
+        return "-"
+    return f"{v:.{digits}f}" if v < 100 else f"{v:.1f}"
+
+
+def _cells(r: Row) -> list[str]:
+    speed = "" if r.speedup is None or not math.isfinite(r.speedup) else f"{r.speedup:.2f}x"
+    status = "ERROR" if r.error else ("ok" if r.check_ok else "MISMATCH")
+    return [
+        r.op,
+        r.shape,
+        r.dtype,
+        r.variant,
+        r.impl,
+        _num(r.median_ms),
+        _num(r.iqr_ms),
+        _num(r.gbps, 1),
+        speed,
+        status,
+    ]
+
+
+def table_header() -> str:
+    line = "  ".join(f"{name:{align}{width}}" for name, width, align in COLUMNS)
+    return line + "\n" + "-" * len(line)
+
+
+def table_rows(rows: list[Row]) -> str:
+    return "\n".join(
+        "  ".join(
+            f"{c:{align}{width}}" for c, (_, width, align) in zip(_cells(r), COLUMNS, strict=True)
+        )
+        for r in rows
+    )
+
+
+def markdown(rows: list[Row]) -> str:
+    """A GitHub Markdown table of ``rows`` (numbers right-aligned)."""
+    head = "| " + " | ".join(name for name, _, _ in COLUMNS) + " |"
+    rule = "| " + " | ".join("---:" if align == ">" else "---" for _, _, align in COLUMNS) + " |"
+    body = []
+    for r in rows:
+        cells = _cells(r)
+        cells[4] = f"**{cells[4]}**" if r.subject else cells[4]
+        body.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(argv: list[str], device: torch.device, threads: int) -> dict[str, Any]:
+    """Facts that make a result file interpretable later."""
+    import fastattn
+
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["fastattn-bench", *argv]),
+        "cpu": cpu_model(),
+        "cores": cores,
+        "threads": threads,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastattn": fastattn.__version__,
+        "backends": fastattn.backends(),
+    }
+
+
+def header_lines(info: dict[str, Any], alloc: str, flush: bool, timer: str) -> list[str]:
+    rep = info["backends"]
+    avail = ", ".join(
+        f"{name}=" + ("yes" if st["available"] else "no") for name, st in rep["backends"].items()
+    )
+    ext = rep.get("extension", {})
+    ext_s = ", ".join(f"{k} {ext[k]}" for k in ("cpu_isa", "cuda_archs") if k in ext) or str(ext)
+    dev = info["gpu"] or f"{info['cpu']} ({info['cores']} cores)"
+    return [
+        f"fastattn-bench: fastattn {info['fastattn']}, torch {info['torch']}, "
+        f"triton {info['triton']}, python {info['python']}",
+        f"device: {info['device']} - {dev}; torch threads: {info['threads']}",
+        f"backends: {avail}; extension: {ext_s}",
+        f"alloc: {alloc}",
+        f"timer: {timer}; caches: {'flushed before each call' if flush else 'warm'}",
+        "GB/s: bytes of the fused op (inputs read once at their own size, output written once), "
+        "the same for every impl of a case; speedup = peer median / fastattn median",
+    ]

@@ -1,0 +1,200 @@
+"""Timers for the benchmark CLI: wall clock on CPU, CUDA events on GPU; allocator and cache set-up.
+
+Every repetition is timed on its own so that the median and the inter-quartile range can be
+reported (a mean hides the page-fault and scheduler outliers that dominate CPU runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import torch
+
+# glibc mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
+
+T = TypeVar("T")
+
+ALLOC_MODES = ("fresh", "reuse")
+_alloc_mode = "fresh"
+
+
+@dataclass
+class Budget:
+    """How long to warm up and measure one implementation."""
+
+    warmup_s: float = 0.05
+    min_warmup: int = 2
+    min_time_s: float = 0.5
+    min_reps: int = 10
+    max_reps: int = 10_000
+
+    @classmethod
+    def quick(cls) -> Budget:
+        return cls(warmup_s=0.01, min_warmup=1, min_time_s=0.05, min_reps=3, max_reps=200)
+
+
+@dataclass
+class Stats:
+    """Per-call times of one implementation, in milliseconds."""
+
+    median_ms: float
+    q25_ms: float
+    q75_ms: float
+    min_ms: float
+    mean_ms: float
+    reps: int
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.q75_ms - self.q25_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "iqr_ms": self.iqr_ms}
+
+
+def summarize(times_ms: list[float]) -> Stats:
+    """Median, quartiles (inclusive method), minimum and mean of per-call times."""
+    if not times_ms:
+        raise ValueError("no timings to summarise")
+    if len(times_ms) == 1:
+        q25 = q75 = times_ms[0]
+    else:
+        q25, _, q75 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    return Stats(
+        median_ms=statistics.median(times_ms),
+        q25_ms=q25,
+        q75_ms=q75,
+        min_ms=min(times_ms),
+        mean_ms=statistics.fmean(times_ms),
+        reps=len(times_ms),
+    )
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    # Larger than the last-level cache of current CPUs (L3 per CCD) and GPUs (L2 up to ~100 MiB).
+    mib = 256 if device.type == "cuda" else 128
+    return torch.empty(mib * 2**20 // 4, dtype=torch.int32, device=device)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    budget: Budget,
+    *,
+    flush: bool = False,
+) -> Stats:
+    """Warm ``fn`` up, then time ``budget.min_reps``.. calls (at least ``budget.min_time_s``).
+
+    CPU: ``time.perf_counter`` around each call. CUDA: a pair of CUDA events around each call,
+    read after one synchronisation at the end. ``flush`` overwrites a buffer larger than the
+    last-level cache before every call (untimed), so inputs come from memory, not cache.
+    """
+    cuda = device.type == "cuda"
+    buf = _flush_buffer(device) if flush else None
+    sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
+
+    start = time.perf_counter()
+    n = 0
+    while n < budget.min_warmup or time.perf_counter() - start < budget.warmup_s:
+        fn()
+        n += 1
+    sync()
+
+    times: list[float] = []
+    events: list[tuple[Any, Any]] = []
+    t_begin = time.perf_counter()
+    while len(times) + len(events) < budget.max_reps:
+        if buf is not None:
+            buf.zero_()
+        if cuda:
+            ev0 = torch.cuda.Event(enable_timing=True)
+            ev1 = torch.cuda.Event(enable_timing=True)
+            ev0.record()
+            fn()
+            ev1.record()
+            events.append((ev0, ev1))
+            if len(events) % 64 == 0:
+                sync()  # bound the queue; also lets the time budget below see real time
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        done = len(times) + len(events)
+        if done >= budget.min_reps and time.perf_counter() - t_begin >= budget.min_time_s:
+            break
+    if cuda:
+        sync()
+        times = [float(a.elapsed_time(b)) for a, b in events]
+    return summarize(times)
+
+
+def call_once(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """``fn()`` and its wall time in ms (e.g. the first call, which includes ``torch.compile``)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, (time.perf_counter() - t0) * 1e3
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    """Bytes moved per second, in GB/s (10^9), for a call of ``ms`` milliseconds."""
+    return nbytes / (ms * 1e-3) / 1e9 if ms > 0 and math.isfinite(ms) else float("nan")
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name or "libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "mallopt") else None
+
+
+def set_alloc_mode(mode: str) -> str:
+    """Select how CPU tensors get their memory; returns a line describing what was done.
+
+    ``fresh`` leaves glibc alone: blocks of 32 MiB and more are mmap'ed on every allocation
+    and unmapped on free, so each call of an op that allocates its output pays the page faults
+    of touching fresh pages (every peer alike). ``reuse`` raises glibc's mmap and trim
+    thresholds with ``mallopt`` so that freed blocks stay in the heap and are handed out again,
+    as a caching allocator would. It applies to the whole process and cannot be undone.
+    """
+    global _alloc_mode
+    if mode not in ALLOC_MODES:
+        raise ValueError(f"alloc mode must be one of {ALLOC_MODES}, got {mode!r}")
+    if mode == "fresh":
+        if _alloc_mode == "reuse":
+            return "fresh requested, but this process already switched to reuse (irreversible)"
+        return "fresh (glibc defaults: outputs >= 32 MiB are mmap'ed and page-faulted every call)"
+    lib = _libc()
+    if lib is None:
+        raise RuntimeError("--alloc reuse needs glibc's mallopt, which is not available here")
+    ok_trim = lib.mallopt(M_TRIM_THRESHOLD, _INT_MAX)
+    ok_mmap = lib.mallopt(M_MMAP_THRESHOLD, _INT_MAX)
+    how = "M_MMAP_THRESHOLD=M_TRIM_THRESHOLD=2^31-1"
+    if not ok_mmap:  # older glibc caps the threshold at HEAP_MAX/2: disable mmap instead
+        ok_mmap = lib.mallopt(M_MMAP_MAX, 0)
+        how = "M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1"
+    if not (ok_trim and ok_mmap):
+        raise RuntimeError("--alloc reuse: glibc mallopt refused the new thresholds")
+    _alloc_mode = "reuse"
+    return f"reuse (mallopt {how}: freed blocks are reused, no page faults after warm-up)"
+
+
+def alloc_mode() -> str:
+    """The allocation mode in effect in this process."""
+    return _alloc_mode
