@@ -148,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fastattn-bench: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     for kw in args.keyword:
-        case_list = [c for c in case_list if kw.lower() in c.id.lower()] if kw else case_list
+        case_list = [c for c in case_list if kw.lower() in c.id.lower()]
+    if not case_list:
+        print(f"fastattn-bench: error: no case id contains {args.keyword}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
 
     threads = args.threads or (

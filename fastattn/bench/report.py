@@ -146,6 +146,7 @@ def machine_info(argv: list[str], device: torch.device, threads: int) -> dict[st
         "torch": torch.__version__,
         "triton": triton_version,
         "fastattn": fastattn.__version__,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "backends": fastattn.backends(),
     }
 
@@ -158,7 +159,14 @@ def header_lines(info: dict[str, Any], alloc: str, flush: bool, timer: str) -> l
     ext = rep.get("extension", {})
     ext_s = ", ".join(f"{k} {ext[k]}" for k in ("cpu_isa", "cuda_archs") if k in ext) or str(ext)
     dev = info["gpu"] or f"{info['cpu']} ({info['cores']} cores)"
+    load = info.get("loadavg_1m")
+    busy = []
+    if info["device"] == "cpu" and load is not None and load >= 1.0:
+        busy = [
+            f"WARNING: load average {load:.1f} before the run: other processes share these cores"
+        ]
     return [
+        *busy,
         f"fastattn-bench: fastattn {info['fastattn']}, torch {info['torch']}, "
         f"triton {info['triton']}, python {info['python']}",
         f"device: {info['device']} - {dev}; torch threads: {info['threads']}",
