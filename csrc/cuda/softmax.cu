@@ -1,0 +1,728 @@
+// CUDA kernels of fastattn::softmax and fastattn::softmax_backward (schemas: csrc/ops.cpp,
+// semantics: fastattn/reference.py). Inputs are checked in softmax.cpp before they get here.
+//
+// Every row of the last dim is normalised independently; the kernel is picked by row length:
+//   - short rows (up to 1024 columns for fp16/bf16, 512 for fp32/fp64; see Layout): a group of
+//     1..32 lanes of a warp per row, several rows per warp for tiny rows; the row lives in
+//     registers, x is read once and y written once.
+//   - longer rows: a block per row. While the row's fp32 logits fit in shared memory they are
+//     cached there (one read of x, one write of y); beyond that an online softmax keeps a running
+//     max and sum per thread (one read pass), then a second pass recomputes the logits and writes.
+//     There is no length limit.
+// Loads and stores are 16-byte vectors when the row pointers and length allow, element-wise
+// otherwise. Math is in fp32 (fp64 for double); reductions are warp shuffles plus one shared-memory
+// step per block. Light headers only: no <torch/extension.h>, no <ATen/cuda/CUDAContext.h>.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+
+// IEEE semantics are relied on: -0.0 marks masked entries (exp_or_masked), and inf/NaN flow through
+// the reductions as in the reference.
+#ifdef __USE_FAST_MATH__
+#error "csrc/cuda/softmax.cu must not be built with --use_fast_math (signed zeros, inf and NaN)"
+#endif
+
+namespace fastattn::cuda {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpKernelThreads = 128;  // 4 warps, each serving 1..32 rows at a time
+constexpr int kMaxBlockThreads = 1024;
+
+enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kFloatMask = 2, kInputDtypeMask = 3 };
+
+// ------------------------------------------------------------------------------ device helpers
+
+// N values of T, loaded or stored as one access (two for 32 bytes).
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
+  T v[N];
+};
+
+template <typename T>
+__host__ __device__ constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Max ignores NaN (fmax); a NaN reaches the row's sum instead, and from there every output.
+__device__ __forceinline__ float fa_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double fa_max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float fa_exp(float v) { return expf(v); }
+__device__ __forceinline__ double fa_exp(double v) { return exp(v); }
+__device__ __forceinline__ float fa_log(float v) { return logf(v); }
+__device__ __forceinline__ double fa_log(double v) { return log(v); }
+
+// exp(z - shift), except that a masked logit (z == -inf) gives -0.0 instead of +0.0, so that the
+// output pass can tell masked entries (output exactly 0, even in a NaN row) from ones that merely
+// underflowed. -0.0 adds nothing to a sum.
+template <typename T>
+__device__ __forceinline__ T exp_or_masked(T z, T shift) {
+  return z == neg_inf<T>() ? T(-0.0) : fa_exp(z - shift);
+}
+template <typename T>
+__device__ __forceinline__ bool is_masked(T e) {
+  return e == T(0) && signbit(e);
+}
+
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return fa_max(a, b);
+  }
+};
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+// Reduces over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must
+// call it, and every lane of a group gets the group's result.
+template <typename T, typename Op>
+__device__ __forceinline__ T group_reduce(T v, Op op, int width) {
+  for (int o = width >> 1; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Reduces over the block (blockDim.x a multiple of 32); every thread gets the result. The trailing
+// barrier lets the next call reuse `scratch`.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T identity, T* scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = group_reduce(v, op, kWarpSize);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x / kWarpSize) ? scratch[lane] : identity;
+  v = group_reduce(v, op, kWarpSize);
+  __syncthreads();
+  return v;
+}
+
+// v[e] = p[(col + e) * stride] as Acc for the N columns from `col`, `fill` past `cols`. One vector
+// access when `vec` (then stride == 1 and p + col is aligned for Vec<T, N>) and all N are in range.
+template <int N, typename Acc, typename T>
+__device__ __forceinline__ void load_cols(Acc (&v)[N], const T* __restrict__ p, int64_t col,
+                                          int64_t cols, int64_t stride, bool vec, Acc fill) {
+  if (vec && col + N <= cols) {
+    const Vec<T, N> w = *reinterpret_cast<const Vec<T, N>*>(p + col);
+#pragma unroll
+    for (int e = 0; e < N; ++e) v[e] = static_cast<Acc>(w.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e)
+      v[e] = col + e < cols ? static_cast<Acc>(p[(col + e) * stride]) : fill;
+  }
+}
+
+template <int N, typename Acc, typename T>
+__device__ __forceinline__ void store_cols(T* __restrict__ p, int64_t col, int64_t cols, bool vec,
+                                           const Acc (&v)[N]) {
+  if (vec && col + N <= cols) {
+    Vec<T, N> w;
+#pragma unroll
+    for (int e = 0; e < N; ++e) w.v[e] = static_cast<T>(v[e]);
+    *reinterpret_cast<Vec<T, N>*>(p + col) = w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e)
+      if (col + e < cols) p[col + e] = static_cast<T>(v[e]);
+  }
+}
+
+// ------------------------------------------------------------------------------------ forward
+
+template <typename Acc>
+struct FwdArgs {
+  int64_t rows, cols;
+  Acc scale;
+  bool log, causal;
+  bool vec;             // x and y 16-byte aligned and cols % VEC == 0: vector loads/stores
+  int64_t causal_rows;  // x.size(-2) (1 for 1-D x): row r is query r % causal_rows
+  // Mask broadcast to x, read through strides: row r = (i0, i1, i2) with sizes (., d1, d2) starts
+  // at i0*s0 + i1*s1 + i2*s2 elements, and its columns are sc apart.
+  const void* mask;
+  int mask_kind;
+  bool mask_vec;  // sc == 1, s0/s1/s2 multiples of VEC, base aligned: vector loads of the mask
+  int64_t s0, s1, s2, sc, d1, d2;
+};
+
+template <typename Acc>
+__device__ __forceinline__ int64_t mask_offset(int64_t row, const FwdArgs<Acc>& a) {
+  if (a.mask_kind == kNoMask) return 0;
+  const int64_t i2 = row % a.d2, r = row / a.d2;
+  return (r / a.d1) * a.s0 + (r % a.d1) * a.s1 + i2 * a.s2;
+}
+
+// z = x * scale + mask for the N columns from `col` of one row, -inf where masked (bool mask,
+// causal) or past the end of the row. `moff`: the row's mask offset; `q`: its causal row index.
+template <int N, typename scalar_t, typename Acc>
+__device__ __forceinline__ void load_logits(Acc (&z)[N], const scalar_t* __restrict__ xrow,
+                                            int64_t moff, int64_t q, int64_t col,
+                                            const FwdArgs<Acc>& a) {
+  load_cols(z, xrow, col, a.cols, 1, a.vec, Acc(0));
+#pragma unroll
+  for (int e = 0; e < N; ++e) z[e] *= a.scale;
+  if (a.mask_kind != kNoMask) {
+    Acc m[N];
+    if (a.mask_kind == kBoolMask) {
+      load_cols(m, static_cast<const uint8_t*>(a.mask) + moff, col, a.cols, a.sc, a.mask_vec,
+                Acc(0));
+#pragma unroll
+      for (int e = 0; e < N; ++e)
+        if (m[e] == Acc(0)) z[e] = neg_inf<Acc>();
+    } else {
+      if (a.mask_kind == kFloatMask) {
+        load_cols(m, static_cast<const float*>(a.mask) + moff, col, a.cols, a.sc, a.mask_vec,
+                  Acc(0));
+      } else {
+        load_cols(m, static_cast<const scalar_t*>(a.mask) + moff, col, a.cols, a.sc, a.mask_vec,
+                  Acc(0));
+      }
+#pragma unroll
+      for (int e = 0; e < N; ++e) z[e] += m[e];
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < N; ++e)
+    if (col + e >= a.cols || (a.causal && col + e > q)) z[e] = neg_inf<Acc>();
+}
+
+// The output of one entry from its logit z (log) or its exp_or_masked value (softmax).
+template <typename Acc>
+__device__ __forceinline__ Acc finish(Acc v, bool log, Acc shift, Acc log_total, Acc inv) {
+  if (log) return v == neg_inf<Acc>() ? v : v - shift - log_total;
+  return is_masked(v) ? Acc(0) : v * inv;
+}
+
+// A group of 2^log2_group lanes per row, ITERS vectors of VEC columns per lane: lane l holds the
+// columns [(k * group + l) * VEC, +VEC) for k < ITERS, so a warp's loads are contiguous.
+template <typename scalar_t, int VEC, int ITERS>
+__global__ void __launch_bounds__(kWarpKernelThreads, 4)
+    softmax_fwd_warp_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                            const FwdArgs<at::opmath_type<scalar_t>> a, const int log2_group) {
+  using Acc = at::opmath_type<scalar_t>;
+  const int group = 1 << log2_group;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t rows_per_warp = kWarpSize >> log2_group;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  const int64_t warp = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
+  const int64_t step = gridDim.x * warps_per_block * rows_per_warp;
+  // `base` is the same for the whole warp, so every lane runs every shuffle below.
+  for (int64_t base = warp * rows_per_warp; base < a.rows; base += step) {
+    const int64_t row = base + (threadIdx.x % kWarpSize) / group;
+    const bool active = row < a.rows;
+    Acc z[ITERS][VEC];
+    if (active) {
+      const scalar_t* xrow = x + row * a.cols;
+      const int64_t moff = mask_offset(row, a), q = row % a.causal_rows;
+#pragma unroll
+      for (int k = 0; k < ITERS; ++k)
+        load_logits(z[k], xrow, moff, q, (static_cast<int64_t>(k) * group + lane) * VEC, a);
+    } else {
+#pragma unroll
+      for (int k = 0; k < ITERS; ++k)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) z[k][e] = neg_inf<Acc>();
+    }
+    Acc m = neg_inf<Acc>();
+#pragma unroll
+    for (int k = 0; k < ITERS; ++k)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) m = fa_max(m, z[k][e]);
+    m = group_reduce(m, MaxOp{}, group);
+    const Acc shift = m == neg_inf<Acc>() ? Acc(0) : m;  // fully masked row: no -inf - -inf
+    Acc s = 0;
+#pragma unroll
+    for (int k = 0; k < ITERS; ++k)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (a.log) {
+          s += fa_exp(z[k][e] - shift);
+        } else {
+          z[k][e] = exp_or_masked(z[k][e], shift);
+          s += z[k][e];
+        }
+      }
+    s = group_reduce(s, SumOp{}, group);
+    if (!active) continue;
+    // s == 0 only when every entry is masked: outputs 0 (log: -inf). A NaN sum propagates.
+    const Acc inv = s == Acc(0) ? Acc(0) : Acc(1) / s;
+    const Acc log_total = s == Acc(0) ? Acc(0) : fa_log(s);
+    scalar_t* yrow = y + row * a.cols;
+#pragma unroll
+    for (int k = 0; k < ITERS; ++k) {
+      const int64_t col = (static_cast<int64_t>(k) * group + lane) * VEC;
+      if (col < a.cols) {
+        Acc out[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out[e] = finish(z[k][e], a.log, shift, log_total, inv);
+        store_cols(yrow, col, a.cols, a.vec, out);
+      }
+    }
+  }
+}
+
+// A block per row; thread t handles the vectors t, t + blockDim.x, ... of the row. With `cached`,
+// the logits go to dynamic shared memory (one Vec<Acc, VEC> per vector of the row) and x is read
+// once; otherwise pass 1 keeps a running max and sum and pass 2 reads x again. Each thread only
+// ever touches its own cache entries, so the cache needs no barriers.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    softmax_fwd_block_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                             const FwdArgs<at::opmath_type<scalar_t>> a, const bool cached) {
+  using Acc = at::opmath_type<scalar_t>;
+  using Chunk = Vec<Acc, VEC>;
+  __shared__ Acc scratch[kWarpSize];
+  extern __shared__ __align__(16) unsigned char smem[];
+  Chunk* cache = reinterpret_cast<Chunk*>(smem);
+  const int64_t nvec = (a.cols + VEC - 1) / VEC;
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const scalar_t* xrow = x + row * a.cols;
+    const int64_t moff = mask_offset(row, a), q = row % a.causal_rows;
+    Acc m = neg_inf<Acc>(), s = 0;  // this thread's max; without cache, its sum of exp(z - m)
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      Acc z[VEC];
+      load_logits(z, xrow, moff, q, v * VEC, a);
+      Acc cm = neg_inf<Acc>();
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) cm = fa_max(cm, z[e]);
+      if (cached) {
+        Chunk c;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) c.v[e] = z[e];
+        cache[v] = c;
+        m = fa_max(m, cm);
+      } else {
+        const Acc m_new = fa_max(m, cm);
+        const Acc sh = m_new == neg_inf<Acc>() ? Acc(0) : m_new;
+        if (m_new != m) s *= fa_exp(m - sh);  // m == -inf: s is 0 (or NaN) and stays so
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s += fa_exp(z[e] - sh);
+        m = m_new;
+      }
+    }
+    const Acc row_max = block_reduce(m, MaxOp{}, neg_inf<Acc>(), scratch);
+    const Acc shift = row_max == neg_inf<Acc>() ? Acc(0) : row_max;
+    if (cached) {
+      for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+        Chunk c = cache[v];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          if (a.log) {
+            s += fa_exp(c.v[e] - shift);
+          } else {
+            c.v[e] = exp_or_masked(c.v[e], shift);
+            s += c.v[e];
+          }
+        }
+        if (!a.log) cache[v] = c;
+      }
+    } else if (m != row_max) {
+      s *= fa_exp(m - shift);  // from this thread's max to the row's
+    }
+    const Acc total = block_reduce(s, SumOp{}, Acc(0), scratch);
+    const Acc inv = total == Acc(0) ? Acc(0) : Acc(1) / total;
+    const Acc log_total = total == Acc(0) ? Acc(0) : fa_log(total);
+    scalar_t* yrow = y + row * a.cols;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      Acc z[VEC];
+      if (cached) {
+        const Chunk c = cache[v];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) z[e] = c.v[e];
+      } else {
+        load_logits(z, xrow, moff, q, v * VEC, a);
+        if (!a.log) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) z[e] = exp_or_masked(z[e], shift);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) z[e] = finish(z[e], a.log, shift, log_total, inv);
+      store_cols(yrow, v * VEC, a.cols, a.vec, z);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------- backward
+
+template <typename Acc>
+struct BwdArgs {
+  int64_t rows, cols;
+  Acc scale;
+  bool log;
+  bool vec;  // g, y and dx 16-byte aligned and cols % VEC == 0
+};
+
+// The row sum of the backward pass: sum(g * y), or (log) sum of g over the entries y != -inf.
+template <typename Acc>
+__device__ __forceinline__ Acc bwd_term(Acc g, Acc y, bool log) {
+  return log ? (y == neg_inf<Acc>() ? Acc(0) : g) : g * y;
+}
+// scale * dz of one entry, given the row sum.
+template <typename Acc>
+__device__ __forceinline__ Acc bwd_out(Acc g, Acc y, Acc total, Acc scale, bool log) {
+  if (log) return y == neg_inf<Acc>() ? Acc(0) : scale * (g - fa_exp(y) * total);
+  return scale * (y * (g - total));
+}
+
+template <typename scalar_t, int VEC, int ITERS>
+__global__ void __launch_bounds__(kWarpKernelThreads, 4)
+    softmax_bwd_warp_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                            scalar_t* __restrict__ dx, const BwdArgs<at::opmath_type<scalar_t>> a,
+                            const int log2_group) {
+  using Acc = at::opmath_type<scalar_t>;
+  const int group = 1 << log2_group;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t rows_per_warp = kWarpSize >> log2_group;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  const int64_t warp = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
+  const int64_t step = gridDim.x * warps_per_block * rows_per_warp;
+  for (int64_t base = warp * rows_per_warp; base < a.rows; base += step) {
+    const int64_t row = base + (threadIdx.x % kWarpSize) / group;
+    const bool active = row < a.rows;
+    // An inactive group (past the last row) loads nothing: a row of 0 columns.
+    const int64_t cols = active ? a.cols : 0, offset = active ? row * a.cols : 0;
+    Acc gv[ITERS][VEC], yv[ITERS][VEC];  // zero past the row's end: adds nothing to the sum
+    Acc s = 0;
+#pragma unroll
+    for (int k = 0; k < ITERS; ++k) {
+      const int64_t col = (static_cast<int64_t>(k) * group + lane) * VEC;
+      load_cols(gv[k], g + offset, col, cols, 1, a.vec, Acc(0));
+      load_cols(yv[k], y + offset, col, cols, 1, a.vec, Acc(0));
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s += bwd_term(gv[k][e], yv[k][e], a.log);
+    }
+    s = group_reduce(s, SumOp{}, group);
+    if (!active) continue;
+#pragma unroll
+    for (int k = 0; k < ITERS; ++k) {
+      const int64_t col = (static_cast<int64_t>(k) * group + lane) * VEC;
+      if (col < a.cols) {
+        Acc out[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out[e] = bwd_out(gv[k][e], yv[k][e], s, a.scale, a.log);
+        store_cols(dx + offset, col, a.cols, a.vec, out);
+      }
+    }
+  }
+}
+
+// A block per row, two passes over g and y (the second mostly hits L2).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    softmax_bwd_block_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                             scalar_t* __restrict__ dx,
+                             const BwdArgs<at::opmath_type<scalar_t>> a) {
+  using Acc = at::opmath_type<scalar_t>;
+  __shared__ Acc scratch[kWarpSize];
+  const int64_t nvec = (a.cols + VEC - 1) / VEC;
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const scalar_t* grow = g + row * a.cols;
+    const scalar_t* yrow = y + row * a.cols;
+    Acc s = 0;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      Acc gv[VEC], yv[VEC];
+      load_cols(gv, grow, v * VEC, a.cols, 1, a.vec, Acc(0));
+      load_cols(yv, yrow, v * VEC, a.cols, 1, a.vec, Acc(0));
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s += bwd_term(gv[e], yv[e], a.log);
+    }
+    const Acc total = block_reduce(s, SumOp{}, Acc(0), scratch);
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      Acc gv[VEC], yv[VEC], out[VEC];
+      load_cols(gv, grow, v * VEC, a.cols, 1, a.vec, Acc(0));
+      load_cols(yv, yrow, v * VEC, a.cols, 1, a.vec, Acc(0));
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = bwd_out(gv[e], yv[e], total, a.scale, a.log);
+      store_cols(dx + row * a.cols, v * VEC, a.cols, a.vec, out);
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------- host side
+
+struct DeviceLimits {
+  int sm_count = 0;
+  int smem_optin = 0;  // largest dynamic + static shared memory a block may opt in to
+};
+
+const DeviceLimits& device_limits(int device) {
+  constexpr int kMaxDevices = 64;
+  static DeviceLimits limits[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "fastattn: CUDA device index ", device,
+              " out of range");
+  std::call_once(once[device], [device] {
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&limits[device].sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits[device].smem_optin,
+                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  });
+  return limits[device];
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+int log2_exact(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Enough blocks for a few waves; the kernels loop over any rows beyond (grid-stride).
+int grid_size(int64_t blocks_needed, int threads, const DeviceLimits& lim) {
+  const int64_t cap = static_cast<int64_t>(lim.sm_count) * std::max(1, 2048 / threads) * 4;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks_needed, cap)));
+}
+
+// ~4 vectors per thread, 128..1024 threads.
+int block_threads(int64_t nvec) {
+  int t = 128;
+  while (t < kMaxBlockThreads && t * 4 < nvec) t *= 2;
+  return t;
+}
+
+// Calls f(std::integral_constant<int, ITERS>) for iters in {1, 2, 4, 8}, ITERS <= kMax.
+template <int kMax, typename F>
+void with_iters(int iters, F&& f) {
+  using std::integral_constant;
+  switch (iters) {
+    case 1:
+      f(integral_constant<int, 1>{});
+      return;
+    case 2:
+      if constexpr (kMax >= 2) return f(integral_constant<int, 2>{});
+      break;
+    case 4:
+      if constexpr (kMax >= 4) return f(integral_constant<int, 4>{});
+      break;
+    case 8:
+      if constexpr (kMax >= 8) return f(integral_constant<int, 8>{});
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "fastattn: no warp kernel for ", iters, " vectors per lane");
+}
+
+// Row-length split between the kernels, per dtype: VEC columns per 16-byte vector, and at most
+// 32 row values per lane for 16-bit types, 16 otherwise, in the warp kernels (ptxas -v: <= 128
+// registers, no spills; fp32 with 32 values spills). So rows of up to 1024 (fp16, bf16) or 512
+// (fp32, fp64) columns take the warp kernels.
+template <typename scalar_t>
+struct Layout {
+  using Acc = at::opmath_type<scalar_t>;
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  static constexpr int kMaxIters = (sizeof(scalar_t) == 2 ? 32 : 16) / kVec;
+};
+
+struct WarpLaunch {
+  bool use;  // row short enough for the warp kernels
+  int iters, log2_group, grid;
+};
+
+template <typename scalar_t>
+WarpLaunch warp_launch(int64_t rows, int64_t cols, const DeviceLimits& lim) {
+  using L = Layout<scalar_t>;
+  const int64_t nvec = ceil_div(cols, L::kVec);
+  if (nvec > int64_t{kWarpSize} * L::kMaxIters) return {false, 0, 0, 0};
+  const int group = nvec >= kWarpSize ? kWarpSize : next_pow2(nvec);
+  const int iters = next_pow2(ceil_div(nvec, group));
+  const int64_t rows_per_block = (kWarpKernelThreads / kWarpSize) * (kWarpSize / group);
+  return {true, iters, log2_exact(group),
+          grid_size(ceil_div(rows, rows_per_block), kWarpKernelThreads, lim)};
+}
+
+// The mask read in place through strides (see FwdArgs); a copy only when its leading dims cannot
+// be coalesced into three (size, stride) pairs.
+template <typename Acc>
+at::Tensor set_mask_args(FwdArgs<Acc>& a, const at::Tensor& mask, const at::Tensor& x, int vec) {
+  at::Tensor full = mask.expand(x.sizes());  // a view: stride 0 along broadcast dims
+  int64_t size[3], stride[3];
+  int n = 0;
+  bool fits = true;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) {  // outer to inner; size-1 dims drop out
+    const int64_t sz = full.size(d), st = full.stride(d);
+    if (sz == 1) continue;
+    if (n > 0 && stride[n - 1] == st * sz) {  // the outer dim steps exactly over this one: merge
+      size[n - 1] *= sz;
+      stride[n - 1] = st;
+    } else if (n < 3) {
+      size[n] = sz;
+      stride[n++] = st;
+    } else {
+      fits = false;
+      break;
+    }
+  }
+  if (!fits) {
+    full = full.contiguous();
+    n = 1;
+    size[0] = a.rows;
+    stride[0] = a.cols;
+  }
+  int64_t s[3] = {0, 0, 0}, d[3] = {1, 1, 1};  // padded at the outer end with (1, 0)
+  for (int i = 0; i < n; ++i) {
+    s[3 - n + i] = stride[i];
+    d[3 - n + i] = size[i];
+  }
+  a.s0 = s[0];
+  a.s1 = s[1];
+  a.s2 = s[2];
+  a.d1 = d[1];
+  a.d2 = d[2];
+  a.sc = full.stride(-1);
+  a.mask = full.const_data_ptr();
+  size_t elem = 1;
+  if (mask.scalar_type() == at::kBool) {
+    a.mask_kind = kBoolMask;
+  } else if (mask.scalar_type() == at::kFloat) {
+    a.mask_kind = kFloatMask;
+    elem = sizeof(float);
+  } else {
+    TORCH_INTERNAL_ASSERT(mask.scalar_type() == x.scalar_type());
+    a.mask_kind = kInputDtypeMask;
+    elem = x.element_size();
+  }
+  a.mask_vec = a.sc == 1 && a.s0 % vec == 0 && a.s1 % vec == 0 && a.s2 % vec == 0 &&
+               aligned(a.mask, std::min<size_t>(elem * vec, 16));
+  return full;
+}
+
+at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());     // contiguous
+  const char* poison = std::getenv("FASTATTN_POISON_OUTPUTS");  // tests: unwritten -> NaN
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) out.fill_(NAN);
+  return out;
+}
+
+template <typename scalar_t>
+void launch_forward(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& mask,
+                    double scale, bool causal, bool log) {
+  using L = Layout<scalar_t>;
+  using Acc = typename L::Acc;
+  constexpr int kVec = L::kVec;
+  FwdArgs<Acc> a{};
+  a.cols = x.size(-1);
+  a.rows = x.numel() / a.cols;
+  a.scale = static_cast<Acc>(scale);
+  a.log = log;
+  a.causal = causal;
+  a.causal_rows = x.dim() >= 2 ? x.size(-2) : 1;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  a.vec = a.cols % kVec == 0 && aligned(xp, 16) && aligned(yp, 16);
+  a.mask_kind = kNoMask;
+  a.d1 = a.d2 = 1;
+  at::Tensor mask_view;  // keeps a contiguous fallback copy alive until the launch
+  if (mask.has_value()) mask_view = set_mask_args(a, *mask, x, kVec);
+
+  const DeviceLimits& lim = device_limits(static_cast<int>(x.get_device()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const WarpLaunch w = warp_launch<scalar_t>(a.rows, a.cols, lim);
+  if (w.use) {
+    with_iters<L::kMaxIters>(w.iters, [&](auto iters) {
+      softmax_fwd_warp_kernel<scalar_t, kVec, decltype(iters)::value>
+          <<<w.grid, kWarpKernelThreads, 0, stream>>>(xp, yp, a, w.log2_group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  const int64_t nvec = ceil_div(a.cols, kVec);
+  const int threads = block_threads(nvec);
+  const int64_t cache_bytes = nvec * static_cast<int64_t>(sizeof(Vec<Acc, kVec>));
+  // Static shared memory (the reduction scratch) and a margin come out of the opt-in limit.
+  const bool cached = cache_bytes <= lim.smem_optin - 1024;
+  const int smem = cached ? static_cast<int>(cache_bytes) : 0;
+  auto kernel = softmax_fwd_block_kernel<scalar_t, kVec>;
+  // Above 48 KiB of static + dynamic shared memory a kernel must opt in.
+  if (smem + static_cast<int>(kWarpSize * sizeof(Acc)) > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<grid_size(a.rows, threads, lim), threads, smem, stream>>>(xp, yp, a, cached);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_backward(const at::Tensor& g, const at::Tensor& y, const at::Tensor& dx, double scale,
+                     bool log) {
+  using L = Layout<scalar_t>;
+  using Acc = typename L::Acc;
+  constexpr int kVec = L::kVec;
+  BwdArgs<Acc> a{};
+  a.cols = y.size(-1);
+  a.rows = y.numel() / a.cols;
+  a.scale = static_cast<Acc>(scale);
+  a.log = log;
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  a.vec = a.cols % kVec == 0 && aligned(gp, 16) && aligned(yp, 16) && aligned(dxp, 16);
+
+  const DeviceLimits& lim = device_limits(static_cast<int>(y.get_device()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const WarpLaunch w = warp_launch<scalar_t>(a.rows, a.cols, lim);
+  if (w.use) {
+    with_iters<L::kMaxIters>(w.iters, [&](auto iters) {
+      softmax_bwd_warp_kernel<scalar_t, kVec, decltype(iters)::value>
+          <<<w.grid, kWarpKernelThreads, 0, stream>>>(gp, yp, dxp, a, w.log2_group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  const int threads = block_threads(ceil_div(a.cols, kVec));
+  softmax_bwd_block_kernel<scalar_t, kVec>
+      <<<grid_size(a.rows, threads, lim), threads, 0, stream>>>(gp, yp, dxp, a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor softmax_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
+                        bool causal, bool log) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = new_output(xc);
+  if (xc.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "fastattn_softmax",
+      [&] { launch_forward<scalar_t>(xc, y, mask, scale, causal, log); });
+  return y;
+}
+
+at::Tensor softmax_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, double scale,
+                                 bool log) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor g = grad_out.contiguous(), y = out.contiguous();
+  at::Tensor dx = new_output(y);
+  if (y.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "fastattn_softmax_backward",
+                                  [&] { launch_backward<scalar_t>(g, y, dx, scale, log); });
+  return dx;
+}
+
+}  // namespace fastattn::cuda
