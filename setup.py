@@ -26,6 +26,19 @@ if with_cuda:
     macros += [("FASTATTN_WITH_CUDA", None), ("FASTATTN_CUDA_ARCHS", f'"{archs}"')]
 Extension = CUDAExtension if with_cuda else CppExtension
 
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """csrc/cuda/<op>.cpp and <op>.cu would both compile to <op>.o: name .cu objects <op>.cu.o."""
+
+    def build_extensions(self):
+        names = self.compiler.object_filenames
+        self.compiler.object_filenames = lambda srcs, *a, **k: [
+            o[: -len(".o")] + ".cu.o" if s.endswith(".cu") else o
+            for s, o in zip(srcs, names(srcs, *a, **k), strict=True)
+        ]
+        super().build_extensions()
+
+
 setup(
     packages=find_packages(include=["fastattn", "fastattn.*"]),
     ext_modules=[
@@ -38,5 +51,5 @@ setup(
             extra_link_args=["-fopenmp"],
         )
     ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )
