@@ -115,8 +115,14 @@ def run_case(
         row.check_ok, row.check, row.max_err = chk.ok, chk.message, chk.max_err
     del ref
     for impl, row in zip(case.impls, rows, strict=True):
-        if row.error is None:
+        if row.error is not None:
+            continue
+        try:
             st = timing.time_fn(functools.partial(impl.fn, inputs), device, budget, flush=flush)
+        except Exception as e:  # e.g. out of memory while timing
+            row.error = f"{type(e).__name__} while timing: {e}"
+            row.check_ok, row.check = False, f"ERROR: {row.error}"
+        else:
             row.median_ms, row.q25_ms, row.q75_ms = st.median_ms, st.q25_ms, st.q75_ms
             row.min_ms, row.reps = st.min_ms, st.reps
             row.gbps = timing.gbps(case.nbytes, st.median_ms)
