@@ -22,7 +22,8 @@ ROWS = [1, 3, 64]
 # 1025 and 4097: one element past a block; 65537: past the single-pass limit (looped kernels).
 COLS = [1, 7, 1000, 1024, 1025, 4097, 65537]
 VARIANTS = ["plain", "scale", "bool_mask", "float_mask", "causal", "log", "log_causal_mask"]
-# The Triton interpreter costs ~ms per block step: keep its shapes small.
+# The Triton interpreter costs ~ms per block step, and the eager reference backend adds little
+# over the float64 oracle it is built from: both stop at this size; the cpu kernel goes further.
 TRITON_MAX_ELEMENTS = 300_000
 
 
@@ -81,8 +82,8 @@ def grid():
     for backend in CPU_BACKENDS:
         for rows in ROWS:
             for cols in COLS:
-                if backend == "triton" and rows * cols > TRITON_MAX_ELEMENTS:
-                    continue  # covered by cpu/reference; the interpreter would take minutes
+                if backend != "cpu" and rows * cols > TRITON_MAX_ELEMENTS:
+                    continue  # the cpu kernel covers it; the interpreter would take minutes
                 yield backend, rows, cols
 
 
@@ -195,10 +196,11 @@ def test_huge_row_cpu():
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck_float64_cpu(causal, log):
     x = torch.randn(3, 4, 11, dtype=torch.float64, requires_grad=True)
-    mask = torch.randn(4, 1, 11, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(3, 1, 11, dtype=torch.float64, requires_grad=True)
 
     def fn(x, mask):
-        return fastattn.softmax(x, scale=0.8, mask=mask, causal=causal, log=log, backend="cpu")
+        y = fastattn.softmax(x, scale=0.8, mask=mask, causal=causal, log=log, backend="cpu")
+        return y.masked_fill(y == float("-inf"), 0.0)  # finite differences of -inf are NaN
 
     assert torch.autograd.gradcheck(fn, (x, mask))
 
