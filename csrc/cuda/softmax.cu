@@ -170,8 +170,9 @@ __device__ __forceinline__ int64_t mask_offset(int64_t row, const FwdArgs<Acc>& 
   return (r / a.d1) * a.s0 + (r % a.d1) * a.s1 + i2 * a.s2;
 }
 
-// z = x * scale + mask for the N columns from `col` of one row, -inf where masked (bool mask,
-// causal) or past the end of the row. `moff`: the row's mask offset; `q`: its causal row index.
+// z = x * scale + mask for the N columns from `col` of one row (a bool mask adds 0 or -inf), then
+// -inf where causally masked or past the end of the row. `moff`: the row's mask offset; `q`: its
+// causal row index.
 template <int N, typename scalar_t, typename Acc>
 __device__ __forceinline__ void load_logits(Acc (&z)[N], const scalar_t* __restrict__ xrow,
                                             int64_t moff, int64_t q, int64_t col,
@@ -184,9 +185,10 @@ __device__ __forceinline__ void load_logits(Acc (&z)[N], const scalar_t* __restr
     if (a.mask_kind == kBoolMask) {
       load_cols(m, static_cast<const uint8_t*>(a.mask) + moff, col, a.cols, a.sc, a.mask_vec,
                 Acc(0));
+      // As the additive -inf of the reference: a masked NaN (or +inf) logit still gives NaN.
 #pragma unroll
       for (int e = 0; e < N; ++e)
-        if (m[e] == Acc(0)) z[e] = neg_inf<Acc>();
+        if (m[e] == Acc(0)) z[e] += neg_inf<Acc>();
     } else {
       if (a.mask_kind == kFloatMask) {
         load_cols(m, static_cast<const float*>(a.mask) + moff, col, a.cols, a.sc, a.mask_vec,
