@@ -153,6 +153,11 @@ def test_nan_propagates_and_large_logits_stay_finite(backend, log):
     assert torch.isnan(y[1]).all(), "a NaN logit must poison its row"
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
     assert_parity(y[[0, 2]], reference.softmax(x[[0, 2]].double(), None, 2.0, False, log))
+    # A bool mask acts as an additive 0 / -inf mask: a NaN under a masked entry still poisons.
+    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask[1, 7] = False
+    y = fastattn.softmax(x, mask=mask, log=log, backend=backend)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
 
 
 @pytest.mark.parametrize("dim", [0, 1, -2])

@@ -43,8 +43,9 @@ def _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m
         i0 = row // (m_d2 * m_d1)
         m_ptr = M + i0 * m_s0 + i1 * m_s1 + i2 * m_s2 + cols * m_sc
         if MASK_BOOL:
+            # Added as 0 / -inf like a float mask, so a NaN logit still poisons its row.
             keep = tl.load(m_ptr, mask=inb, other=0).to(tl.int32) != 0
-            z = tl.where(keep, z, float("-inf"))
+            z = z + tl.where(keep, 0.0, float("-inf"))
         else:
             z = z + tl.load(m_ptr, mask=inb, other=0.0).to(tl.float32)
     if CAUSAL:
