@@ -39,8 +39,24 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot run on tensors of this device and dtype, or None if it can."""
+def cpp_kernels(op: str) -> frozenset[str]:
+    """The backends ("cpu", "cuda") for which ``fastattn._C`` registered a kernel of ``op``."""
+    if _EXTENSION_ERROR is not None or not hasattr(torch.ops.fastattn, op):
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(b for b in ("cpu", "cuda") if has(f"fastattn::{op}", b.upper()))
+
+
+def unavailable_reason(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    cpp: frozenset[str] = frozenset({"cpu", "cuda"}),
+) -> str | None:
+    """Why ``backend`` cannot run on tensors of this device and dtype, or None if it can.
+
+    ``cpp`` names the C++ backends that have a kernel for the op in question.
+    """
     if backend == "reference":
         return None
     if backend == "triton":
@@ -60,21 +76,30 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
             return f"the {backend} backend needs {backend} tensors, got {device}"
         if backend == "cuda" and not _CUDA_BUILT:
             return "fastattn._C was built without CUDA kernels"
+        if backend not in cpp:
+            return f"fastattn._C has no {backend} kernel for this op"
         return None
     return f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}"
 
 
-def select(backend: str | None, device: torch.device, dtype: torch.dtype, op: str) -> str:
-    """The backend that will run ``op`` on tensors of ``device``/``dtype``."""
+def select(
+    backend: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    op: str,
+    cpp: frozenset[str] = frozenset({"cpu", "cuda"}),
+) -> str:
+    """The backend that will run ``op`` on tensors of ``device``/``dtype`` (``cpp``: the C++
+    backends with a kernel for it, see :func:`cpp_kernels`)."""
     requested = backend if backend not in (None, "auto") else os.environ.get("FASTATTN_BACKEND")
     if requested not in (None, "", "auto"):
         assert requested is not None
-        why = unavailable_reason(requested, device, dtype)
+        why = unavailable_reason(requested, device, dtype, cpp)
         if why is not None:
             raise RuntimeError(f"fastattn.{op}: backend {requested!r} cannot run this call: {why}")
         return requested
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        if unavailable_reason(name, device, dtype) is None:
+        if unavailable_reason(name, device, dtype, cpp) is None:
             return name
     return "reference"
 

@@ -312,10 +312,8 @@ def _register(fwd: str, bwd: str) -> None:
 
 
 _register("fastattn::norm_triton", "fastattn::norm_triton_backward")
-_CPP_NORM = hasattr(torch.ops.fastattn, "norm") and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "fastattn::norm", "CPU"
-)
-if _CPP_NORM:
+_CPP = dispatch.cpp_kernels("norm")  # backends of the C++ op in this build
+if _CPP:
     _register("fastattn::norm", "fastattn::norm_backward")  # the C++ op (CPU and CUDA)
 
 _KERNELS = {"triton": "norm_triton", "cpu": "norm", "cuda": "norm"}
@@ -365,7 +363,7 @@ def _normalize(
     r2 = residual.reshape(-1, n) if residual is not None else None
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
-    name = dispatch.select(backend, x.device, x.dtype, op)
+    name = dispatch.select(backend, x.device, x.dtype, op, _CPP)
     if name == "reference":
         y, h = reference.norm(x2, w, b, eps_f, rms, r2)
     else:

@@ -320,7 +320,8 @@ def _register(fwd: str, bwd: str) -> None:
 
 
 _register("fastattn::softmax_triton", "fastattn::softmax_triton_backward")
-if dispatch.unavailable_reason("cpu", torch.device("cpu"), torch.float32) is None:
+_CPP = dispatch.cpp_kernels("softmax")  # backends of the C++ op in this build
+if _CPP:
     _register("fastattn::softmax", "fastattn::softmax_backward")  # the C++ op (CPU and CUDA)
 
 _KERNELS = {"triton": "softmax_triton", "cpu": "softmax", "cuda": "softmax"}
@@ -376,7 +377,7 @@ def softmax(
         if d != last:
             mask = mask[(None,) * (x.dim() - mask.dim())].movedim(d, last)
     xt = x.movedim(d, last) if d != last else x  # the kernels normalise the last dim
-    name = dispatch.select(backend, x.device, x.dtype, "softmax")
+    name = dispatch.select(backend, x.device, x.dtype, "softmax", _CPP)
     if name == "reference":
         y = reference.softmax(xt, mask, scale_f, causal, log)
     else:
