@@ -12,6 +12,7 @@ import torch
 
 from fastattn import bench
 from fastattn.bench import cases as C
+from fastattn.bench import timing
 
 # One thread: OpenMP barriers stall when other processes share the cores, which slows tiny runs.
 FAST = ["--quick", "--dtype", "fp32", "--min-time", "0.002", "--threads", "1"]
@@ -117,3 +118,17 @@ def test_module_entry_point_with_reuse_alloc() -> None:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "alloc: reuse (mallopt" in res.stdout and "torch.softmax" in res.stdout
+
+
+def test_interleaved_timer_and_stats() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def bump(k: str) -> None:
+        calls[k] += 1
+
+    budget = timing.Budget(warmup_s=0.0, min_warmup=1, min_time_s=0.0, min_reps=7)
+    sa, sb = timing.time_fns([lambda: bump("a"), lambda: bump("b")], torch.device("cpu"), budget)
+    assert sa.reps == sb.reps == 7 and calls == {"a": 8, "b": 8}  # 1 warm-up + 7 timed each
+    st = timing.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (st.median_ms, st.q25_ms, st.q75_ms, st.min_ms, st.iqr_ms) == (3.0, 2.0, 4.0, 1.0, 2.0)
+    assert timing.gbps(2_000_000, 1.0) == 2.0

@@ -43,7 +43,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="small shapes and a short time budget")
     p.add_argument(
-        "--alloc", choices=timing.ALLOC_MODES, default="fresh", help="CPU allocation (see README)"
+        "--alloc",
+        choices=timing.ALLOC_MODES,
+        default="fresh",
+        help="fresh: glibc defaults; reuse: mallopt keeps freed blocks for reuse",
     )
     p.add_argument("--flush", action="store_true", help="evict caches before every timed call")
     p.add_argument(
@@ -114,18 +117,19 @@ def run_case(
             continue
         row.check_ok, row.check, row.max_err = chk.ok, chk.message, chk.max_err
     del ref
-    for impl, row in zip(case.impls, rows, strict=True):
-        if row.error is not None:
-            continue
-        try:
-            st = timing.time_fn(functools.partial(impl.fn, inputs), device, budget, flush=flush)
-        except Exception as e:  # e.g. out of memory while timing
+    ok = [(impl, row) for impl, row in zip(case.impls, rows, strict=True) if row.error is None]
+    try:
+        fns = [functools.partial(impl.fn, inputs) for impl, _ in ok]
+        stats = timing.time_fns(fns, device, budget, flush=flush)
+    except Exception as e:  # e.g. out of memory while timing: the case has no timings
+        for _, row in ok:
             row.error = f"{type(e).__name__} while timing: {e}"
             row.check_ok, row.check = False, f"ERROR: {row.error}"
-        else:
-            row.median_ms, row.q25_ms, row.q75_ms = st.median_ms, st.q25_ms, st.q75_ms
-            row.min_ms, row.reps = st.min_ms, st.reps
-            row.gbps = timing.gbps(case.nbytes, st.median_ms)
+        return rows
+    for (_, row), st in zip(ok, stats, strict=True):
+        row.median_ms, row.q25_ms, row.q75_ms = st.median_ms, st.q25_ms, st.q75_ms
+        row.min_ms, row.reps = st.min_ms, st.reps
+        row.gbps = timing.gbps(case.nbytes, st.median_ms)
     subject = next((r for r in rows if r.subject and r.error is None), None)
     for r in rows:
         if subject is not None and not r.subject and r.error is None:

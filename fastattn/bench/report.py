@@ -57,6 +57,7 @@ COLUMNS = (
     ("impl", 20, "<"),
     ("median ms", 10, ">"),
     ("IQR ms", 8, ">"),
+    ("min ms", 8, ">"),
     ("GB/s", 7, ">"),
     ("fastattn speedup", 16, ">"),
     ("check", 8, "<"),
@@ -80,6 +81,7 @@ def _cells(r: Row) -> list[str]:
         r.impl,
         _num(r.median_ms),
         _num(r.iqr_ms),
+        _num(r.min_ms),
         _num(r.gbps, 1),
         speed,
         status,
@@ -107,7 +109,7 @@ def markdown(rows: list[Row]) -> str:
     body = []
     for r in rows:
         cells = _cells(r)
-        cells[4] = f"**{cells[4]}**" if r.subject else cells[4]
+        cells[4] = f"**{cells[4]}**" if r.subject else cells[4]  # the impl column
         body.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join([head, rule, *body])
 

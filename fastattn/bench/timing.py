@@ -1,7 +1,8 @@
 """Timers for the benchmark CLI: wall clock on CPU, CUDA events on GPU; allocator and cache set-up.
 
 Every repetition is timed on its own so that the median and the inter-quartile range can be
-reported (a mean hides the page-fault and scheduler outliers that dominate CPU runs).
+reported (a mean hides the page-fault and scheduler outliers that dominate CPU runs), and the
+implementations of a case are timed in turns, so that they share the same conditions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ctypes.util
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -88,55 +89,66 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
 
 
 def time_fn(
-    fn: Callable[[], Any],
+    fn: Callable[[], Any], device: torch.device, budget: Budget, *, flush: bool = False
+) -> Stats:
+    """:func:`time_fns` of one function."""
+    return time_fns([fn], device, budget, flush=flush)[0]
+
+
+def time_fns(
+    fns: Sequence[Callable[[], Any]],
     device: torch.device,
     budget: Budget,
     *,
     flush: bool = False,
-) -> Stats:
-    """Warm ``fn`` up, then time ``budget.min_reps``.. calls (at least ``budget.min_time_s``).
+) -> list[Stats]:
+    """Warm each of ``fns`` up, then time them in turns: one call of each per round.
 
-    CPU: ``time.perf_counter`` around each call. CUDA: a pair of CUDA events around each call,
-    read after one synchronisation at the end. ``flush`` overwrites a buffer larger than the
-    last-level cache before every call (untimed), so inputs come from memory, not cache.
+    Rounds go on until every function has ``budget.min_reps`` calls and ``budget.min_time_s``
+    per function has passed. Interleaving gives the implementations of a case the same
+    conditions (frequency, other processes on the machine), so their ratio is fair even when
+    the absolute times drift. CPU: ``time.perf_counter`` around each call. CUDA: a pair of
+    CUDA events around each call, read after synchronising. ``flush`` overwrites a buffer
+    larger than the last-level cache before every call (untimed), so inputs come from memory.
     """
     cuda = device.type == "cuda"
     buf = _flush_buffer(device) if flush else None
     sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
 
-    start = time.perf_counter()
-    n = 0
-    while n < budget.min_warmup or time.perf_counter() - start < budget.warmup_s:
-        fn()
-        n += 1
-    sync()
+    for fn in fns:
+        start, n = time.perf_counter(), 0
+        while n < budget.min_warmup or time.perf_counter() - start < budget.warmup_s:
+            fn()
+            n += 1
+        sync()
 
-    times: list[float] = []
-    events: list[tuple[Any, Any]] = []
+    times: list[list[float]] = [[] for _ in fns]
+    events: list[list[tuple[Any, Any]]] = [[] for _ in fns]
     t_begin = time.perf_counter()
-    while len(times) + len(events) < budget.max_reps:
-        if buf is not None:
-            buf.zero_()
-        if cuda:
-            ev0 = torch.cuda.Event(enable_timing=True)
-            ev1 = torch.cuda.Event(enable_timing=True)
-            ev0.record()
-            fn()
-            ev1.record()
-            events.append((ev0, ev1))
-            if len(events) % 64 == 0:
-                sync()  # bound the queue; also lets the time budget below see real time
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        done = len(times) + len(events)
-        if done >= budget.min_reps and time.perf_counter() - t_begin >= budget.min_time_s:
+    for rnd in range(1, budget.max_reps + 1):
+        for k, fn in enumerate(fns):
+            if buf is not None:
+                buf.zero_()
+            if cuda:
+                ev0 = torch.cuda.Event(enable_timing=True)
+                ev1 = torch.cuda.Event(enable_timing=True)
+                ev0.record()
+                fn()
+                ev1.record()
+                events[k].append((ev0, ev1))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        if cuda and rnd % 32 == 0:
+            sync()  # bounds the queue, and lets the time budget below see real time
+        elapsed = time.perf_counter() - t_begin
+        if rnd >= budget.min_reps and elapsed >= budget.min_time_s * len(fns):
             break
     if cuda:
         sync()
-        times = [float(a.elapsed_time(b)) for a, b in events]
-    return summarize(times)
+        times = [[float(a.elapsed_time(b)) for a, b in evs] for evs in events]
+    return [summarize(t) for t in times]
 
 
 def call_once(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
