@@ -60,7 +60,8 @@ SoftmaxKernels kernels_for(const char* op, DType x, DType mask, bool per_column)
   if (x != DType::kFloat64) {
     switch (cpu::isa()) {
       case cpu::Isa::kAvx512:
-        k = cpu::softmax_kernels_avx512(x, mask, per_column);
+        k = cpu::softmax_kernels_avx512bf16(x, mask, per_column);
+        if (k.fwd_rows == nullptr) k = cpu::softmax_kernels_avx512(x, mask, per_column);
         break;
       case cpu::Isa::kAvx2:
         k = cpu::softmax_kernels_avx2(x, mask, per_column);

@@ -17,6 +17,9 @@
 #define FASTATTN_BEGIN_AVX512 \
   _Pragma("GCC push_options") \
       _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2\")")
+#define FASTATTN_BEGIN_AVX512BF16      \
+  _Pragma("GCC push_options") _Pragma( \
+      "GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2\")")
 #define FASTATTN_BEGIN_AVX2 \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2\")")
 #define FASTATTN_END_ISA _Pragma("GCC pop_options")

@@ -36,8 +36,10 @@ double bwd_dot(const SoftmaxBwdArgs& a, int64_t r, int64_t c0, int64_t c1) {
   return total;
 }
 
+// The write pass over [c0, c1); bwd_rows passes the next row's g and y to prefetch meanwhile.
 template <class V, class T>
-void bwd_write(const SoftmaxBwdArgs& a, int64_t r, int64_t c0, int64_t c1, double dot) {
+void bwd_write_pf(const SoftmaxBwdArgs& a, int64_t r, int64_t c0, int64_t c1, double dot,
+                  int64_t pf_bytes) {
   using R = typename V::R;
   using Acc = typename V::Acc;
   const T* g = static_cast<const T*>(a.grad) + r * a.cols;
@@ -49,15 +51,27 @@ void bwd_write(const SoftmaxBwdArgs& a, int64_t r, int64_t c0, int64_t c1, doubl
     const R d = V::mul(V::sub(gv, V::mul(vexp<V>(yv), vd)), vs);
     return V::where(V::eq(yv, ninf), V::zero(), d);
   };
-  store_range<V>(a.stream, dx, c0, c1, [&](int64_t j, int n) {
-    return n == V::W ? grad(V::load(g + j), V::load(y + j))
-                     : grad(V::loadn(g + j, n), V::loadn(y + j, n));
-  });
+  const auto* next_g = reinterpret_cast<const char*>(g + a.cols);
+  const auto* next_y = reinterpret_cast<const char*>(y + a.cols);
+  write_chunk<V>(
+      a.stream, dx, c0, c1, next_g, pf_bytes,
+      [&](int64_t j, int n) {
+        return n == V::W ? grad(V::load(g + j), V::load(y + j))
+                         : grad(V::loadn(g + j, n), V::loadn(y + j, n));
+      },
+      next_y);
+}
+
+template <class V, class T>
+void bwd_write(const SoftmaxBwdArgs& a, int64_t r, int64_t c0, int64_t c1, double dot) {
+  bwd_write_pf<V, T>(a, r, c0, c1, dot, 0);
   if (a.stream) V::fence();
 }
 
 template <class V, class T>
 void bwd_rows(const SoftmaxBwdArgs& a, int64_t r0, int64_t r1) {
+  const int64_t pf_bytes = min64(a.cols * int64_t(sizeof(T)), kBlock * 4);
   for (int64_t r = r0; r < r1; ++r)
-    bwd_write<V, T>(a, r, 0, a.cols, bwd_dot<V, T>(a, r, 0, a.cols));
+    bwd_write_pf<V, T>(a, r, 0, a.cols, bwd_dot<V, T>(a, r, 0, a.cols), r + 1 < r1 ? pf_bytes : 0);
+  if (a.stream) V::fence();
 }

@@ -18,15 +18,9 @@ constexpr int64_t kBlock = 4096;  // columns per chunk: the chunk's z stays in L
 // error), and the chunk totals are added in double: fp32-exact sums even for 1M-column rows.
 constexpr int64_t kSumVecs = 16;
 
-template <class A, class B>
-constexpr bool kSame = false;
-template <class A>
-constexpr bool kSame<A, A> = true;
+#include "row_impl.h"
 
 enum RowMode { kNormal, kDead, kNan };
-
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // Mask element offset (and causal row index) of consecutive rows, advanced like an odometer.
 struct RowCursor {
@@ -146,16 +140,16 @@ inline double exp_sum(typename V::Acc* buf, int64_t n, typename V::Acc mx, const
   using R = typename V::R;
   constexpr int W = V::W;
   const R vm = V::set1(mx);
-  const char* const pf_end = pf + pf_bytes;
   const int64_t pf_step = (pf_bytes / (n / (2 * W) + 1) + 63) / 64 * 64;  // bytes per iteration
+  int64_t pf_off = 0;
   double total = 0;
   for (int64_t b = 0; b < n; b += kSumVecs * W) {
     const int64_t e = min64(n, b + kSumVecs * W);
     R s0 = V::zero(), s1 = V::zero();
     int64_t j = b;
-    for (; j + 2 * W <= e; j += 2 * W) {
-      for (const char* q = pf; q < pf + pf_step && q < pf_end; q += 64) __builtin_prefetch(q, 0, 3);
-      pf += pf_step;
+    for (; j + 2 * W <= e; j += 2 * W, pf_off += pf_step) {
+      for (int64_t q = pf_off; q < pf_off + pf_step && q < pf_bytes; q += 64)
+        __builtin_prefetch(pf + q, 0, 3);
       const R e0 = vexp<V>(V::sub(V::load(buf + j), vm));
       const R e1 = vexp<V>(V::sub(V::load(buf + j + W), vm));
       if constexpr (kStore) V::store(buf + j, e0), V::store(buf + j + W, e1);
@@ -170,40 +164,6 @@ inline double exp_sum(typename V::Acc* buf, int64_t n, typename V::Acc mx, const
     total += double(V::hsum(V::add(s0, s1)));
   }
   return total;
-}
-
-// Writes f(j, n) to y[j, j + n) over [c0, c1); n is W except at the ends, where f must not read
-// past n lanes. With kNT the aligned middle uses non-temporal stores: for outputs far larger than
-// the caches this skips the read-for-ownership of each output line (a third of the traffic).
-template <class V, bool kNT, class T, class F>
-inline void store_range(T* y, int64_t c0, int64_t c1, const F& f) {
-  constexpr int W = V::W;
-  int64_t j = c0;
-  if constexpr (kNT) {
-    const auto mis = int64_t(reinterpret_cast<uintptr_t>(y + j) % (W * sizeof(T)) / sizeof(T));
-    if (mis != 0 && j < c1) {
-      const int n = int(min64(W - mis, c1 - j));
-      V::storen(y + j, f(j, n), n);
-      j += n;
-    }
-    for (; j + W <= c1; j += W) V::stream(y + j, f(j, W));
-  } else {
-    for (; j + W <= c1; j += W) V::store(y + j, f(j, W));
-  }
-  if (j < c1) V::storen(y + j, f(j, int(c1 - j)), int(c1 - j));
-}
-template <class V, class T, class F>
-inline void store_range(bool nt, T* y, int64_t c0, int64_t c1, const F& f) {
-  if (nt)
-    store_range<V, true>(y, c0, c1, f);
-  else
-    store_range<V, false>(y, c0, c1, f);
-}
-
-template <class V, class T>
-inline void fill(bool nt, T* y, int64_t c0, int64_t c1, typename V::Acc value) {
-  const typename V::R v = V::set1(value);
-  store_range<V>(nt, y, c0, c1, [&](int64_t, int) { return v; });
 }
 
 // y over [c0, c1) of a dead or NaN row (z recomputed: this is the rare path).
@@ -304,20 +264,21 @@ void short_row(const Rw& row, const SoftmaxFwdArgs& a, T* y, typename V::Acc* bu
   }
   if (mode == kNormal && m == -__builtin_inf()) mode = kDead;
   if (mode != kNormal) return write_special<V>(row, 0, n, mode, a, y);
-  // (buf has slack past each chunk, so full-vector loads near the ends are safe.)
-  if (a.log) {  // buf holds z: y = (z - max) - log(sum), exact-ish even for huge logits
-    const R vm = V::set1(Acc(m)), lse = V::set1(Acc(__builtin_log(s)));
-    store_range<V>(a.stream, y, 0, n,
-                   [&](int64_t j, int) { return V::sub(V::sub(V::load(buf + j), vm), lse); });
-    return;
-  }
-  for (int64_t c = 0; c < n; c += kBlock) {  // buf holds exp(z - chunk max)
+  // Final pass, chunk by chunk (buf has slack past each chunk, so full-vector loads near the ends
+  // are safe). For a multi-chunk row, this pass would evict the next row's prefetched start, so
+  // it is prefetched again here, during the last chunk.
+  const R vm = V::set1(Acc(m)), lse = V::set1(Acc(__builtin_log(s)));
+  for (int64_t c = 0; c < n; c += kBlock) {
     const int64_t e = min64(n, c + kBlock);
-    if (cmax[c / kBlock] == kNinf) {
-      fill<V>(a.stream, y, c, e, Acc(0));
+    const int64_t pf_bytes = e == n && c > 0 ? min64(next_bytes, kBlock * 4) : 0;
+    if (a.log) {  // buf holds z: y = (z - max) - log(sum), exact-ish even for huge logits
+      write_chunk<V>(a.stream, y, c, e, next_x, pf_bytes,
+                     [&](int64_t j, int) { return V::sub(V::sub(V::load(buf + j), vm), lse); });
+    } else if (cmax[c / kBlock] == kNinf) {  // buf holds exp(z - chunk max), or z = -inf here
+      write_chunk<V>(a.stream, y, c, e, next_x, pf_bytes, [&](int64_t, int) { return V::zero(); });
     } else {
       const R f = V::set1(Acc(__builtin_exp(double(cmax[c / kBlock]) - m) / s));
-      store_range<V>(a.stream, y, c, e,
+      write_chunk<V>(a.stream, y, c, e, next_x, pf_bytes,
                      [&](int64_t j, int) { return V::mul(V::load(buf + j), f); });
     }
   }

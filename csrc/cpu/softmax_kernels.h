@@ -77,6 +77,8 @@ struct SoftmaxKernels {
 // null for combinations a path does not serve (float64 is served by the scalar path only).
 // Call only the table of an ISA the CPU supports (see cpu_isa.h).
 SoftmaxKernels softmax_kernels_avx512(DType x, DType mask, bool mask_per_column);
+// bf16 only, and only when the CPU also has AVX512_BF16 (empty otherwise).
+SoftmaxKernels softmax_kernels_avx512bf16(DType x, DType mask, bool mask_per_column);
 SoftmaxKernels softmax_kernels_avx2(DType x, DType mask, bool mask_per_column);
 SoftmaxKernels softmax_kernels_scalar(DType x, DType mask, bool mask_per_column);
 

@@ -25,11 +25,8 @@ struct Vec {
   static inline R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static inline R max(R a, R b) { return _mm256_max_ps(a, b); }
   static inline R min(R a, R b) { return _mm256_min_ps(a, b); }
-  static inline R round(R a) {
-    return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  static inline R pow2(R n) {  // 2^n for integral n in [-126, 127]
-    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  static inline R pow2_shifted(R t) {  // 2^n from t = n + 1.5*2^23 (n in [-126, 127])
+    const __m256i e = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
   static inline Mask lt(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }

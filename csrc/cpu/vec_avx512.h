@@ -1,7 +1,7 @@
 // 16 x fp32 vector type for AVX-512 (F+BW+VL+DQ), compiled in its own target region and
 // namespace (see common.h for why). Kernels are written once against this interface:
 //   R, Mask, Acc, W, kLibmExp, kScalef  register, lane predicate, scalar type, lanes, exp kind
-//   set1 zero add sub mul fma(a*b+c) max(a>b?a:b) min(a<b?a:b) round pow2 [scalef]
+//   set1 zero add sub mul fma(a*b+c) max(a>b?a:b) min(a<b?a:b) pow2_shifted [scalef]
 //   lt eq isnan where(m ? a : b) any first(n: lanes < n) hmax hsum
 //   load/loadn(p[, n]) from float, bf16_t, f16_t, uint8_t (a bool mask: 1 -> 0, 0 -> -inf);
 //   loadn zero-fills lanes >= n. store/storen(p, v[, n]) and stream (non-temporal, aligned p)
@@ -36,11 +36,8 @@ struct Vec {
   static inline R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
   static inline R min(R a, R b) { return _mm512_min_ps(a, b); }
-  static inline R round(R a) {
-    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  static inline R pow2(R n) {  // 2^n for integral n in [-126, 127]: build the exponent field
-    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+  static inline R pow2_shifted(R t) {  // 2^n from t = n + 1.5*2^23 (n in [-126, 127])
+    const __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
   static inline R scalef(R a, R n) { return _mm512_scalef_ps(a, n); }  // a * 2^floor(n)
@@ -115,4 +112,28 @@ struct Vec {
 #include "vec_math_impl.h"
 
 }  // namespace fastattn::cpu::avx512
+FASTATTN_END_ISA
+
+// AVX-512 plus the BF16 extension (Cooper Lake, Zen 4 and later): fp32 -> bf16 in one
+// instruction, vcvtneps2bf16 (round to nearest even, NaN kept; subnormal results flush to 0).
+// Everything else is inherited from avx512::Vec. Used for bf16 inputs when the CPU has it.
+FASTATTN_BEGIN_AVX512BF16
+namespace fastattn::cpu::avx512bf16 {
+
+struct Vec : avx512::Vec {
+  using Base = avx512::Vec;
+  using Base::store;
+  using Base::storen;
+  using Base::stream;
+  static inline __m256i to_bf16(R v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+  static inline void store(bf16_t* p, R v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+  static inline void stream(bf16_t* p, R v) { _mm256_stream_si256((__m256i*)p, to_bf16(v)); }
+  static inline void storen(bf16_t* p, R v, int n) {
+    _mm256_mask_storeu_epi16(p, first(n), to_bf16(v));
+  }
+};
+
+#include "vec_math_impl.h"
+
+}  // namespace fastattn::cpu::avx512bf16
 FASTATTN_END_ISA

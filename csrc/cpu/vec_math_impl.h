@@ -20,7 +20,12 @@ inline typename V::R vexp(typename V::R x) {
     // max(a, b) = a > b ? a : b and min(a, b) = a < b ? a : b return b when either is NaN, so
     // putting x second keeps a NaN flowing through to the result.
     const R xc = V::min(hi, V::max(lo, x));
-    const R n = V::round(V::mul(xc, V::set1(1.44269504088896341f)));
+    // n = round(x / ln2) by the 1.5 * 2^23 shifter: the fma rounds to an integer in the low
+    // mantissa bits of t (|x / ln2| < 2^22), so n = t - shifter and, below, 2^n is built from
+    // t's bits. Cheaper than a round instruction on the busy FMA pipes.
+    const R shifter = V::set1(12582912.0f);
+    const R t = V::fma(xc, V::set1(1.44269504088896341f), shifter);
+    const R n = V::sub(t, shifter);
     R r = V::fma(n, V::set1(-0.693359375f), xc);  // ln2 split in a short hi part (exact n*hi)
     r = V::fma(n, V::set1(2.12194440e-4f), r);    // and the lo remainder
     R p = V::set1(1.38436514e-3f);
@@ -33,7 +38,7 @@ inline typename V::R vexp(typename V::R x) {
     if constexpr (V::kScalef) {
       return V::scalef(p, n);  // exp(-110) rounds to 0: -inf (clamped to -110) gives exactly 0
     } else {
-      const R y = V::mul(p, V::pow2(n));
+      const R y = V::mul(p, V::pow2_shifted(t));
       return V::where(V::lt(x, lo), V::zero(), y);  // -inf and underflow -> 0 (NaN: false)
     }
   }

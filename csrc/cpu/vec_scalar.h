@@ -24,8 +24,9 @@ struct Vec {
   static inline R fma(R a, R b, R c) { return a * b + c; }
   static inline R max(R a, R b) { return a > b ? a : b; }
   static inline R min(R a, R b) { return a < b ? a : b; }
-  static inline R round(R a) { return __builtin_nearbyint(a); }
-  static inline R pow2(R n) { return f32_from_bits(uint32_t(int32_t(n) + 127) << 23); }
+  static inline R pow2_shifted(R t) {  // 2^n from t = n + 1.5*2^23 (n in [-126, 127])
+    return f32_from_bits((bits_from_f32(float(t)) + 127u) << 23);
+  }
   static inline Mask lt(R a, R b) { return a < b; }
   static inline Mask eq(R a, R b) { return a == b; }
   static inline Mask isnan(R a) { return a != a; }
