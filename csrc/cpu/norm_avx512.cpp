@@ -1,0 +1,42 @@
+// AVX-512 instantiation of the LayerNorm/RMSNorm row kernels (norm_impl.h) for fp32, bf16
+// and fp16 data.
+#include "norm_kernels.h"
+#include "vec_avx512.h"
+
+FASTATTN_BEGIN_AVX512
+namespace fastattn::cpu::avx512::norm {
+// Non-temporal store of h (p aligned to 64 bytes for fp32, 32 for 16-bit types), returning the
+// value as stored: the conversion to T is done once, for both (see first_pass in norm_impl.h).
+inline Vec::R stream_round(float* p, Vec::R v) { return Vec::stream(p, v), v; }
+inline Vec::R stream_round(bf16_t* p, Vec::R v) {
+  const __m256i b = Vec::to_bf16(v);
+  _mm256_stream_si256((__m256i*)p, b);
+  return Vec::cvt_bf16(b);
+}
+inline Vec::R stream_round(f16_t* p, Vec::R v) {
+  const __m256i b = Vec::to_f16(v);
+  _mm256_stream_si256((__m256i*)p, b);
+  return _mm512_cvtph_ps(b);
+}
+#include "norm_impl.h"
+}  // namespace fastattn::cpu::avx512::norm
+FASTATTN_END_ISA
+
+namespace fastattn::cpu {
+
+// Baseline code that only takes the addresses of the AVX-512 functions; runs on any CPU.
+NormKernels norm_kernels_avx512(DType x, NormVariant v) {
+  using avx512::Vec;
+  switch (x) {
+    case DType::kFloat32:
+      return avx512::norm::kernels_for<Vec, float>(v);
+    case DType::kBFloat16:
+      return avx512::norm::kernels_for<Vec, bf16_t>(v);
+    case DType::kFloat16:
+      return avx512::norm::kernels_for<Vec, f16_t>(v);
+    default:
+      return NormKernels{};
+  }
+}
+
+}  // namespace fastattn::cpu
