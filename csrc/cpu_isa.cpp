@@ -27,8 +27,8 @@ Isa best_supported() {
 }
 
 // FASTATTN_CPU_ISA may lower the path (to compare or debug), never raise it: asking for a path
-// the CPU lacks falls back to the best supported one with a warning. An unknown value is an
-// error (every op call reports it) rather than a silent default.
+// the CPU lacks falls back to the best supported one with a warning, and so does an unknown
+// value (a warning, not an error: the choice is made when the package is imported).
 Isa choose() {
   const Isa best = best_supported();
   const char* env = std::getenv("FASTATTN_CPU_ISA");
@@ -41,9 +41,9 @@ Isa choose() {
   } else if (std::strcmp(env, "scalar") == 0) {
     want = Isa::kScalar;
   } else {
-    TORCH_CHECK(false, "fastattn: FASTATTN_CPU_ISA='", env,
-                "' is not one of avx512, avx2, scalar, auto (this CPU supports up to ",
-                isa_name(best), ")");
+    TORCH_WARN("fastattn: FASTATTN_CPU_ISA='", env,
+               "' is not one of avx512, avx2, scalar, auto; using ", isa_name(best));
+    return best;
   }
   if (static_cast<int>(want) > static_cast<int>(best)) {
     TORCH_WARN("fastattn: FASTATTN_CPU_ISA=", env, " is not supported by this CPU; using ",
@@ -56,7 +56,7 @@ Isa choose() {
 }  // namespace
 
 Isa isa() {
-  static const Isa chosen = choose();  // thread-safe one-time init; rethrows until it succeeds
+  static const Isa chosen = choose();  // thread-safe one-time initialisation
   return chosen;
 }
 

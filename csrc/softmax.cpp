@@ -26,12 +26,13 @@ using cpu::RowStats;
 using cpu::SoftmaxKernels;
 
 constexpr int64_t kSerialBelow = 16384;   // elements: smaller inputs are not worth a thread team
-constexpr int64_t kBlockElems = 32768;    // rows are handed to threads in blocks of >= this
+constexpr int64_t kBlockElems = 32768;    // causal rows go to threads in blocks of >= this
 constexpr int64_t kSplitRowMin = 131072;  // split a row across threads when rows < threads
-// Outputs at least this large are written with non-temporal stores (see cpu::SoftmaxFwdArgs).
+// Outputs at least this large (half the L3 here) are written with non-temporal stores, see
+// cpu::SoftmaxFwdArgs. FASTATTN_CPU_STREAM_BYTES overrides it (tuning and tests; 0: always).
 int64_t stream_min_bytes() {
   static const int64_t v = [] {
-    const char* e = std::getenv("FASTATTN_STREAM_MIN");
+    const char* e = std::getenv("FASTATTN_CPU_STREAM_BYTES");
     return e ? std::atoll(e) : int64_t(16) << 20;
   }();
   return v;
@@ -130,14 +131,25 @@ at::Tensor setup_mask(cpu::SoftmaxFwdArgs& a, at::Tensor mask, const at::Tensor&
   return mask;
 }
 
-// Runs body(r0, r1) over row blocks of >= kBlockElems elements on the OpenMP team (dynamic
-// schedule: causal rows differ in cost). Small inputs stay on the calling thread.
+// Runs body(r0, r1) over the rows on the OpenMP team. Rows of equal cost: one contiguous range
+// per thread, so each thread streams through memory and prefetches row after row. Causal rows
+// differ in cost: blocks of >= kBlockElems elements, dynamically scheduled. Small inputs stay on
+// the calling thread.
 template <class Body>
-void for_row_blocks(int64_t rows, int64_t cols, const Body& body) {
+void for_rows(int64_t rows, int64_t cols, bool balanced, const Body& body) {
   const int64_t per = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(cols, 1));
   const int64_t blocks = (rows + per - 1) / per;
-  const bool parallel = blocks > 1 && rows * cols >= kSerialBelow && !omp_in_parallel();
-#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  if (blocks <= 1 || rows * cols < kSerialBelow || omp_in_parallel()) return body(0, rows);
+  if (balanced) {
+#pragma omp parallel
+    {
+      const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
+      const int64_t r0 = rows * t / team, r1 = rows * (t + 1) / team;
+      if (r0 < r1) body(r0, r1);
+    }
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < blocks; ++b) body(b * per, std::min(rows, (b + 1) * per));
 }
 
@@ -196,8 +208,8 @@ at::Tensor softmax_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     }
     return y;
   }
-  for_row_blocks(rows, cols,
-                 [&](int64_t r0, int64_t r1) { k.fwd_rows(a, r0, r1, thread_scratch()); });
+  for_rows(rows, cols, !causal,
+           [&](int64_t r0, int64_t r1) { k.fwd_rows(a, r0, r1, thread_scratch()); });
   return y;
 }
 
@@ -241,7 +253,7 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out
     }
     return dx;
   }
-  for_row_blocks(rows, cols, [&](int64_t r0, int64_t r1) { k.bwd_rows(a, r0, r1); });
+  for_rows(rows, cols, true, [&](int64_t r0, int64_t r1) { k.bwd_rows(a, r0, r1); });
   return dx;
 }
 

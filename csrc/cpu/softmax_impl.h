@@ -5,9 +5,10 @@
 //
 // Forward, per row (z = x*scale + mask, columns j > i masked when causal):
 //   short rows (<= kShortRowMax visible columns): one read of x, in chunks of kBlock. A chunk's
-//   z goes to the thread's scratch row, becomes exp(z - chunk max) there (online-softmax sum),
+//   z goes to the thread's scratch row and becomes exp(z - chunk max) there (online-softmax sum)
 //   while the next chunk / next row is prefetched; then y = e * exp(chunk max - max) / sum (log:
-//   z - max - log(sum)) is written from cache.
+//   z - max - log(sum)) is written from cache. For multi-chunk rows that write is deferred and
+//   done in slices during the next row's exp passes (PendingRow), overlapping stores and math.
 //   long rows: online statistics over blocks (running max, sum rescaled when the max grows),
 //   then a second read of x that writes y. These two halves also serve a row split over threads.
 // Special rows match fastattn/reference.py: a row with nothing visible gives 0 (log: -inf); a
@@ -134,9 +135,11 @@ inline bool any_nan(const typename V::Acc* buf, int64_t n) {  // n: multiple of 
 // This loop is compute-bound, so it also prefetches [pf, pf + pf_bytes) (the next row's x) into
 // L1, spread over its iterations: the next row's first pass then reads from cache while this
 // row's arithmetic hides the memory latency.
-template <class V, bool kStore>
-inline double exp_sum(typename V::Acc* buf, int64_t n, typename V::Acc mx, const char* pf = nullptr,
-                      int64_t pf_bytes = 0) {
+// side() is called once per kSumVecs vectors: the previous row's output is written there, so its
+// stores overlap this arithmetic instead of forming a memory-bound pass of their own.
+template <class V, bool kStore, class Side>
+inline double exp_sum(typename V::Acc* buf, int64_t n, typename V::Acc mx, const char* pf,
+                      int64_t pf_bytes, const Side& side) {
   using R = typename V::R;
   constexpr int W = V::W;
   const R vm = V::set1(mx);
@@ -162,6 +165,7 @@ inline double exp_sum(typename V::Acc* buf, int64_t n, typename V::Acc mx, const
       s0 = V::add(s0, e0);
     }
     total += double(V::hsum(V::add(s0, s1)));
+    side();
   }
   return total;
 }
@@ -198,7 +202,7 @@ RowStats long_stats(const Rw& row, int64_t c0, int64_t c1, double scale, typenam
     if (bm > st.max) st.sum *= __builtin_exp(st.max - bm), st.max = bm;
     const auto* pf = reinterpret_cast<const char*>(row.x + e);  // the next block, if any
     const double s = exp_sum<V, false>(buf, np, Acc(st.max), pf,
-                                       min64(c1 - e, kBlock) * int64_t(sizeof(*row.x)));
+                                       min64(c1 - e, kBlock) * int64_t(sizeof(*row.x)), [] {});
     if (s != s) return RowStats{st.max, st.sum, true};
     st.sum += s;
   }
@@ -228,23 +232,64 @@ void long_write(const Rw& row, int64_t c0, int64_t c1, const RowStats& st, const
   }
 }
 
+// The output of a finished short row, written a slice at a time while the next row computes:
+// y = e * f[chunk] from exp(z - chunk max), or (log) y = (z - max) - log(sum).
+template <class V, class T>
+struct PendingRow {
+  using Acc = typename V::Acc;
+  T* y = nullptr;  // null: nothing pending
+  const Acc* src;
+  int64_t n, j;  // length, next column to write
+  bool log, nt;
+  Acc vm, lse;
+  Acc f[kShortRowMax / kBlock];
+
+  void write(int64_t upto) {  // columns [j, upto)
+    using R = typename V::R;
+    upto = min64(upto, n);
+    while (j < upto) {
+      const int64_t e = min64(upto, (j / kBlock + 1) * kBlock);
+      const R a = V::set1(log ? vm : f[j / kBlock]), b = V::set1(lse);
+      if (log)
+        store_range<V>(nt, y, j, e,
+                       [&](int64_t i, int) { return V::sub(V::sub(V::load(src + i), a), b); });
+      else if (f[j / kBlock] == Acc(0))  // nothing visible (src holds -inf there) or underflow
+        store_range<V>(nt, y, j, e, [&](int64_t, int) { return V::zero(); });
+      else
+        store_range<V>(nt, y, j, e, [&](int64_t i, int) { return V::mul(V::load(src + i), a); });
+      j = e;
+    }
+  }
+  void finish() {
+    if (y != nullptr) write(n);
+    y = nullptr;
+  }
+};
+
 // A short row (len <= kShortRowMax): one read of x, in chunks of kBlock columns. Each chunk's z
 // goes to buf (at the chunk's offset) and is turned into exp(z - chunk max) in place while the
-// next chunk (or the next row) is prefetched; the running sum is rescaled when the max grows,
-// as in online softmax. The final pass scales each chunk by exp(chunk max - max) / sum.
+// next chunk (or the next row) is prefetched and the previous row's output is written; the
+// running sum is rescaled when the max grows, as in online softmax. This row's output becomes
+// `pend` (y = e * exp(chunk max - max) / sum), written during the next row or by finish().
 template <class V, class T, class Rw>
 void short_row(const Rw& row, const SoftmaxFwdArgs& a, T* y, typename V::Acc* buf,
-               const char* next_x, int64_t next_bytes) {
-  using R = typename V::R;
+               const char* next_x, int64_t next_bytes, PendingRow<V, T>& pend) {
   using Acc = typename V::Acc;
   constexpr Acc kNinf = -__builtin_inff();
+  constexpr int W = V::W;
   const int64_t n = row.len;
-  const R vs = V::set1(Acc(a.scale));
+  const typename V::R vs = V::set1(Acc(a.scale));
   Acc cmax[kShortRowMax / kBlock];  // per-chunk max, -inf where nothing is visible
   double m = -__builtin_inf(), s = 0;
   RowMode mode = kNormal;
+  // Columns of the pending row to write per side() call (every kSumVecs vectors of this row).
+  const int64_t left = pend.y != nullptr ? pend.n - pend.j : 0;
+  const int64_t per_call = (left / (n / (kSumVecs * W) + 1) + W) / W * W;
+  auto side = [&] {
+    if (pend.y != nullptr && pend.j < pend.n) pend.write(pend.j + per_call);
+  };
   for (int64_t c = 0; c < n && mode == kNormal; c += kBlock) {
-    const int64_t e = min64(n, c + kBlock), np = (e - c + V::W - 1) / V::W * V::W;
+    const int64_t e = min64(n, c + kBlock), np = (e - c + W - 1) / W * W;
     Acc* b = buf + c;
     const Acc bm = cmax[c / kBlock] = compute_z<V>(row, c, e, vs, b);
     if (bm == kNinf) {  // nothing visible here, unless a NaN hides behind the max
@@ -253,51 +298,57 @@ void short_row(const Rw& row, const SoftmaxFwdArgs& a, T* y, typename V::Acc* bu
     }
     if (bm != bm) mode = kNan;
     const char* pf = e < n ? reinterpret_cast<const char*>(row.x + e) : next_x;
-    const int64_t pf_bytes = e < n ? min64(n - e, kBlock) * int64_t(sizeof(T)) : next_bytes;
-    const double cs = a.log ? exp_sum<V, false>(b, np, bm, pf, min64(pf_bytes, kBlock * 4))
-                            : exp_sum<V, true>(b, np, bm, pf, min64(pf_bytes, kBlock * 4));
-    if (bm > m)
+    const int64_t pf_bytes = min64(e < n ? (n - e) * int64_t(sizeof(T)) : next_bytes, kBlock * 4);
+    const double cs = a.log ? exp_sum<V, false>(b, np, bm, pf, pf_bytes, side)
+                            : exp_sum<V, true>(b, np, bm, pf, pf_bytes, side);
+    // (libm calls only when there is something to rescale: short rows are often ~100 ns.)
+    if (m == -__builtin_inf())
+      s = cs, m = bm;
+    else if (bm > m)
       s = s * __builtin_exp(m - bm) + cs, m = bm;
     else
-      s += cs * __builtin_exp(double(bm) - m);
+      s += bm == m ? cs : cs * __builtin_exp(double(bm) - m);
     if (s != s) mode = kNan;  // a NaN (or +inf) entry
   }
+  pend.finish();
   if (mode == kNormal && m == -__builtin_inf()) mode = kDead;
   if (mode != kNormal) return write_special<V>(row, 0, n, mode, a, y);
-  // Final pass, chunk by chunk (buf has slack past each chunk, so full-vector loads near the ends
-  // are safe). For a multi-chunk row, this pass would evict the next row's prefetched start, so
-  // it is prefetched again here, during the last chunk.
-  const R vm = V::set1(Acc(m)), lse = V::set1(Acc(__builtin_log(s)));
-  for (int64_t c = 0; c < n; c += kBlock) {
-    const int64_t e = min64(n, c + kBlock);
-    const int64_t pf_bytes = e == n && c > 0 ? min64(next_bytes, kBlock * 4) : 0;
-    if (a.log) {  // buf holds z: y = (z - max) - log(sum), exact-ish even for huge logits
-      write_chunk<V>(a.stream, y, c, e, next_x, pf_bytes,
-                     [&](int64_t j, int) { return V::sub(V::sub(V::load(buf + j), vm), lse); });
-    } else if (cmax[c / kBlock] == kNinf) {  // buf holds exp(z - chunk max), or z = -inf here
-      write_chunk<V>(a.stream, y, c, e, next_x, pf_bytes, [&](int64_t, int) { return V::zero(); });
-    } else {
-      const R f = V::set1(Acc(__builtin_exp(double(cmax[c / kBlock]) - m) / s));
-      write_chunk<V>(a.stream, y, c, e, next_x, pf_bytes,
-                     [&](int64_t j, int) { return V::mul(V::load(buf + j), f); });
-    }
-  }
+  pend.y = y;
+  pend.src = buf;
+  pend.n = n;
+  pend.j = 0;
+  pend.log = a.log;
+  pend.nt = a.stream;
+  pend.vm = Acc(m);
+  pend.lse = a.log ? Acc(__builtin_log(s)) : Acc(0);
+  for (int64_t c = 0; c < n; c += kBlock)  // 0 for chunks with nothing visible
+    pend.f[c / kBlock] = cmax[c / kBlock] == kNinf ? Acc(0)
+                         : cmax[c / kBlock] == m
+                             ? Acc(1.0 / s)
+                             : Acc(__builtin_exp(double(cmax[c / kBlock]) - m) / s);
+  // A single-chunk row is written right away, from L1 (measured: deferring it only helps rows
+  // whose write pass has to come from L2).
+  if (n <= kBlock) pend.finish();
 }
 
 template <class V, class T, class M>
 void fwd_rows(const SoftmaxFwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
-  auto* buf = static_cast<typename V::Acc*>(scratch);
-  const typename V::Acc masked = a.log ? -__builtin_inff() : 0.f;
+  using Acc = typename V::Acc;
+  Acc* const bufs[2] = {static_cast<Acc*>(scratch), static_cast<Acc*>(scratch) + kShortRowMax + 64};
+  const Acc masked = a.log ? -__builtin_inff() : 0.f;
+  PendingRow<V, T> pend;
   RowCursor cur;
   cur.init(a, r0);
   for (int64_t r = r0; r < r1; ++r, cur.next(a)) {
     const Row<V, T, M> row(a, r, cur);
     T* y = static_cast<T*>(a.y) + r * a.cols;
     if (row.len <= kShortRowMax) {
+      Acc* buf = pend.y != nullptr && pend.src == bufs[0] ? bufs[1] : bufs[0];
       const int64_t next = r + 1 < r1 ? a.cols * int64_t(sizeof(T)) : 0;  // prefetch next row
-      short_row<V>(row, a, y, buf, reinterpret_cast<const char*>(row.x + a.cols), next);
+      short_row<V>(row, a, y, buf, reinterpret_cast<const char*>(row.x + a.cols), next, pend);
     } else {
-      const RowStats st = long_stats<V>(row, 0, row.len, a.scale, buf);
+      pend.finish();
+      const RowStats st = long_stats<V>(row, 0, row.len, a.scale, bufs[0]);
       if (mode_of(st) == kNormal)
         long_write<V>(row, 0, row.len, st, a, y);
       else
@@ -305,6 +356,7 @@ void fwd_rows(const SoftmaxFwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
     }
     fill<V>(a.stream, y, row.len, a.cols, masked);  // causally masked tail
   }
+  pend.finish();
   if (a.stream) V::fence();
 }
 

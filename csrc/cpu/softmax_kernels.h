@@ -10,10 +10,11 @@ namespace fastattn::cpu {
 
 constexpr int kMaxMaskDims = 16;
 // Rows with at most this many visible columns are done in one read of x: z and then exp(z - max)
-// live in a per-thread fp32 scratch row (1 MiB, about the L2 size), and the write pass reads it
-// from cache. Longer rows use the online (two-read) path, which needs only a small block buffer.
-constexpr int64_t kShortRowMax = 262144;
-constexpr int64_t kScratchBytes = (kShortRowMax + 64) * sizeof(double);
+// live in a per-thread fp32 scratch row, and the write pass reads them from cache while the next
+// row is being computed (two such rows, double-buffered: 1 MiB in fp32). Longer rows use the
+// online (two-read) path, which needs only a small block buffer.
+constexpr int64_t kShortRowMax = 131072;
+constexpr int64_t kScratchBytes = 2 * (kShortRowMax + 64) * sizeof(double);
 
 struct SoftmaxFwdArgs {
   const void* x;  // (rows, cols) contiguous, dtype chosen by the kernel table
