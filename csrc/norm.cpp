@@ -38,8 +38,8 @@ constexpr int64_t kMaxPartialBytes = int64_t{16} << 20;
 
 // Outputs (y and h together; dx) of at least this size are written with non-temporal stores:
 // they would not stay cached anyway, and skipping the read-for-ownership of their lines saves up
-// to a third of the memory traffic. FASTATTN_STREAM_MIN (bytes, read once; 0: always) overrides
-// it, as for softmax, so that tests can reach that path with small inputs.
+// to a third of the memory traffic. FASTATTN_CPU_STREAM_BYTES (bytes, read once; 0: always)
+// overrides it, as for softmax, so that tests can reach that path with small inputs.
 constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
 // Outputs of at least this size are backed by 2 MiB pages where possible (see new_output).
 constexpr size_t kHugeOutputBytes = size_t{32} << 20;
@@ -73,7 +73,7 @@ Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
 
 size_t stream_min_bytes() {
   static const size_t v = [] {
-    const char* e = std::getenv("FASTATTN_STREAM_MIN");
+    const char* e = std::getenv("FASTATTN_CPU_STREAM_BYTES");
     return static_cast<size_t>(e != nullptr && e[0] != '\0' ? std::atoll(e) : kStreamMinBytes);
   }();
   return v;
@@ -105,7 +105,8 @@ cpu::NormKernels kernels_for(at::ScalarType st, cpu::NormVariant v) {
   cpu::NormKernels k{};
   switch (cpu::isa()) {
     case cpu::Isa::kAvx512:
-      k = cpu::norm_kernels_avx512(dt, v);
+      k = cpu::norm_kernels_avx512bf16(dt, v);  // bf16 on CPUs with AVX512_BF16
+      if (k.fwd == nullptr) k = cpu::norm_kernels_avx512(dt, v);
       break;
     case cpu::Isa::kAvx2:
       k = cpu::norm_kernels_avx2(dt, v);

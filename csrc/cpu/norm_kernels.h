@@ -68,6 +68,7 @@ struct NormKernels {
 // Kernels of one ISA for data of dtype x; null where the path does not serve x (float64 is
 // served by the scalar path only). Call only the table of an ISA the CPU supports (cpu_isa.h).
 NormKernels norm_kernels_avx512(DType x, NormVariant v);
+NormKernels norm_kernels_avx512bf16(DType x, NormVariant v);  // bf16 only, if the CPU has it
 NormKernels norm_kernels_avx2(DType x, NormVariant v);
 NormKernels norm_kernels_scalar(DType x, NormVariant v);
 
