@@ -52,5 +52,22 @@ def device_guard(t: torch.Tensor) -> Any:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def row_launch_config(n_cols: int, max_single: int, loop_block: int) -> dict[str, Any]:
+    """Launch parameters of a one-program-per-row kernel: rows of up to ``max_single`` elements
+    are held in one power-of-two block (single pass), longer rows are looped in ``loop_block``
+    chunks."""
+    single = n_cols <= max_single
+    block = next_power_of_2(max(n_cols, 1)) if single else loop_block
+    # Enough warps that each thread holds at most ~32 row elements.
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return {"SINGLE": single, "BLOCK": block, "num_warps": num_warps}
+
+
+def row_tiers(max_single: int) -> list[int]:
+    """One row length per configuration ``row_launch_config`` can pick: every power-of-two
+    single-pass block, then the looped kernel (for the AOT compile of every configuration)."""
+    return [2**i for i in range(max_single.bit_length())] + [max_single + 1]
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -9,6 +9,7 @@ named explicitly that cannot serve the call raises a ``RuntimeError`` saying why
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,12 +112,10 @@ def backends() -> dict[str, Any]:
     build facts of fastattn._C (version, cpu_isa, cpu_isas_compiled, cuda, cuda_archs),
     "torch": version, "triton": version or None, "cuda_device": name or None}``.
     """
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gpu_or_cpu = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict[str, Any] = {"backends": {}}
     for name in BACKENDS:
-        probe = dev if name != "cpu" else torch.device("cpu")
-        if name == "cuda":
-            probe = torch.device("cuda")
+        probe = torch.device(name if name in ("cpu", "cuda") else gpu_or_cpu)
         why = unavailable_reason(name, probe, torch.float32)
         report["backends"][name] = {"available": why is None, "reason": why}
     report["extension"] = _extension.build_info() or {"error": _extension.error()}
@@ -142,3 +141,20 @@ def new_output(like: torch.Tensor) -> torch.Tensor:
     if os.environ.get("FASTATTN_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out
+
+
+def register_op(
+    fwd: str,
+    bwd: str,
+    fake_forward: Callable[..., Any],
+    fake_backward: Callable[..., Any],
+    make_backward: Callable[[Any], Any],
+    setup_context: Callable[..., None],
+) -> None:
+    """Fake kernels for an op and its backward op, and the forward's autograd formula, which
+    calls the backward op (``make_backward(torch.ops.fastattn.<bwd>)``). Used for the C++ op
+    and the Triton custom op of each fastattn op alike."""
+    torch.library.register_fake(fwd)(fake_forward)
+    torch.library.register_fake(bwd)(fake_backward)
+    bwd_op = getattr(torch.ops.fastattn, bwd.split("::")[1])
+    torch.library.register_autograd(fwd, make_backward(bwd_op), setup_context=setup_context)

@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastattn  # noqa: E402
-from fastattn import dispatch  # noqa: E402
 
 # Tolerance per dtype. fp32/fp64 compare directly with the float64 reference:
 # |fast - ref| <= ATOL + RTOL * max|ref|.
@@ -26,10 +25,6 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 HAS_CUDA = torch.cuda.is_available()
-
-
-def available(backend: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
-    return dispatch.unavailable_reason(backend, torch.device(device), dtype) is None
 
 
 # Backends that run here on CPU tensors; the compiled CPU backend must exist in the test run
@@ -69,11 +64,6 @@ def assert_parity(
     else:
         bound = ATOL[dt] + RTOL[dt] * ref64[fin].abs().max().item()
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} ({dt})"
-
-
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill with NaN so that an element a kernel forgets to write fails the comparison."""
-    return t.fill_(float("nan"))
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,9 @@ from fastattn._triton import (
     device_guard,
     jit,
     needs_bf16_rounding,
-    next_power_of_2,
     round_to_bf16,
+    row_launch_config,
+    row_tiers,
     tl,
 )
 
@@ -150,11 +151,7 @@ def _norm_bwd_kernel(DY, DH, HIN, W, MEAN, RSTD, DX, DW, DB, n_rows, n_cols, row
 # --------------------------------------------------------------------------------- launchers
 def launch_config(n_cols: int) -> dict[str, Any]:
     """Block size, single/looped variant and warps for rows of ``n_cols`` elements."""
-    single = n_cols <= MAX_SINGLE_PASS
-    block = next_power_of_2(max(n_cols, 1)) if single else LOOP_BLOCK
-    # Enough warps that each thread holds at most ~32 row elements.
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return {"SINGLE": single, "BLOCK": block, "num_warps": num_warps}
+    return row_launch_config(n_cols, MAX_SINGLE_PASS, LOOP_BLOCK)
 
 
 def _backward_programs(n_rows: int, device: torch.device) -> int:
@@ -212,7 +209,7 @@ def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):
 def aot_specs() -> Any:
     """Each kernel configuration ``launch_config`` can pick, per dtype, for ``fastattn._aot``."""
     tys = ("fp32", "fp16", "bf16")
-    for cols in [2**i for i in range(MAX_SINGLE_PASS.bit_length())] + [MAX_SINGLE_PASS + 1]:
+    for cols in row_tiers(MAX_SINGLE_PASS):
         cfg = launch_config(cols)
         tiers = {"SINGLE": cfg["SINGLE"], "BLOCK": cfg["BLOCK"]}
         for t in tys:
@@ -305,10 +302,7 @@ def _make_backward(backward_op: Any) -> Any:
 
 
 def _register(fwd: str, bwd: str) -> None:
-    torch.library.register_fake(fwd)(_fake_forward)
-    torch.library.register_fake(bwd)(_fake_backward)
-    bwd_op = getattr(torch.ops.fastattn, bwd.split("::")[1])
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+    dispatch.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
 
 
 _register("fastattn::norm_triton", "fastattn::norm_triton_backward")

@@ -17,8 +17,9 @@ from fastattn._triton import (
     device_guard,
     jit,
     needs_bf16_rounding,
-    next_power_of_2,
     round_to_bf16,
+    row_launch_config,
+    row_tiers,
     tl,
 )
 
@@ -137,11 +138,7 @@ def _softmax_bwd_kernel(G, Y, DX, n_cols, scale, LOG: tl.constexpr, BLOCK: tl.co
 # --------------------------------------------------------------------------------- launchers
 def launch_config(n_cols: int) -> dict[str, Any]:
     """Block size, single/looped variant and warps for a row of ``n_cols`` columns."""
-    single = n_cols <= MAX_SINGLE_PASS
-    block = next_power_of_2(max(n_cols, 1)) if single else LOOP_BLOCK
-    # Enough warps that each thread holds at most ~32 row elements.
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return {"SINGLE": single, "BLOCK": block, "num_warps": num_warps}
+    return row_launch_config(n_cols, MAX_SINGLE_PASS, LOOP_BLOCK)
 
 
 def mask_strides(mask: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, list[int]]:
@@ -214,9 +211,7 @@ _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 def aot_specs() -> Any:
     """Each kernel configuration ``launch_config`` can pick, per dtype, for ``fastattn._aot``."""
-    # One row length per (SINGLE, BLOCK, num_warps) the launcher can pick: every power-of-two
-    # block of the single-pass kernel, then the looped kernel.
-    for cols in [2**i for i in range(MAX_SINGLE_PASS.bit_length())] + [MAX_SINGLE_PASS + 1]:
+    for cols in row_tiers(MAX_SINGLE_PASS):
         cfg = launch_config(cols)
         for t in _TRITON_TYPE.values():
             # Every feature on: an additive mask of x's dtype, then a bool mask with log.
@@ -313,10 +308,7 @@ def _make_backward(backward_op: Any) -> Any:
 
 
 def _register(fwd: str, bwd: str) -> None:
-    torch.library.register_fake(fwd)(_fake_forward)
-    torch.library.register_fake(bwd)(_fake_backward)
-    bwd_op = getattr(torch.ops.fastattn, bwd.split("::")[1])
-    torch.library.register_autograd(fwd, _make_backward(bwd_op), setup_context=_setup_context)
+    dispatch.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
 
 
 _register("fastattn::softmax_triton", "fastattn::softmax_triton_backward")
