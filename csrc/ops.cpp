@@ -25,4 +25,22 @@ TORCH_LIBRARY(fastattn, m) {
       "norm_backward(Tensor grad_out, Tensor? grad_residual_out, Tensor input, Tensor? weight, "
       "Tensor mean, Tensor rstd, bool rms, bool has_bias) -> (Tensor dx, Tensor dweight, "
       "Tensor dbias)");
+
+  // Exact (flash) attention; semantics in fastattn.reference.attention and docs/attention.md.
+  // q (B, H, Sq, D); k, v (B, Hkv, Sk, D), H % Hkv == 0; last dims contiguous, other strides free.
+  // mask: bool (True = keep) or additive float (fp32 or q's dtype), already expanded to
+  // (B, H, Sq, Sk) as a stride-0 view where broadcast. rng: int64 (2,) uint32 seeds on q's device,
+  // needed when dropout_p > 0. Key j is hidden from query i when causal and j > i + causal_offset.
+  // Returns out (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32 (float64 for
+  // float64 q; -inf: no visible key).
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng, float scale, "
+      "bool causal, int causal_offset, float dropout_p) -> (Tensor out, Tensor lse)");
+  // Gradients of the above from q, k, v, out and lse (nothing of size Sq x Sk is saved). dq, dk,
+  // dv are contiguous in their inputs' dtypes. dmask is the float32 gradient of the scores
+  // (B, H, Sq, Sk) when mask_grad, else an empty tensor. deterministic: bitwise-reproducible.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? mask, Tensor? rng, float scale, bool causal, int causal_offset, float dropout_p, "
+      "bool deterministic, bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
 }

@@ -92,3 +92,100 @@ def norm(
     if bias is not None:
         y = y + bias.to(dt)
     return y.to(x.dtype), (None if residual is None else h)
+
+
+# ------------------------------------------------------------------------------- attention
+# Dropout keep-mask of attention: a counter-based hash of (seed, row, key), the same bits on every
+# backend, so a backward pass regenerates the mask instead of storing it and the kernels can be
+# checked exactly against this oracle. mix32 is Wellons' "lowbias32"; both multipliers are below
+# 2**31, so the products of 32-bit values fit int64 here (and wrap mod 2**32 in the kernels).
+_MIX_M1, _MIX_M2 = 0x21F0AAAD, 0x735A2D97
+_U32 = 0xFFFFFFFF
+DROPOUT_BITS = 24  # keep iff (hash >> 8) >= round(p * 2**24)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values: x ^= x>>16; x *= M1; x ^= x>>15;
+    x *= M2; x ^= x>>15 (all mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX_M1) & _U32
+    x = x ^ (x >> 15)
+    x = (x * _MIX_M2) & _U32
+    return x ^ (x >> 15)
+
+
+def dropout_threshold(p: float) -> int:
+    """The integer threshold of dropout probability ``p``: an entry is kept iff the top 24 bits
+    of its hash are >= this."""
+    return min(int(p * (1 << DROPOUT_BITS) + 0.5), 1 << DROPOUT_BITS)
+
+
+def dropout_keep(
+    rng: torch.Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int, p: float
+) -> torch.Tensor:
+    """Bool ``(batch, heads, seqlen_q, seqlen_k)``: True where attention dropout keeps P[i, j].
+
+    ``rng`` is int64 ``(2,)`` holding two uint32 seeds. With ``row = (b * heads + h) * seqlen_q
+    + i`` (mod 2**32): ``r = mix32(mix32(row ^ seed0) ^ ((j + seed1) mod 2**32))``, kept iff
+    ``(r >> 8) >= dropout_threshold(p)``.
+    """
+    dev = rng.device
+    seed0, seed1 = (int(s) & _U32 for s in rng.tolist())
+    rows = torch.arange(batch * heads * seqlen_q, device=dev, dtype=torch.int64) & _U32
+    a = mix32(rows ^ seed0).view(batch, heads, seqlen_q, 1)
+    cols = (torch.arange(seqlen_k, device=dev, dtype=torch.int64) + seed1) & _U32
+    r = mix32(a ^ cols)
+    return (r >> (32 - DROPOUT_BITS)) >= dropout_threshold(p)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
+    *,
+    opmath: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention, materialising the scores: returns ``(out, lse)``.
+
+    q ``(batch, heads, seqlen_q, head_dim)``; k, v ``(batch, kv_heads, seqlen_k, head_dim)`` with
+    ``heads % kv_heads == 0`` (query head h reads kv head ``h // (heads // kv_heads)``).
+    ``s = scale * q @ k^T + mask`` (scale default ``head_dim ** -0.5``; mask bool, True = keep,
+    or additive float, broadcastable to ``(batch, heads, seqlen_q, seqlen_k)``); ``causal`` hides
+    key j from query i when ``j > i + causal_offset`` (FlashAttention's bottom-right alignment is
+    ``causal_offset = seqlen_k - seqlen_q``, torch's SDPA top-left is 0). ``lse`` ``(batch, heads,
+    seqlen_q)`` float32 (float64 for float64 inputs) is logsumexp of each row of s before dropout;
+    ``P = exp(s - lse)``, dropped by :func:`dropout_keep` and scaled by ``1 / (1 - dropout_p)``;
+    ``out = P @ v`` in q's dtype. A row with no visible key gives out 0, lse -inf, zero grads.
+    """
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dt = opmath or _opmath(q.dtype)
+    group = H // Hkv
+    kf = k.to(dt).repeat_interleave(group, dim=1)  # (B, H, Sk, D)
+    vf = v.to(dt).repeat_interleave(group, dim=1)
+    s = (q.to(dt) @ kf.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    if mask is not None:
+        s = s + additive_mask(mask, dt)
+    if causal:
+        i = torch.arange(Sq, device=q.device).view(Sq, 1)
+        j = torch.arange(Sk, device=q.device).view(1, Sk)
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    masked = s == float("-inf")
+    dead = masked.all(dim=-1, keepdim=True)  # rows with no visible key
+    s = s.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse).masked_fill(masked, 0.0)
+    if dropout_p > 0.0:
+        if rng is None:
+            raise ValueError("reference.attention: dropout_p > 0 needs the rng seeds")
+        keep = dropout_keep(rng, B, H, Sq, Sk, dropout_p)
+        p = torch.where(keep, p / (1.0 - dropout_p), 0.0)
+    out = (p @ vf).to(q.dtype)
+    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
+    return out, lse
