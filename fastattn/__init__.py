@@ -7,7 +7,17 @@ Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"`` (def
 from fastattn import nn
 from fastattn._version import __version__
 from fastattn.dispatch import backends
+from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.norm import layer_norm, rms_norm
 from fastattn.ops.softmax import softmax
 
-__all__ = ["__version__", "backends", "layer_norm", "nn", "rms_norm", "softmax"]
+__all__ = [
+    "__version__",
+    "attention",
+    "backends",
+    "layer_norm",
+    "nn",
+    "rms_norm",
+    "scaled_dot_product_attention",
+    "softmax",
+]

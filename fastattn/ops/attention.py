@@ -1,0 +1,291 @@
+"""Exact (flash) attention: ``softmax(scale * q @ k^T + mask) @ v`` without the score matrix.
+
+The kernels are the Triton ones in ``fastattn/ops/_attention_triton.py`` and the CPU C++ ones in
+``csrc/attention.cpp``; the oracle is ``fastattn.reference.attention``; ``docs/attention.md`` is
+the contract between them. This file holds the custom-op glue (fake kernels, autograd) shared by
+both, the input checks, and the public functions ``attention`` and
+``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fastattn import _checks, dispatch, reference
+
+try:  # the Triton kernels (absent only in a tree without that file)
+    from fastattn.ops import _attention_triton as _tri
+except ImportError:  # pragma: no cover
+    _tri = None  # type: ignore[assignment]
+
+MAX_HEAD_DIM = 256
+OP = "attention"
+
+
+# ------------------------------------------------------------------------- custom-op glue
+@torch.library.custom_op("fastattn::attention_triton", mutates_args=())
+def attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    rng: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    dropout_p: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton kernel of ``fastattn::attention`` (schema in csrc/ops.cpp), plus ``deterministic``
+    for its backward pass (the C++ CPU backward is always deterministic)."""
+    assert _tri is not None
+    return _tri.triton_forward(q, k, v, mask, rng, scale, causal, causal_offset, dropout_p)
+
+
+@torch.library.custom_op("fastattn::attention_triton_backward", mutates_args=())
+def attention_triton_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    rng: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    dropout_p: float,
+    deterministic: bool,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    assert _tri is not None
+    return _tri.triton_backward(
+        grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset, dropout_p,
+        deterministic, mask_grad,
+    )  # fmt: skip
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(q, k, v, *_):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset,
+                   dropout_p, deterministic, mask_grad):  # fmt: skip
+    like = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
+    return (*like, q.new_empty(dmask_shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, rng, scale, causal, causal_offset, dropout_p = inputs[:9]
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # lse is returned for inspection/merging, not for training
+    ctx.save_for_backward(q, k, v, out, lse, mask, rng)
+    ctx.args = (scale, causal, causal_offset, dropout_p)
+    ctx.deterministic = bool(inputs[9]) if len(inputs) > 9 else True
+
+
+def _make_backward(backward_op: Any) -> Any:
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, mask, rng = ctx.saved_tensors
+        mask_grad = ctx.needs_input_grad[3]
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv, dmask = backward_op(
+            grad_out, q, k, v, out, lse, mask, rng, *ctx.args, ctx.deterministic, mask_grad
+        )
+        dmask = dmask.to(mask.dtype) if mask_grad else None
+        return (dq, dk, dv, dmask) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+    return backward
+
+
+def _register(fwd: str, bwd: str) -> None:
+    dispatch.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
+
+
+_register("fastattn::attention_triton", "fastattn::attention_triton_backward")
+_CPP = dispatch.cpp_kernels(OP)  # backends of the C++ op in this build
+if _CPP:
+    _register("fastattn::attention", "fastattn::attention_backward")
+
+
+# ---------------------------------------------------------------------------------- checks
+def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -> None:
+    """Shapes, dtypes and devices of an attention call, before anything is allocated."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.floating_tensor(OP, name, t)
+        if t.dim() != 4:
+            raise ValueError(
+                f"fastattn.attention: {name} must be 4-D (batch, heads, seqlen, head_dim), got "
+                f"shape {tuple(t.shape)}"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"fastattn.attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"fastattn.attention: {name} is on {t.device} but q is on {q.device}")
+    B, H, _, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            "fastattn.attention: expected k and v of shape (batch, kv_heads, seqlen_k, head_dim) "
+            f"matching q's batch and head_dim; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    Hkv = k.shape[1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"fastattn.attention: q's heads ({H}) must be a multiple of k/v's heads ({Hkv}) "
+            f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
+    if D > MAX_HEAD_DIM:
+        raise ValueError(
+            f"fastattn.attention: head_dim {D} exceeds the supported maximum {MAX_HEAD_DIM}"
+        )
+    _checks.number(OP, "scale", scale)
+    _checks.number(OP, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastattn.attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        _checks.mask(OP, attn_mask, q.new_empty(()).expand(*q.shape[:-1], k.shape[2]))
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but a unit last one."""
+    return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
+
+
+# ------------------------------------------------------------------------------ public API
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+    _causal_offset: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention ``softmax(scale * q @ k^T + mask) @ v``, fused (memory linear in seqlen).
+
+    Args:
+        q: ``(batch, heads, seqlen_q, head_dim)``.
+        k, v: ``(batch, kv_heads, seqlen_k, head_dim)``; ``heads`` a multiple of ``kv_heads``
+            (grouped-query / multi-query attention; k and v are never expanded in memory).
+        causal: query i sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned, as
+            FlashAttention; the same as top-left when the lengths are equal).
+        scale: multiplies ``q @ k^T`` (default ``head_dim ** -0.5``).
+        attn_mask: bool (True = keep) or additive float, broadcastable to
+            ``(batch, heads, seqlen_q, seqlen_k)``; broadcast dims are read with stride 0. A
+            float mask that requires grad gets its gradient.
+        dropout_p: attention-probability dropout, applied whenever > 0 (modules pass 0 in eval).
+            The mask comes from a counter-based hash seeded from torch's generator, so it is
+            reproducible under ``torch.manual_seed`` and regenerated in the backward pass.
+        return_lse: also return the log-sum-exp of each query row's scores, ``(batch, heads,
+            seqlen_q)`` float32 (no gradient flows through it).
+        deterministic: bitwise-reproducible gradients (the CPU kernels always are).
+        backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    A query row that sees no key returns zeros, lse ``-inf`` and zero gradients, never NaN.
+    Saved for backward: q, k, v, out and lse only.
+    """
+    _check(q, k, v, attn_mask, dropout_p, scale)
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    scale_f = D**-0.5 if scale is None else float(scale)
+    offset = Sk - Sq if _causal_offset is None else _causal_offset
+    mask = attn_mask
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype not in (q.dtype, torch.float32):
+            mask = mask.to(torch.float32)  # kernels take bool, float32 or q's own dtype
+        mask = mask.expand(B, H, Sq, Sk)  # a view: stride 0 where broadcast
+    rng = None
+    if dropout_p > 0.0:
+        rng = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=q.device)
+    name = dispatch.select(backend, q.device, q.dtype, OP, _CPP)
+    if name == "reference":
+        out, lse = reference.attention(q, k, v, mask, scale_f, causal, offset, dropout_p, rng)
+        lse = lse.detach()
+    else:
+        q, k, v = (_contiguous_last(t) for t in (q, k, v))
+        args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p))
+        if name == "triton":
+            out, lse = torch.ops.fastattn.attention_triton(*args, deterministic)
+        else:
+            out, lse = torch.ops.fastattn.attention(*args)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` with fastattn's kernels: the same
+    signature and semantics (causal masks are top-left aligned, as torch defines them), so it
+    can replace it by assignment. Inputs ``(..., heads, seqlen, head_dim)``; 3-D inputs have one
+    implicit head. A value head_dim other than the query's runs the eager reference."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _checks.floating_tensor("scaled_dot_product_attention", name, t)
+        if t.dim() < 3:
+            raise ValueError(
+                "fastattn.scaled_dot_product_attention: inputs must have at least 3 dims "
+                f"(batch, seqlen, head_dim); {name} has shape {tuple(t.shape)}"
+            )
+    if is_causal and attn_mask is not None:
+        raise ValueError(
+            "fastattn.scaled_dot_product_attention: pass either attn_mask or is_causal=True, "
+            "not both (as torch)"
+        )
+    if not enable_gqa and key.dim() > 3 and key.shape[-3] != query.shape[-3]:
+        raise ValueError(
+            f"fastattn.scaled_dot_product_attention: query has {query.shape[-3]} heads but key "
+            f"has {key.shape[-3]}; pass enable_gqa=True for grouped-query attention"
+        )
+    S = key.shape[-2]
+
+    def as4d(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, seqlen, head_dim)
+        if t.dim() == 3:
+            return t.unsqueeze(1)
+        return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+    q4, k4, v4 = as4d(query), as4d(key), as4d(value)
+    mask4 = None
+    if attn_mask is not None:
+        full = (*query.shape[:-1], S)
+        try:
+            mask4 = attn_mask.expand(full)
+        except RuntimeError as e:
+            raise ValueError(
+                f"fastattn.scaled_dot_product_attention: attn_mask of shape "
+                f"{tuple(attn_mask.shape)} is not broadcastable to {full}"
+            ) from e
+        mask4 = mask4.unsqueeze(1) if query.dim() == 3 else mask4.reshape(-1, *full[-3:])
+    s = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if v4.shape[-1] != q4.shape[-1]:
+        out = reference.attention(q4, k4, v4, mask4, s, is_causal, 0, dropout_p, None)[0]
+    else:
+        out = attention(q4, k4, v4, causal=is_causal, scale=s, attn_mask=mask4,
+                        dropout_p=dropout_p, _causal_offset=0)  # fmt: skip
+        assert isinstance(out, torch.Tensor)
+    return out.reshape(*query.shape[:-1], value.shape[-1])  # back to the input's rank
