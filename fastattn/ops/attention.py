@@ -282,10 +282,12 @@ def scaled_dot_product_attention(
             ) from e
         mask4 = mask4.unsqueeze(1) if query.dim() == 3 else mask4.reshape(-1, *full[-3:])
     s = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if v4.shape[-1] != q4.shape[-1]:
-        out = reference.attention(q4, k4, v4, mask4, s, is_causal, 0, dropout_p, None)[0]
+    res: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    if v4.shape[-1] != q4.shape[-1]:  # the kernels take one head_dim for q, k and v
+        rng = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=q4.device)
+        res = reference.attention(q4, k4, v4, mask4, s, is_causal, 0, dropout_p, rng)[0]
     else:
-        out = attention(q4, k4, v4, causal=is_causal, scale=s, attn_mask=mask4,
+        res = attention(q4, k4, v4, causal=is_causal, scale=s, attn_mask=mask4,
                         dropout_p=dropout_p, _causal_offset=0)  # fmt: skip
-        assert isinstance(out, torch.Tensor)
+    out = res if isinstance(res, torch.Tensor) else res[0]
     return out.reshape(*query.shape[:-1], value.shape[-1])  # back to the input's rank
