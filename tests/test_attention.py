@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_BACKENDS, GPU_BACKENDS, HAS_CUDA, LOW_PRECISION, assert_parity
+from conftest import CPU_BACKENDS, GPU_BACKENDS, HAS_CUDA, assert_parity
 
 import fastattn
 from fastattn import reference
@@ -74,15 +74,17 @@ def check(backend, q, k, v, mask=None, **kw):
         torch.manual_seed(1234)
     got = run(backend, q, k, v, grad, mask, **kw)
     want = run("reference64", q, k, v, grad, mask, rng, **kw)
-    base = run("eager", q, k, v, grad, mask, rng, **kw) if q.dtype in LOW_PRECISION else None
+    # The same math in q's dtype: the scale of rounding error that eager PyTorch commits.
+    base = run("eager", q, k, v, grad, mask, rng, **kw)
     names = ["out", "lse", "dq", "dk", "dv", "dmask"]
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        e = None if base is None else base[i]
         # lse is float32 for every input dtype; judge it by fp32's rule, the rest by q's dtype.
         dt = torch.float32 if names[i] == "lse" and q.dtype != torch.float64 else q.dtype
-        assert_parity(
-            g, w.double(), e if dt in LOW_PRECISION else None, f"{backend} {names[i]}", dt
-        )
+        e = base[i] if dt == q.dtype else None
+        # dq, dk, dS sum dS terms that cancel to ~0 when one key takes all the weight
+        # (Sk = 1): their rounding error is at the scale of dv (P-weighted dO), not of theirs.
+        terms = want[4].abs().max().item() if names[i] in ("dq", "dk", "dmask") else 0.0
+        assert_parity(g, w.double(), e, f"{backend} {names[i]}", dt, ref_scale=terms)
 
 
 def grid():
@@ -410,7 +412,11 @@ def test_opcheck(op):
     for args in opcheck_samples():
         torch.library.opcheck(getattr(torch.ops.fastattn, op), (*args, *extra))
         out, lse = getattr(torch.ops.fastattn, op)(*args, *extra)
-        q, k, v, mask, rng, scale, causal, offset, p = args
+        # The backward op has no derivative of its own: opcheck it on tensors without grad.
+        q, k, v, mask, rng, scale, causal, offset, p = (
+            a.detach() if isinstance(a, torch.Tensor) else a for a in args
+        )
+        out, lse = out.detach(), lse.detach()
         bwd_args = (torch.randn_like(out), q, k, v, out, lse, mask, rng, scale, causal, offset,
                     p, True, mask is not None and mask.dtype != torch.bool)  # fmt: skip
         torch.library.opcheck(getattr(torch.ops.fastattn, op + "_backward"), bwd_args)
@@ -419,10 +425,10 @@ def test_opcheck(op):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
-    w = torch.randn(32, 96) * 0.2
+    w = torch.randn(32, 64) * 0.2
 
     def block(x, bias, backend=backend):  # projections, GQA attention with a bias, a residual
-        q, k, v = (x @ w).split([32, 16, 16], dim=-1)
+        q, k, v = (x @ w.to(x.dtype)).split([32, 16, 16], dim=-1)
         q = q.unflatten(-1, (4, 8)).transpose(1, 2)  # (B, H, T, D)
         k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in (k, v))
         o = fastattn.attention(q, k, v, causal=True, attn_mask=bias, backend=backend)
