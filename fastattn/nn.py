@@ -10,7 +10,9 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
+from fastattn.ops.attention import attention
 from fastattn.ops.norm import layer_norm, rms_norm
 from fastattn.ops.softmax import softmax
 
@@ -18,6 +20,7 @@ __all__ = [
     "FusedAddLayerNorm",
     "FusedAddRMSNorm",
     "LayerNorm",
+    "MultiheadAttention",
     "RMSNorm",
     "Softmax",
     "from_torch",
@@ -113,6 +116,116 @@ class FusedAddRMSNorm(RMSNorm):
                         backend=self.backend)  # fmt: skip
 
 
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` whose attention runs in ``fastattn.attention``.
+
+    Same constructor, parameters, initialisation and ``state_dict`` as torch's. Calls with
+    ``need_weights=False`` (what ``nn.TransformerEncoderLayer``/``DecoderLayer`` pass) take the
+    fused kernel, which never forms the ``(L, S)`` weights; ``need_weights=True`` returns torch's
+    result, weights included (the slow path). Unlike torch, a query that may attend to no key
+    gets zeros rather than NaN on the fused path. Set ``module.backend`` to pin a backend.
+    """
+
+    backend: str = "auto"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if need_weights:
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)  # fmt: skip
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "fastattn.nn.MultiheadAttention: is_causal is a hint that attn_mask is causal; "
+                "pass the causal attn_mask too (as torch.nn.MultiheadAttention requires)"
+            )
+        batched = query.dim() == 3
+        if not batched:  # (L, E) -> (1, L, E)
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, N, E) -> (N, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        N, L, E = query.shape
+        H, hd = self.num_heads, self.head_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q)
+        k = F.linear(key, w_k, b_k)
+        v = F.linear(value, w_v, b_v)
+        # As torch: without a padding mask the is_causal hint replaces attn_mask by a top-left
+        # causal mask over all keys (appended bias/zero keys included).
+        causal = is_causal and key_padding_mask is None
+        if causal:
+            attn_mask = None
+        mask = _merged_mask(key_padding_mask, attn_mask, N, H, L, key.shape[1], q.dtype)
+        extra = []  # columns appended to the keys: the learned bias_k/v, then a zero key
+        if self.bias_k is not None and self.bias_v is not None:
+            extra.append((self.bias_k.expand(N, 1, E), self.bias_v.expand(N, 1, E)))
+        if self.add_zero_attn:
+            zero = q.new_zeros(N, 1, E)
+            extra.append((zero, zero))
+        for kx, vx in extra:
+            k, v = torch.cat([k, kx], dim=1), torch.cat([v, vx], dim=1)
+            if mask is not None:  # the new key is visible to every query
+                pad = mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())
+                mask = torch.cat([mask, pad.expand(*mask.shape[:-1], 1)], dim=-1)
+        q, k, v = (t.unflatten(-1, (H, hd)).transpose(1, 2) for t in (q, k, v))  # (N, H, T, hd)
+        p = self.dropout if self.training else 0.0
+        o = attention(q, k, v, attn_mask=mask, dropout_p=p, causal=causal, backend=self.backend,
+                      _causal_offset=0)  # fmt: skip
+        assert isinstance(o, torch.Tensor)
+        out = self.out_proj(o.transpose(1, 2).flatten(2))  # (N, L, E)
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def _merged_mask(
+    key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    N: int,
+    H: int,
+    L: int,
+    S: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """torch's MHA masks (bool True = masked out, or additive float) as one fastattn mask
+    broadcastable to ``(N, H, L, S)``: bool True = keep when both are bool, else additive."""
+    parts = []
+    if key_padding_mask is not None:
+        parts.append(key_padding_mask.reshape(N, 1, 1, S))
+    if attn_mask is not None:
+        parts.append(attn_mask.reshape(N, H, L, S) if attn_mask.dim() == 3 else attn_mask)
+    if not parts:
+        return None
+    if all(m.dtype == torch.bool for m in parts):
+        keep = ~parts[0]
+        return keep if len(parts) == 1 else keep & ~parts[1]
+    add = [
+        torch.zeros((), dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        if m.dtype == torch.bool
+        else m.to(dtype)
+        for m in parts
+    ]
+    return add[0] if len(add) == 1 else add[0] + add[1]
+
+
 def _converted(cls: type[torch.nn.Module], module: torch.nn.Module) -> torch.nn.Module:
     # Re-class a copy of the module: every attribute, hook and parameter object is shared (so
     # optimizer state, device and dtype carry over), and no new storage is allocated.
@@ -124,7 +237,8 @@ def _converted(cls: type[torch.nn.Module], module: torch.nn.Module) -> torch.nn.
 
 
 def from_torch(module: torch.nn.Module, *, fused_add: bool = False) -> torch.nn.Module:
-    """The fastattn module equivalent to a ``torch.nn`` LayerNorm, RMSNorm or Softmax.
+    """The fastattn module equivalent to a ``torch.nn`` LayerNorm, RMSNorm, Softmax or
+    MultiheadAttention.
 
     The result shares the original's parameters (same ``nn.Parameter`` objects, so devices,
     dtypes, ``requires_grad`` and optimizer state carry over); ``fused_add=True`` gives the
@@ -134,6 +248,8 @@ def from_torch(module: torch.nn.Module, *, fused_add: bool = False) -> torch.nn.
         return _converted(FusedAddLayerNorm if fused_add else LayerNorm, module)
     if isinstance(module, torch.nn.RMSNorm):
         return _converted(FusedAddRMSNorm if fused_add else RMSNorm, module)
+    if isinstance(module, torch.nn.MultiheadAttention) and not fused_add:
+        return _converted(MultiheadAttention, module)
     if isinstance(module, torch.nn.Softmax) and not fused_add:
         return Softmax.from_torch(module)
     raise TypeError(f"fastattn.nn.from_torch: no fastattn equivalent for {type(module).__name__}")

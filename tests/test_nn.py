@@ -119,3 +119,105 @@ def _reference_norm(src: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ref = copy.deepcopy(src).double()
     with torch.no_grad():
         return ref(x.double())
+
+
+# ----------------------------------------------------------------------- MultiheadAttention
+# Constructor combinations: plain; no bias + learned bias_k/v + a zero key; kdim/vdim (separate
+# projection weights); batch_first.
+MHA_KWARGS = [
+    {},
+    {"bias": False, "add_bias_kv": True, "add_zero_attn": True},
+    {"kdim": 24, "vdim": 12},
+    {"batch_first": True, "add_bias_kv": True},
+]
+# Masks as torch takes them: bool True = masked out, or additive float.
+MHA_MASKS = ["none", "key_padding", "float_attn_mask", "bool_3d_and_padding", "causal_hint"]
+
+
+def _mha_inputs(kw, mask_kind, N=3, L=7, S=9, E=32, H=4):
+    bf = kw.get("batch_first", False)
+    q = torch.randn((N, L, E) if bf else (L, N, E))
+    k = torch.randn((N, S, kw.get("kdim", E)) if bf else (S, N, kw.get("kdim", E)))
+    v = torch.randn((N, S, kw.get("vdim", E)) if bf else (S, N, kw.get("vdim", E)))
+    args: dict = {}
+    if mask_kind in ("key_padding", "bool_3d_and_padding"):
+        kpm = torch.zeros(N, S, dtype=torch.bool)
+        kpm[0, -3:] = True
+        args["key_padding_mask"] = kpm
+    if mask_kind == "float_attn_mask":
+        args["attn_mask"] = torch.randn(L, S)
+    if mask_kind == "bool_3d_and_padding":
+        args["attn_mask"] = torch.rand(N * H, L, S) < 0.2
+    if mask_kind == "causal_hint":
+        args["attn_mask"] = torch.ones(L, S, dtype=torch.bool).triu(1)
+        args["is_causal"] = True
+    return q, k, v, args
+
+
+@pytest.mark.parametrize("mask_kind", MHA_MASKS)
+@pytest.mark.parametrize("kw", MHA_KWARGS, ids=str)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_multihead_attention_is_a_drop_in(backend, kw, mask_kind):
+    theirs = torch.nn.MultiheadAttention(32, 4, **kw)
+    ours = fastattn.nn.MultiheadAttention(32, 4, **kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # and back, below
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.backend = backend
+    ref = copy.deepcopy(theirs).double()
+    q, k, v, args = _mha_inputs(kw, mask_kind)
+    out, w = ours(q, k, v, need_weights=False, **args)
+    assert w is None
+    dargs = {n: (t.double() if t.is_floating_point() else t) for n, t in args.items()
+             if isinstance(t, torch.Tensor)}  # fmt: skip
+    dargs.update({n: t for n, t in args.items() if not isinstance(t, torch.Tensor)})
+    want, _ = ref(q.double(), k.double(), v.double(), need_weights=False, **dargs)
+    assert_parity(out, want)
+    g = torch.randn_like(out)
+    mine = torch.autograd.grad(out, list(ours.parameters()), g)
+    theirs_g = torch.autograd.grad(want, list(ref.parameters()), g.double())
+    for a, b in zip(mine, theirs_g, strict=True):
+        assert_parity(a, b)
+    # need_weights=True: torch's own path, weights included.
+    out_w, weights = ours(q, k, v, need_weights=True, **args)
+    want_w, want_weights = theirs(q, k, v, need_weights=True, **args)
+    assert torch.equal(out_w, want_w) and torch.equal(weights, want_weights)
+
+
+def test_multihead_attention_unbatched_and_from_torch():
+    theirs = torch.nn.MultiheadAttention(16, 2)
+    with torch.no_grad():  # trained, non-default weights
+        theirs.out_proj.bias.normal_()
+    ours = fastattn.nn.from_torch(theirs)
+    assert isinstance(ours, fastattn.nn.MultiheadAttention)
+    assert ours.in_proj_weight is theirs.in_proj_weight
+    x = torch.randn(5, 16)  # unbatched (L, E)
+    got, _ = ours(x, x, x, need_weights=False)
+    want, _ = theirs(x, x, x, need_weights=False)
+    assert got.shape == (5, 16)
+    assert_parity(got, want.double(), eager=want)
+
+
+def test_multihead_attention_inside_transformer_layers():
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    dec = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    x, mem = torch.randn(2, 10, 32), torch.randn(2, 6, 32)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(10)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    want_enc = enc(x, src_key_padding_mask=pad)
+    want_dec = dec(x, mem, tgt_mask=causal, tgt_is_causal=True)
+    enc.self_attn = fastattn.nn.from_torch(enc.self_attn)
+    dec.self_attn = fastattn.nn.from_torch(dec.self_attn)
+    dec.multihead_attn = fastattn.nn.from_torch(dec.multihead_attn)
+    assert_parity(enc(x, src_key_padding_mask=pad), want_enc.double(), eager=want_enc)
+    assert_parity(dec(x, mem, tgt_mask=causal, tgt_is_causal=True), want_dec.double(),
+                  eager=want_dec)  # fmt: skip
+
+
+def test_multihead_attention_requires_mask_with_causal_hint():
+    m = fastattn.nn.MultiheadAttention(8, 2)
+    x = torch.randn(3, 1, 8)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        m(x, x, x, need_weights=False, is_causal=True)
