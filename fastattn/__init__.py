@@ -10,14 +10,18 @@ from fastattn.dispatch import backends
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.norm import layer_norm, rms_norm
 from fastattn.ops.softmax import softmax
+from fastattn.patching import PatchReport, patch, unpatch
 
 __all__ = [
+    "PatchReport",
     "__version__",
     "attention",
     "backends",
     "layer_norm",
     "nn",
+    "patch",
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
+    "unpatch",
 ]

@@ -1,0 +1,97 @@
+"""``fastattn.patch(model)``: swap a model's torch modules for their fastattn twins in place, and
+``fastattn.unpatch(model)`` to swap them back.
+
+The swapped module shares the original's parameters and buffers (the same ``nn.Parameter``
+objects: devices, dtypes, ``requires_grad``, optimizer state and train/eval mode carry over) and
+keeps its ``state_dict`` keys, so checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from fastattn import nn
+
+OPS = ("attention", "layer_norm", "rms_norm", "softmax")
+# torch class -> (op name, fastattn class); the fastattn classes subclass the torch ones.
+_SWAPS: dict[type[torch.nn.Module], tuple[str, type[torch.nn.Module]]] = {
+    torch.nn.MultiheadAttention: ("attention", nn.MultiheadAttention),
+    torch.nn.LayerNorm: ("layer_norm", nn.LayerNorm),
+    torch.nn.RMSNorm: ("rms_norm", nn.RMSNorm),
+    torch.nn.Softmax: ("softmax", nn.Softmax),
+}
+_FASTATTN = {fa: torch_cls for torch_cls, (_, fa) in _SWAPS.items()}
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did: ``replaced`` and ``left`` hold ``(module name, class name,
+    detail)`` triples: the new class for replaced modules, the reason for the others."""
+
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)
+    left: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fastattn.patch: replaced {len(self.replaced)}, left {len(self.left)}"]
+        lines += [f"  replaced {n or '<root>'} ({c}) -> {d}" for n, c, d in self.replaced]
+        lines += [f"  left {n or '<root>'} ({c}): {d}" for n, c, d in self.left]
+        return "\n".join(lines)
+
+
+def _swap(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
+    if isinstance(module, torch.nn.Softmax):  # no parameters: a fresh module, same mode
+        return cls(module.dim).train(module.training)
+    return nn._converted(cls, module)
+
+
+def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
+    """Puts ``new`` at dotted path ``name`` of ``model``; returns the root (``new`` itself when
+    ``name`` is empty)."""
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def patch(model: torch.nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
+    """Replaces, in place, every ``torch.nn.MultiheadAttention``, ``LayerNorm``, ``RMSNorm`` and
+    ``Softmax`` of ``model`` whose op is in ``ops`` by its ``fastattn.nn`` twin, and reports what
+    it replaced and what it left and why. Patching twice is harmless (the second call replaces
+    nothing). The root module itself is not swapped (wrap it in a container to do so)."""
+    wanted = set(ops)
+    unknown = wanted - set(OPS)
+    if unknown:
+        raise ValueError(f"fastattn.patch: unknown ops {sorted(unknown)}; choose from {OPS}")
+    report = PatchReport()
+    for name, module in list(model.named_modules()):
+        cls = type(module)
+        if cls in _FASTATTN:
+            report.left.append((name, cls.__name__, "already a fastattn module"))
+            continue
+        if cls not in _SWAPS:
+            continue  # subclasses of the torch modules may change forward: left alone
+        op, fa_cls = _SWAPS[cls]
+        if op not in wanted:
+            report.left.append((name, cls.__name__, f"op {op!r} not in ops"))
+            continue
+        if not name:
+            report.left.append((name, cls.__name__, "the root module is not swapped in place"))
+            continue
+        _replace(model, name, _swap(module, fa_cls))
+        report.replaced.append((name, cls.__name__, f"fastattn.nn.{fa_cls.__name__}"))
+    return report
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Swaps every fastattn module of ``model`` back to its torch class (sharing parameters), in
+    place; returns ``model``."""
+    for name, module in list(model.named_modules()):
+        torch_cls = _FASTATTN.get(type(module))
+        if torch_cls is not None and name:
+            _replace(model, name, _swap(module, torch_cls))
+    return model
