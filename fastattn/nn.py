@@ -22,6 +22,7 @@ __all__ = [
     "LayerNorm",
     "MultiheadAttention",
     "RMSNorm",
+    "RMSNormAdapter",
     "Softmax",
     "from_torch",
 ]
@@ -93,6 +94,30 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+
+
+class RMSNormAdapter(torch.nn.Module):
+    """Runs a third-party RMSNorm module (e.g. transformers' ``LlamaRMSNorm``: a ``weight`` and
+    an epsilon attribute) on ``fastattn.rms_norm``. It holds the same ``weight`` parameter (so
+    the ``state_dict`` keys are unchanged) and keeps the original module, unregistered, for
+    :func:`fastattn.unpatch`. Built by :func:`fastattn.patch` after checking on a probe input that
+    the original computes ``x * rsqrt(mean(x^2) + eps) * weight``."""
+
+    def __init__(self, module: torch.nn.Module, eps_attr: str) -> None:
+        super().__init__()
+        self.weight: torch.nn.Parameter = module.weight  # type: ignore[assignment]
+        self.eps_attr = eps_attr
+        setattr(self, eps_attr, getattr(module, eps_attr))
+        self.__dict__["original"] = module  # not a child: no state_dict entries
+        self.backend = "auto"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, tuple(self.weight.shape), self.weight,
+                        float(getattr(self, self.eps_attr)), backend=self.backend)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        name = type(self.__dict__["original"]).__name__
+        return f"{name}, {tuple(self.weight.shape)}, eps={getattr(self, self.eps_attr)}"
 
 
 class FusedAddLayerNorm(LayerNorm):

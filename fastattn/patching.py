@@ -41,6 +41,28 @@ class PatchReport:
         return "\n".join(lines)
 
 
+_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+
+
+def _rmsnorm_like(module: torch.nn.Module) -> tuple[str | None, str]:
+    """``(eps attribute, "")`` when ``module`` is an RMSNorm of another library that computes
+    ``x * rsqrt(mean(x^2) + eps) * weight`` (checked on a probe input), else ``(None, why)``."""
+    params = dict(module.named_parameters(recurse=False))
+    eps_attr = next((a for a in _EPS_ATTRS if isinstance(getattr(module, a, None), float)), None)
+    if list(params) != ["weight"] or params["weight"].dim() != 1 or list(module.children()):
+        return None, "an RMSNorm-named class of another structure"
+    if eps_attr is None:
+        return None, "no float epsilon attribute"
+    candidate = nn.RMSNormAdapter(module, eps_attr)
+    w = params["weight"]
+    probe = torch.randn(3, w.shape[0], device=w.device, dtype=torch.float32) * 3 + 1
+    with torch.no_grad():
+        want, got = module(probe).float(), candidate(probe).float()
+    if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        return None, "computes something else than x * rsqrt(mean(x^2) + eps) * weight"
+    return eps_attr, ""
+
+
 def _swap(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
     if isinstance(module, torch.nn.Softmax):  # no parameters: a fresh module, same mode
         return cls(module.dim).train(module.training)
@@ -70,11 +92,18 @@ def patch(model: torch.nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
     report = PatchReport()
     for name, module in list(model.named_modules()):
         cls = type(module)
-        if cls in _FASTATTN:
+        if cls in _FASTATTN or cls is nn.RMSNormAdapter:
             report.left.append((name, cls.__name__, "already a fastattn module"))
             continue
         if cls not in _SWAPS:
-            continue  # subclasses of the torch modules may change forward: left alone
+            if "rms_norm" in wanted and "rmsnorm" in cls.__name__.lower() and name:
+                eps_attr, why = _rmsnorm_like(module)  # e.g. transformers' LlamaRMSNorm
+                if eps_attr is None:
+                    report.left.append((name, cls.__name__, why))
+                else:
+                    _replace(model, name, nn.RMSNormAdapter(module, eps_attr))
+                    report.replaced.append((name, cls.__name__, "fastattn.nn.RMSNormAdapter"))
+            continue  # other subclasses of the torch modules may change forward: left alone
         op, fa_cls = _SWAPS[cls]
         if op not in wanted:
             report.left.append((name, cls.__name__, f"op {op!r} not in ops"))
@@ -91,6 +120,9 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Swaps every fastattn module of ``model`` back to its torch class (sharing parameters), in
     place; returns ``model``."""
     for name, module in list(model.named_modules()):
+        if isinstance(module, nn.RMSNormAdapter) and name:
+            _replace(model, name, module.__dict__["original"])
+            continue
         torch_cls = _FASTATTN.get(type(module))
         if torch_cls is not None and name:
             _replace(model, name, _swap(module, torch_cls))

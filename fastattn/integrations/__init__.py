@@ -1,0 +1,1 @@
+"""Integrations with model libraries (imported on demand, so their packages stay optional)."""

@@ -1,0 +1,162 @@
+"""HuggingFace transformers models on fastattn (random weights from configs, no downloads):
+logits, loss gradients and greedy generation against the models' own eager attention."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from conftest import assert_parity  # noqa: E402
+
+import fastattn  # noqa: E402
+from fastattn.integrations import transformers as fa_hf  # noqa: E402
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+
+
+def build(name):
+    """(model, is_causal, number of norm modules) for a tiny random model of each family."""
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97,
+                                      n_positions=64, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        return transformers.GPT2LMHeadModel(cfg), True, 5
+    if name == "llama":  # grouped-query attention, RMSNorm
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, **SMALL)
+        return transformers.LlamaForCausalLM(cfg), True, 5
+    if name == "qwen2":  # GQA with biased q/k/v projections
+        cfg = transformers.Qwen2Config(num_key_value_heads=1, **SMALL)
+        return transformers.Qwen2ForCausalLM(cfg), True, 5
+    if name == "bert":  # bidirectional encoder, padding mask
+        cfg = transformers.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=128,
+                                      max_position_embeddings=64)  # fmt: skip
+        return transformers.BertModel(cfg, add_pooling_layer=False), False, 5
+    raise AssertionError(name)
+
+
+def inputs(causal, pad):
+    ids = torch.randint(1, 97, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    if pad:  # left padding for decoders (as in batched generation), right for encoders
+        if causal:
+            mask[1, :4] = 0
+        else:
+            mask[1, -4:] = 0
+    return ids, mask
+
+
+def outputs(model, ids, mask, causal):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if causal else out.last_hidden_state
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the fastattn attention calls the integration makes (so a model that silently kept
+    its own attention would fail the tests)."""
+    calls = []
+    real = fa_hf.attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa_hf, "attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["no_pad", "pad"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "bert"])
+def test_model_matches_its_eager_attention(name, pad, kernel_calls):
+    torch.manual_seed(0)
+    model, causal, n_norms = build(name)
+    model.set_attn_implementation("eager")
+    model.eval()
+    # The float64 oracle: the same weights on torch's SDPA (in float64 the eager path turns the
+    # padded rows into NaN, which then leak into every row through P @ V).
+    ref = copy.deepcopy(model).double()
+    ref.set_attn_implementation("sdpa")
+    fast = copy.deepcopy(model)
+    report = fa_hf.apply(fast)
+    assert len(report.replaced) == 1 + n_norms, str(report)
+    assert fast.config._attn_implementation == "fastattn"
+    ids, mask = inputs(causal, pad)
+    got = outputs(fast, ids, mask, causal)
+    assert len(kernel_calls) == 2  # one per layer
+    assert all(kernel_calls) == pad or not causal  # the padding mask reached the kernel
+    want = outputs(ref, ids, mask, causal)
+    keep = mask.bool()  # padded positions' outputs are not defined by either model
+    assert_parity(got[keep], want[keep].detach())
+    eager = outputs(model, ids, mask, causal)  # and the model's own eager attention, in fp32
+    torch.testing.assert_close(got[keep], eager[keep], rtol=1e-4, atol=1e-5)
+    # Loss gradients of every parameter.
+    w = torch.randn_like(got)[keep]
+    g_fast = torch.autograd.grad((got[keep] * w).sum(), list(fast.parameters()), allow_unused=True)
+    g_ref = torch.autograd.grad((want[keep] * w.double()).sum(), list(ref.parameters()),
+                                allow_unused=True)  # fmt: skip
+    for (n, _), a, b in zip(fast.named_parameters(), g_fast, g_ref, strict=True):
+        assert (a is None) == (b is None), n
+        if a is not None:
+            assert_parity(a, b, what=n)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_gives_the_same_greedy_tokens(name, kernel_calls):
+    torch.manual_seed(0)
+    model, causal, _ = build(name)
+    model.set_attn_implementation("eager")
+    model.eval()
+    fast = copy.deepcopy(model)
+    fa_hf.apply(fast)
+    ids, mask = inputs(causal, pad=True)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
+    assert len(kernel_calls) == 2 * 8  # prefill + 7 decode steps over the KV cache, 2 layers
+
+
+def test_attn_implementation_at_construction():
+    fa_hf.register()
+    cfg = transformers.LlamaConfig(num_key_value_heads=2, **SMALL)
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="fastattn")
+    assert model.config._attn_implementation == "fastattn"
+    ids, mask = inputs(True, pad=True)
+    ref = copy.deepcopy(model).double()
+    ref.set_attn_implementation("sdpa")
+    keep = mask.bool()
+    got = model(input_ids=ids, attention_mask=mask).logits[keep]
+    assert_parity(got, ref(input_ids=ids, attention_mask=mask).logits[keep].detach())
+
+
+class OnePlusWeightRMSNorm(torch.nn.Module):
+    """Gemma-style RMSNorm: same structure as Llama's but scales by (1 + weight)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def test_norm_recognition_checks_the_formula_and_unpatch_restores():
+    model, _, _ = build("llama")
+    model.model.extra = OnePlusWeightRMSNorm(64)
+    report = fastattn.patch(model, ops=("rms_norm",))
+    left = {n: why for n, _, why in report.left}
+    assert "computes something else" in left["model.extra"]
+    adapters = [m for m in model.modules() if isinstance(m, fastattn.nn.RMSNormAdapter)]
+    assert len(adapters) == 5
+    keys = list(model.state_dict())
+    fastattn.unpatch(model)
+    assert not any(isinstance(m, fastattn.nn.RMSNormAdapter) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm"
