@@ -1,5 +1,6 @@
 """A compact decoder-only Transformer, readable end to end, that runs on eager PyTorch ops
-(``kernels="eager"``, the oracle) or on fastattn's kernels (``kernels="fastattn"``). Both build
+(``kernels="eager"``, the oracle), torch's SDPA (``"sdpa"``) or fastattn's kernels
+(``kernels="fastattn"``). All build
 the same parameters with the same names, so they load each other's ``state_dict``.
 
     cfg = TransformerConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -21,6 +22,9 @@ import fastattn
 import fastattn.nn as fnn
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+# eager: matmul/softmax/matmul and torch's norms (the oracle); sdpa: torch's fused attention;
+# fastattn: fastattn's attention and norms (the residual add fused into the second norm).
+KERNELS = ("eager", "sdpa", "fastattn")
 
 
 @dataclass
@@ -62,9 +66,9 @@ def rotary(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, fast: bool) -> None:
+    def __init__(self, cfg: TransformerConfig, kernels: str) -> None:
         super().__init__()
-        self.cfg, self.fast = cfg, fast
+        self.cfg, self.kernels = cfg, kernels
         self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
         if cfg.dim % cfg.n_heads or self.n_heads % self.n_kv:
             raise ValueError("dim must divide by n_heads, and n_heads by n_kv_heads")
@@ -90,8 +94,10 @@ class Attention(nn.Module):
                 cache.append((k, v))
         p = self.cfg.dropout if self.training else 0.0
         # Causal, bottom-right aligned: the T new queries follow the cached keys.
-        if self.fast:
+        if self.kernels == "fastattn":
             o = fastattn.attention(q, k, v, causal=True, dropout_p=p)
+        elif self.kernels == "sdpa":
+            o = _sdpa_attention(q, k, v, p)
         else:
             o = _eager_attention(q, k, v, p)
         assert isinstance(o, torch.Tensor)
@@ -109,15 +115,25 @@ def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
     return F.dropout(a, p) @ v
 
 
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """torch's fused SDPA (its causal flag is top-left aligned, so decode steps pass a mask)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                              enable_gqa=True)  # fmt: skip
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, enable_gqa=True)
+
+
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)). With fastattn kernels the
     second residual add is fused into norm2 (one pass writes both the sum and its norm)."""
 
-    def __init__(self, cfg: TransformerConfig, fast: bool) -> None:
+    def __init__(self, cfg: TransformerConfig, kernels: str) -> None:
         super().__init__()
-        self.fast = fast
+        self.fast = fast = kernels == "fastattn"
         self.norm1 = _norm(cfg, fast)
-        self.attn = Attention(cfg, fast)
+        self.attn = Attention(cfg, kernels)
         self.norm2 = _norm(cfg, fast, fused_add=True)
         hidden = cfg.mlp_hidden or 4 * cfg.dim
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
@@ -134,18 +150,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model; ``kernels`` picks eager ops or fastattn's."""
+    """Decoder-only language model; ``kernels`` (see ``KERNELS``) picks the attention and norm
+    implementations; all three have the same parameters."""
 
     def __init__(self, cfg: TransformerConfig, kernels: str = "eager") -> None:
         super().__init__()
-        if kernels not in ("eager", "fastattn"):
-            raise ValueError(f"kernels must be 'eager' or 'fastattn', got {kernels!r}")
-        fast = kernels == "fastattn"
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, fast) for _ in range(cfg.n_layers))
-        self.norm = _norm(cfg, fast)
+        self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_layers))
+        self.norm = _norm(cfg, kernels == "fastattn")
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied output head
         self.apply(self._init)

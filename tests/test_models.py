@@ -77,11 +77,20 @@ def test_training_loss_curves_agree():
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["mha-rms-rope", "gqa-ln-learned"])
 def test_generation_with_kv_cache(cfg):
     eager, fast = pair(cfg)
+    sdpa = Transformer(cfg, kernels="sdpa")
+    sdpa.load_state_dict(eager.state_dict(), strict=True)
     prompt = torch.randint(0, cfg.vocab_size, (2, 9))
     got = fast.generate(prompt, 12)
     assert got.shape == (2, 21)
     assert torch.equal(got, fast.generate(prompt, 12, use_cache=False))  # decode path == prefill
     assert torch.equal(got, eager.generate(prompt, 12))
+    assert torch.equal(got, sdpa.generate(prompt, 12))
+    # Chunked prefill: 4 queries against 9 cached keys (bottom-right causal) == the full pass.
+    for model in (eager, sdpa, fast):
+        cache: list = []
+        model(prompt[:, :5], cache=cache)
+        chunk, _ = model(prompt[:, 5:], start=5, cache=cache)
+        torch.testing.assert_close(chunk, model(prompt)[0][:, 5:], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_config_is_rejected():
