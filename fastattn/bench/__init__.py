@@ -116,6 +116,8 @@ def run_case(
             row.check = f"ERROR: {row.error}"
             continue
         row.check_ok, row.check, row.max_err = chk.ok, chk.message, chk.max_err
+        if not chk.ok and impl.inexact and not impl.subject:
+            row.tolerated, row.check = True, f"{chk.message} (known: {impl.inexact})"
     del ref
     ok = [(impl, row) for impl, row in zip(case.impls, rows, strict=True) if row.error is None]
     try:
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in case_rows:
             if not r.check_ok:
                 print(f"!! {case.id} {r.impl}: {r.check}", file=sys.stderr, flush=True)
-    bad = [r for r in rows if not r.check_ok]
+    bad = [r for r in rows if not r.check_ok and not r.tolerated]
     if args.markdown:
         print()
         print(report.markdown(rows))
@@ -217,7 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    inexact = sum(r.tolerated for r in rows)
     print(
         f"\nagreement check passed: {len(rows)} results within tolerance of the float64 reference"
+        if not inexact
+        else f"\nagreement check passed: {len(rows) - inexact} of {len(rows)} results within "
+        f"tolerance of the float64 reference; {inexact} peer result(s) known to be inexact"
     )
     return 0
