@@ -2,7 +2,8 @@
 
 Shared by the ``fastattn-bench`` CLI and the pytest-benchmark suite (``benchmarks/``). To add an
 op, write a builder ``def <op>_cases(opts: Options) -> list[Case]`` and decorate it with
-``@register("<op>")``: the CLI's positional ``OPS`` and the default suite pick it up.
+``@register("<op>")``: the CLI's positional ``OPS`` and the default suite pick it up
+(``@register("<op>", default=False)``: only when named, for ops too slow for ``make bench``).
 
 Building cases is cheap (no tensors, no compilation): inputs are made by ``Case.make_inputs``
 and ``torch.compile`` peers compile on their first call, which the runners exclude from timing.
@@ -53,6 +54,8 @@ class Options:
     backend: str = "auto"
     shapes: tuple[tuple[int, ...], ...] | None = None  # overrides the builder's shapes
     compile: bool = True  # include torch.compile peers
+    # GFLOP/s of this machine per dtype name, for the "% peak" column (default: PEAK_GFLOPS)
+    peak_gflops: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Case:
     reference: Fn  # float64 result on the same inputs
     nbytes: int  # bytes of the fused op: each input read once, each output written once
     impls: list[Impl] = field(default_factory=list)
+    flops: int = 0  # arithmetic of the op (compute-bound ops): GFLOP/s and % of peak reported
+    peak_gflops: float = math.nan  # the machine's peak for this dtype
+    memory: bool = False  # also measure each impl's peak extra memory (one more, untimed call)
 
     @property
     def shape_str(self) -> str:
@@ -149,19 +155,22 @@ def _compare_one(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Ch
 # ------------------------------------------------------------------------------- registry
 Builder = Callable[[Options], list[Case]]
 REGISTRY: dict[str, Builder] = {}
+DEFAULT_OPS: list[str] = []  # the default suite (``fastattn-bench`` without OPS, ``make bench``)
 
 
-def register(op: str) -> Callable[[Builder], Builder]:
+def register(op: str, default: bool = True) -> Callable[[Builder], Builder]:
     def deco(builder: Builder) -> Builder:
         REGISTRY[op] = builder
+        if default and op not in DEFAULT_OPS:
+            DEFAULT_OPS.append(op)
         return builder
 
     return deco
 
 
 def build(ops: list[str] | None, opts: Options) -> list[Case]:
-    """Cases of ``ops`` (all registered ops when None or empty), in registry order."""
-    names = list(REGISTRY) if not ops else ops
+    """Cases of ``ops`` (the default suite when None or empty), in registry order."""
+    names = [n for n in REGISTRY if n in DEFAULT_OPS] if not ops else ops
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown op(s) {unknown}; registered: {', '.join(REGISTRY)}")
@@ -178,12 +187,15 @@ def compiled(fn: Callable[..., Out]) -> Callable[..., Out]:
     return torch.compile(fn, dynamic=False)
 
 
-def backend_label(op: str, opts: Options, dtype: torch.dtype) -> str:
-    """``fastattn[<backend that will run>]``, e.g. ``fastattn[cpu]``."""
+def backend_label(op: str, opts: Options, dtype: torch.dtype, kernel: str | None = None) -> str:
+    """``fastattn[<backend that will run>]``, e.g. ``fastattn[cpu]``; ``kernel``: the C++ op
+    behind ``op`` when its name differs (``norm`` for ``layer_norm``)."""
     from fastattn import dispatch
 
+    cpp = dispatch.cpp_kernels(kernel or op)
     try:
-        return f"fastattn[{dispatch.select(opts.backend, torch.device(opts.device), dtype, op)}]"
+        name = dispatch.select(opts.backend, torch.device(opts.device), dtype, op, cpp)
+        return f"fastattn[{name}]"
     except RuntimeError:  # the backend cannot run here: the call itself will say why
         return f"fastattn[{opts.backend}?]"
 
@@ -481,7 +493,11 @@ def _norm_cases(opts: Options, op: str) -> list[Case]:
         rows, cols = math.prod(shape[:-1]), shape[-1]
         for dt in opts.dtypes:
             es = torch.empty((), dtype=dt).element_size()
-            impls = [Impl(backend_label("rms_norm" if rms else "layer_norm", opts, dt), fast, True)]
+            impls = [
+                Impl(
+                    backend_label("rms_norm" if rms else "layer_norm", opts, dt, "norm"), fast, True
+                )
+            ]
             impls += [Impl(name, call_with(f, *args)) for name, f in peers]
             if opts.compile:
                 name, f = peers[-1]
@@ -519,3 +535,146 @@ def add_layernorm_cases(opts: Options) -> list[Case]:
 @register("add-rmsnorm")
 def add_rmsnorm_cases(opts: Options) -> list[Case]:
     return _norm_cases(opts, "add-rmsnorm")
+
+
+# -------------------------------------------------------------------------------- attention
+# Shapes (batch, heads, seqlen, head_dim) of self-attention, and (batch, heads, kv_heads,
+# seqlen_q, seqlen_k, head_dim) of decoding against a KV cache (grouped-query, forward only).
+ATTN_SHAPES: tuple[tuple[int, ...], ...] = (
+    (1, 8, 512, 64),
+    (1, 8, 1024, 64),
+    (1, 8, 2048, 64),
+    (1, 8, 2048, 128),
+    (1, 8, 4096, 64),
+    (1, 8, 4096, 128),
+    (1, 32, 8, 1, 8192, 128),
+)
+ATTN_QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((1, 4, 256, 64), (1, 8, 2, 1, 1024, 64))
+# Peak arithmetic of this machine (2-core AMD EPYC, AVX-512 with AVX512_BF16), GFLOP/s on both
+# cores, as measured for issue 4: fp32 from the FMA throughput (2 FLOP per lane per vfmadd),
+# bf16 from the dot-product throughput of vdpbf16ps (2 FLOP per bf16 pair). They were not
+# re-measured here; --peak replaces them (e.g. on another machine). No figure for fp16.
+PEAK_GFLOPS: dict[str, float] = {"fp32": 524.0, "bf16": 971.0}
+
+
+def attention_dims(shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
+    """(B, H, Hkv, Sq, Sk, D) of a ``BxHxSxD`` or ``BxHxHkvxSqxSkxD`` shape."""
+    if len(shape) == 4:
+        b, h, s, d = shape
+        return b, h, h, s, s, d
+    if len(shape) == 6:
+        b, h, hkv, sq, sk, d = shape
+        if h % hkv:
+            raise ValueError(f"attention shape {shape}: heads {h} not a multiple of kv_heads")
+        return b, h, hkv, sq, sk, d
+    raise ValueError(f"attention shape {shape}: expected BxHxSxD or BxHxHkvxSqxSkxD")
+
+
+def attention_flops(shape: tuple[int, ...], causal: bool, bwd: bool) -> int:
+    """4*B*H*Sq*Sk*D for the two matrix products of the forward pass, half of it when causal
+    (the skipped blocks), 3.5 times that with the backward (FlashAttention's count)."""
+    b, h, _, sq, sk, d = attention_dims(shape)
+    f = 4 * b * h * sq * sk * d // (2 if causal else 1)
+    return f * 7 // 2 if bwd else f
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """The textbook composition in the input's dtype: ``softmax(q @ k^T * scale) @ v``, k and v
+    repeated over the query heads of their group (grouped-query attention), the causal mask
+    aligned bottom-right (the same as top-left when seqlen_q == seqlen_k)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        sq, sk = s.shape[-2:]
+        hide = torch.ones(sq, sk, dtype=torch.bool, device=s.device).triu(sk - sq + 1)
+        s = s.masked_fill(hide, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _eager_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return eager_attention(q, k, v, causal=False)
+
+
+def _eager_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return eager_attention(q, k, v, causal=True)
+
+
+def _attn_inputs(dev: torch.device, shape: tuple[int, ...], dt: torch.dtype, grad: bool) -> Inputs:
+    b, h, hkv, sq, sk, d = attention_dims(shape)
+    inp = {
+        "q": randn((b, h, sq, d), dt, dev, 0),
+        "k": randn((b, hkv, sk, d), dt, dev, 1),
+        "v": randn((b, hkv, sk, d), dt, dev, 2),
+    }
+    if grad:
+        for t in inp.values():
+            t.requires_grad_()
+        inp["g"] = randn((b, h, sq, d), dt, dev, 3)
+    return inp
+
+
+@register("attention", default=False)  # ~15 min at full size here: `make bench-attention`
+def attention_cases(opts: Options) -> list[Case]:
+    """fastattn.attention against eager attention, F.scaled_dot_product_attention and
+    torch.compile of the eager version ("F.sdpa" in the tables is F.scaled_dot_product_attention):
+    forward and forward+backward (dq, dk, dv checked),
+    causal and not, and a grouped-query decode step (forward only). Reports GFLOP/s, % of
+    the machine's peak and each call's peak extra memory besides ms and GB/s."""
+    import fastattn
+    from fastattn import reference
+
+    be = opts.backend
+    peak = {**PEAK_GFLOPS, **opts.peak_gflops}
+    qkv = ("q", "k", "v")
+    cases: list[Case] = []
+    for shape in opts.shapes or (ATTN_QUICK_SHAPES if opts.quick else ATTN_SHAPES):
+        b, h, hkv, sq, sk, d = attention_dims(shape)
+        gqa = h != hkv
+        # self-attention: fwd/fwd+bwd x full/causal; 6-dim shapes (decode): forward, not causal
+        flags = (False, True)
+        modes = [(False, False)] if len(shape) == 6 else [(c, w) for w in flags for c in flags]
+        for dt in opts.dtypes:
+            es = torch.empty((), dtype=dt).element_size()
+            io = (2 * b * h * sq * d + 2 * b * hkv * sk * d) * es  # q, o; k, v
+            for causal, bwd in modes:
+
+                def fast(i: Inputs, causal: bool = causal) -> Out:
+                    out: Out = fastattn.attention(i["q"], i["k"], i["v"], causal=causal, backend=be)
+                    return out
+
+                def sdpa(i: Inputs, causal: bool = causal, gqa: bool = gqa) -> Out:
+                    return F.scaled_dot_product_attention(
+                        i["q"], i["k"], i["v"], is_causal=causal, enable_gqa=gqa
+                    )
+
+                def ref(i: Inputs, causal: bool = causal, off: int = sk - sq) -> Out:
+                    return reference.attention(i["q"], i["k"], i["v"], None, None, causal, off)[0]
+
+                eager = _eager_causal if causal else _eager_full
+                impls = [
+                    Impl(backend_label("attention", opts, dt), fast, subject=True),
+                    Impl("eager", call_with(eager, *qkv)),
+                    Impl("F.sdpa", sdpa),
+                ]
+                if opts.compile:
+                    impls.append(Impl("compile(eager)", call_with(compiled(eager), *qkv)))
+                if bwd:
+                    impls = [Impl(m.name, fwd_bwd(m.fn, qkv), m.subject) for m in impls]
+                variant = ("fwd+bwd" if bwd else "fwd") + (" causal" if causal else "")
+                if len(shape) == 6:
+                    variant = ("decode " if sq <= 16 else "") + variant + (f" GQA {h}/{hkv}" * gqa)
+                make = functools.partial(_attn_inputs, shape=shape, dt=dt, grad=bwd)
+                # forward: q, k, v read, o written; backward: q, k, v, o, do read, dq, dk, dv
+                # written: three times the forward
+                nbytes = 3 * io if bwd else io
+                oracle_fn = oracle(ref, qkv if bwd else None)
+                case = Case("attention", variant, shape, dt, make, oracle_fn, nbytes, impls)
+                case.flops = attention_flops(shape, causal, bwd)
+                case.peak_gflops = peak.get(DTYPE_NAMES.get(dt, ""), math.nan)
+                case.memory = True
+                cases.append(case)
+    return cases
