@@ -56,7 +56,7 @@ class Row:
 
 COLUMNS = (
     ("op", 13, "<"),
-    ("shape", 11, "<"),
+    ("shape", 17, "<"),
     ("dtype", 5, "<"),
     ("variant", 19, "<"),
     ("impl", 26, "<"),
@@ -201,7 +201,8 @@ def header_lines(
         f"alloc: {alloc}",
         f"timer: {timer}; caches: {'flushed before each call' if flush else 'warm'}",
         "GB/s: bytes of the fused op (inputs read once at their own size, output written once), "
-        "the same for every impl of a case; speedup = peer median / fastattn median",
+        "the same for every impl of a case; speedup = peer median / fastattn median; "
+        "compile(f): torch.compile(f, dynamic=False), compiled by its first (untimed) call",
         *COMPUTE_NOTE * compute,
     ]
 
