@@ -549,7 +549,7 @@ ATTN_SHAPES: tuple[tuple[int, ...], ...] = (
     (1, 8, 4096, 128),
     (1, 32, 8, 1, 8192, 128),
 )
-ATTN_QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((1, 4, 256, 64), (1, 8, 2, 1, 1024, 64))
+ATTN_QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((1, 2, 128, 32), (1, 4, 2, 1, 512, 32))
 # Peak arithmetic of this machine (2-core AMD EPYC, AVX-512 with AVX512_BF16), GFLOP/s on both
 # cores, as measured for issue 4: fp32 from the FMA throughput (2 FLOP per lane per vfmadd),
 # bf16 from the dot-product throughput of vdpbf16ps (2 FLOP per bf16 pair). They were not
