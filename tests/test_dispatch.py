@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,13 +117,17 @@ def _supported_isas() -> list[str]:
     return [i for i in order if i in compiled and order.index(i) <= order.index(best)]
 
 
+def _check_in_fresh_process(code: str, env: dict[str, str], *args: str) -> None:
+    """Run ``code`` with the extra environment ``env`` (read once per process by the kernels)."""
+    out = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("isa", _supported_isas())
 def test_every_cpu_isa_path_matches_reference(isa):
     # The main grid runs the best path only; force each lower one in a fresh process.
-    env = {**os.environ, "FASTATTN_CPU_ISA": isa}
-    out = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    _check_in_fresh_process(ISA_CHECK, {"FASTATTN_CPU_ISA": isa})
 
 
 # The norm kernels' non-temporal-store output path (y, h, dx; a streamed h is re-read from a
@@ -150,17 +155,15 @@ def _stream_paths() -> list[str]:
     # The vector paths (the scalar one's "stream" is a plain store); on a CPU with AVX512_BF16
     # also the plain AVX-512 bf16 conversion.
     isas = [i for i in _supported_isas() if i != "scalar"]
-    has_bf16 = sys.platform == "linux" and "avx512_bf16" in open("/proc/cpuinfo").read()
+    cpuinfo = Path("/proc/cpuinfo")
+    has_bf16 = cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
     return isas + (["avx512-nobf16"] if has_bf16 and "avx512" in isas else [])
 
 
 @pytest.mark.parametrize("path", _stream_paths())
 def test_norm_streaming_stores_match_reference(path):
     isa, _, nobf16 = path.partition("-")
-    env = {**os.environ, "FASTATTN_CPU_ISA": isa, "FASTATTN_CPU_STREAM_BYTES": "0"}
+    env = {"FASTATTN_CPU_ISA": isa, "FASTATTN_CPU_STREAM_BYTES": "0"}
     if nobf16:
         env["FASTATTN_CPU_AVX512BF16"] = "0"
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", STREAM_CHECK, tests_dir], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    _check_in_fresh_process(STREAM_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
