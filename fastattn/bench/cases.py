@@ -417,7 +417,7 @@ def _add_llama_rms_norm(
     return llama_rms_norm(h, w), h
 
 
-# op -> (RMSNorm?, residual?, eager peers as (name, function); the last one is also compiled)
+# op -> (RMSNorm?, residual?, eager peers as (name, function), each also torch.compile'd)
 _NORM_OPS: dict[str, tuple[bool, bool, tuple[tuple[str, Callable[..., Out]], ...]]] = {
     "layernorm": (False, False, (("F.layer_norm", _layer_norm),)),
     "rmsnorm": (True, False, (("F.rms_norm", _rms_norm), ("Llama RMSNorm", llama_rms_norm))),
@@ -465,7 +465,7 @@ def norm_bytes(rows: int, cols: int, es: int, *, residual: bool, params: int, bw
 
 
 def _norm_cases(opts: Options, op: str) -> list[Case]:
-    """fastattn against eager PyTorch and torch.compile of the last eager peer, forward and
+    """fastattn against eager PyTorch and torch.compile of each eager peer, forward and
     forward+backward (gradients of x, residual, weight and bias, all checked)."""
     import fastattn
     from fastattn import reference
@@ -500,8 +500,7 @@ def _norm_cases(opts: Options, op: str) -> list[Case]:
             ]
             impls += [Impl(name, call_with(f, *args)) for name, f in peers]
             if opts.compile:
-                name, f = peers[-1]
-                impls.append(Impl(f"compile({name})", call_with(compiled(f), *args)))
+                impls += [Impl(f"compile({n})", call_with(compiled(f), *args)) for n, f in peers]
             for bwd in (False, True):
                 keys = args + (upstream if bwd else ())
                 make = functools.partial(_norm_inputs, shape=shape, dt=dt, keys=keys, grad=bwd)
