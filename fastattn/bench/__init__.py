@@ -6,9 +6,11 @@ and timed call by call (median and IQR). Cases are defined in :mod:`fastattn.ben
 
 Examples::
 
-    fastattn-bench                              # every registered op, fp32 and bf16
+    fastattn-bench                              # the default suite (softmax, norms), fp32+bf16
     fastattn-bench softmax --quick --markdown   # small shapes, plus a Markdown table
     fastattn-bench softmax --shape 8192x4096 --dtype fp32 --alloc reuse -k bias
+    fastattn-bench add-rmsnorm -k fwd+bwd       # fused residual add + RMSNorm, with backward
+    fastattn-bench attention --shape 1x8x2048x64,1x32x8x1x8192x128 --peak fp32=524,bf16=971
 """
 
 from __future__ import annotations
