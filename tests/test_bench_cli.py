@@ -132,3 +132,156 @@ def test_interleaved_timer_and_stats() -> None:
     st = timing.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (st.median_ms, st.q25_ms, st.q75_ms, st.min_ms, st.iqr_ms) == (3.0, 2.0, 4.0, 1.0, 2.0)
     assert timing.gbps(2_000_000, 1.0) == 2.0
+
+
+NORM_OPS = ["layernorm", "rmsnorm", "add-layernorm", "add-rmsnorm"]
+
+
+def test_norm_ops_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "norm.json"
+    argv = [*NORM_OPS, *FAST, "--dtype", "fp32,bf16", "--shape", "16x200", "--no-compile"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == set(NORM_OPS)
+    assert {(r["variant"], r["dtype"]) for r in rows} == {
+        (v, d) for v in ("fwd", "fwd+bwd") for d in ("fp32", "bf16")
+    }
+    impls = {r["op"]: set() for r in rows}
+    for r in rows:
+        impls[r["op"]].add(r["impl"])
+        assert r["error"] is None and r["median_ms"] > 0 and r["gbps"] > 0, r
+        # eager F.layer_norm's bf16 weight/bias gradients are known to be inexact (cases.py)
+        known = r["impl"].endswith("F.layer_norm") and r["dtype"] == "bf16"
+        assert r["check_ok"] or (known and r["tolerated"] and r["variant"] == "fwd+bwd"), r
+        assert (r["speedup"] is None) == r["subject"]
+    assert impls["rmsnorm"] == {"fastattn[cpu]", "F.rms_norm", "Llama RMSNorm"}
+    assert impls["add-rmsnorm"] == {"fastattn[cpu]", "add+F.rms_norm", "add+Llama RMSNorm"}
+    assert impls["add-layernorm"] == {"fastattn[cpu]", "add+F.layer_norm"}
+    fwd = next(r for r in rows if r["op"] == "add-layernorm" and r["variant"] == "fwd")
+    assert fwd["nbytes"] == C.norm_bytes(16, 200, 4, residual=True, params=2, bwd=False)
+
+
+def test_norm_bytes_model() -> None:
+    # forward: x read, y written, weight and bias read; fp32
+    assert C.norm_bytes(4, 8, 4, residual=False, params=2, bwd=False) == (2 * 32 + 16) * 4
+    # + residual read and h written; backward reads dy, dh, h, writes dx, reads w, writes dw
+    full = (4 * 32 + 8) + (4 * 32 + 2 * 8)
+    assert C.norm_bytes(4, 8, 2, residual=True, params=1, bwd=True) == full * 2
+
+
+def _norm_case(op: str, variant: str, dtype: torch.dtype) -> C.Case:
+    opts = C.Options(dtypes=(dtype,), shapes=((8, 256),), compile=False)
+    return next(c for c in C.build([op], opts) if c.variant == variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_oracle_rejects_wrong_results(dtype: torch.dtype) -> None:
+    F = torch.nn.functional
+    case = _norm_case("rmsnorm", "fwd", dtype)
+    i = case.make_inputs(torch.device("cpu"))
+    ref = case.reference(i)
+    for impl in case.impls:  # fastattn, F.rms_norm, the Llama RMSNorm
+        assert C.compare(impl.fn(i), ref, dtype).ok, impl.name
+    x, w = i["x"], i["w"]
+    assert not C.compare(F.layer_norm(x, (256,), w, None, C.RMS_EPS), ref, dtype).ok  # centred
+    assert not C.compare(F.rms_norm(x, (256,), None, C.RMS_EPS), ref, dtype).ok  # no weight
+
+    case = _norm_case("add-layernorm", "fwd", dtype)
+    i = case.make_inputs(torch.device("cpu"))
+    ref = case.reference(i)
+    y, h = case.impls[0].fn(i)
+    assert C.compare((y, h), ref, dtype).ok
+    assert not C.compare((y, i["x"]), ref, dtype).ok  # h must be x + residual
+    assert not C.compare(y, ref, dtype).ok  # both outputs are required
+
+    case = _norm_case("add-rmsnorm", "fwd+bwd", dtype)
+    i = case.make_inputs(torch.device("cpu"))
+    ref = case.reference(i)
+    grads = case.impls[0].fn(i)  # dx, dresidual, dweight
+    assert isinstance(grads, tuple) and len(grads) == 3
+    assert C.compare(grads, ref, dtype).ok
+    assert not C.compare((*grads[:2], torch.zeros_like(grads[2])), ref, dtype).ok
+    chk = C.compare((grads[0], grads[1] * 2, grads[2]), ref, dtype)
+    assert not chk.ok and "result #1 of 3" in chk.message
+
+
+def test_llama_rms_norm_rounds_like_the_model() -> None:
+    # normalised in fp32, cast to bf16, then times the bf16 weight: two bf16 roundings
+    x = torch.randn(4, 64).bfloat16()
+    w = (torch.rand(64) + 0.5).bfloat16()
+    xf = x.float()
+    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + C.RMS_EPS)).bfloat16()
+    got = C.llama_rms_norm(x, w)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_known_inexact_peer_does_not_fail_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cases(opts: C.Options) -> list[C.Case]:
+        [case] = [c for c in C.softmax_cases(opts) if c.variant == "softmax"]
+        off = C.Impl("off by 10%", lambda i: torch.softmax(i["x"], -1) * 1.1, inexact="test")
+        case.impls = [case.impls[0], off]
+        return [case]
+
+    monkeypatch.setitem(C.REGISTRY, "inexact", cases)
+    out = tmp_path / "b.json"
+    argv = ["inexact", *FAST, "--shape", "8x256", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["off by 10%"]["tolerated"] and not rows["off by 10%"]["check_ok"]
+    assert "(known: test)" in rows["off by 10%"]["check"]
+    # fastattn's own result is never excused
+    monkeypatch.setitem(C.REGISTRY, "inexact", lambda o: _subject_inexact(cases(o)))
+    assert bench.main(argv) == 1
+
+
+def _subject_inexact(cases: list[C.Case]) -> list[C.Case]:
+    [case] = cases
+    case.impls = [C.Impl("fastattn[bad]", case.impls[1].fn, subject=True, inexact="no")]
+    return cases
+
+
+def test_attention_quick_run_reports_flops_and_memory(tmp_path: Path) -> None:
+    out = tmp_path / "attn.json"
+    argv = ["attention", *FAST, "--shape", "1x2x48x16,1x4x2x1x96x16", "--no-compile"]
+    assert bench.main([*argv, "--peak", "fp32=2", "--markdown", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    variants = {r["variant"] for r in rows}
+    assert variants == {"fwd", "fwd causal", "fwd+bwd", "fwd+bwd causal", "decode fwd GQA 4/2"}
+    assert {r["impl"] for r in rows} >= {"eager", "F.sdpa"}
+    for r in rows:
+        assert r["check_ok"] and r["error"] is None, r
+        b, h, hkv, sq, sk, d = C.attention_dims(tuple(int(x) for x in r["shape"].split("x")))
+        causal, bwd = "causal" in r["variant"], "bwd" in r["variant"]
+        assert r["flops"] == C.attention_flops((b, h, hkv, sq, sk, d), causal, bwd)
+        assert r["gflops"] == pytest.approx(r["flops"] / r["median_ms"] / 1e6)
+        assert r["peak_pct"] == pytest.approx(100 * r["gflops"] / 2)  # --peak fp32=2
+        # at least the result (o; or dq, dk, dv) is allocated during the call
+        result = 4 * (b * h * sq * d + (2 * b * hkv * sk * d if bwd else 0))
+        assert r["mem_bytes"] >= result, r
+    assert (
+        C.attention_flops((1, 8, 1024, 64), causal=True, bwd=True) == 4 * 8 * 1024**2 * 64 * 7 // 4
+    )
+    eager = next(r for r in rows if r["impl"] == "eager" and r["variant"] == "fwd")
+    assert eager["mem_bytes"] >= 4 * 2 * 48 * 48  # the (B, H, S, S) scores, at least once
+
+
+def test_attention_oracle_rejects_wrong_results() -> None:
+    opts = C.Options(dtypes=(torch.bfloat16,), shapes=((1, 2, 64, 32),), compile=False)
+    case = next(c for c in C.build(["attention"], opts) if c.variant == "fwd causal")
+    i = case.make_inputs(torch.device("cpu"))
+    ref = case.reference(i)
+    q, k, v = i["q"], i["k"], i["v"]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert C.compare(C.eager_attention(q, k, v, causal=True), ref, torch.bfloat16).ok
+    assert C.compare(sdpa(q, k, v, is_causal=True), ref, torch.bfloat16).ok
+    assert not C.compare(sdpa(q, k, v), ref, torch.bfloat16).ok  # not causal
+    assert not C.compare(sdpa(q, k, v, is_causal=True, scale=1.0), ref, torch.bfloat16).ok
+
+
+def test_attention_is_not_in_the_default_suite() -> None:
+    assert "attention" in C.REGISTRY and "attention" not in C.DEFAULT_OPS
+    ops = {c.op for c in C.build(None, C.Options(quick=True, compile=False))}
+    assert ops == {"softmax", "layernorm", "rmsnorm", "add-layernorm", "add-rmsnorm"}
+    assert bench.main(["attention", "--peak", "fp32=fast"]) == 2

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,10 +117,53 @@ def _supported_isas() -> list[str]:
     return [i for i in order if i in compiled and order.index(i) <= order.index(best)]
 
 
+def _check_in_fresh_process(code: str, env: dict[str, str], *args: str) -> None:
+    """Run ``code`` with the extra environment ``env`` (read once per process by the kernels)."""
+    out = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("isa", _supported_isas())
 def test_every_cpu_isa_path_matches_reference(isa):
     # The main grid runs the best path only; force each lower one in a fresh process.
-    env = {**os.environ, "FASTATTN_CPU_ISA": isa}
-    out = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    _check_in_fresh_process(ISA_CHECK, {"FASTATTN_CPU_ISA": isa})
+
+
+# The norm kernels' non-temporal-store output path (y, h, dx; a streamed h is re-read from a
+# per-thread fp32 copy) is taken only for outputs of 8 MiB and more, so the parity grid with
+# its small inputs never reaches it. FASTATTN_CPU_STREAM_BYTES=0 forces it for every output; the
+# threshold is read once per process, hence a fresh one. The checks are test_norm's own.
+STREAM_CHECK = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from test_norm import VARIANTS, check, make_case
+    torch.manual_seed(0)
+    for rms in (False, True):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for variant in VARIANTS:
+                # 768: whole vectors; 1000: a tail; 65536: the looped (long-row) path
+                for lead, hidden in (((3, 17), 768), ((5,), 1000), ((1,), 65536)):
+                    check("cpu", *make_case(variant, lead, hidden, dtype, rms), rms)
+    print("OK")
+    """
+)
+
+
+def _stream_paths() -> list[str]:
+    # The vector paths (the scalar one's "stream" is a plain store); on a CPU with AVX512_BF16
+    # also the plain AVX-512 bf16 conversion.
+    isas = [i for i in _supported_isas() if i != "scalar"]
+    cpuinfo = Path("/proc/cpuinfo")
+    has_bf16 = cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
+    return isas + (["avx512-nobf16"] if has_bf16 and "avx512" in isas else [])
+
+
+@pytest.mark.parametrize("path", _stream_paths())
+def test_norm_streaming_stores_match_reference(path):
+    isa, _, nobf16 = path.partition("-")
+    env = {"FASTATTN_CPU_ISA": isa, "FASTATTN_CPU_STREAM_BYTES": "0"}
+    if nobf16:
+        env["FASTATTN_CPU_AVX512BF16"] = "0"
+    _check_in_fresh_process(STREAM_CHECK, env, os.path.dirname(os.path.abspath(__file__)))

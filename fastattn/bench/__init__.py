@@ -6,9 +6,11 @@ and timed call by call (median and IQR). Cases are defined in :mod:`fastattn.ben
 
 Examples::
 
-    fastattn-bench                              # every registered op, fp32 and bf16
+    fastattn-bench                              # the default suite (softmax, norms), fp32+bf16
     fastattn-bench softmax --quick --markdown   # small shapes, plus a Markdown table
     fastattn-bench softmax --shape 8192x4096 --dtype fp32 --alloc reuse -k bias
+    fastattn-bench add-rmsnorm -k fwd+bwd       # fused residual add + RMSNorm, with backward
+    fastattn-bench attention --shape 1x8x2048x64,1x32x8x1x8192x128 --peak fp32=524,bf16=971
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description="Benchmark fastattn's fused ops against eager PyTorch and torch.compile.",
     )
     p.add_argument(
-        "ops", nargs="*", metavar="OPS", help=f"ops to run (default: all: {list(C.REGISTRY)})"
+        "ops",
+        nargs="*",
+        metavar="OPS",
+        help=f"ops to run (default: {' '.join(C.DEFAULT_OPS)}; all: {' '.join(C.REGISTRY)})",
     )
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16,fp64")
     p.add_argument("--shape", help="comma-separated shapes overriding the defaults, e.g. 8192x4096")
@@ -55,6 +60,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per impl")
     p.add_argument(
         "-k", dest="keyword", action="append", default=[], help="only case ids containing this"
+    )
+    p.add_argument(
+        "--peak",
+        metavar="DT=GFLOPS",
+        help="the machine's peak GFLOP/s per dtype for the %% peak column, e.g. fp32=524,bf16=971"
+        " (default: this machine's, see cases.PEAK_GFLOPS)",
     )
     p.add_argument("--json", metavar="PATH", help="write every row and the machine facts to PATH")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
@@ -89,6 +100,23 @@ def _parse_shapes(spec: str | None) -> tuple[tuple[int, ...], ...] | None:
     return shapes
 
 
+def _parse_peak(spec: str | None) -> dict[str, float]:
+    if not spec:
+        return {}
+    peak: dict[str, float] = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        dt = _parse_dtypes(name)[0] if name.strip() else None
+        try:
+            gflops = float(value)
+        except ValueError:
+            gflops = -1.0
+        if dt is None or gflops <= 0:
+            raise ValueError(f"bad --peak {spec!r}: expected e.g. fp32=524,bf16=971")
+        peak[C.DTYPE_NAMES[dt]] = gflops
+    return peak
+
+
 def run_case(
     case: C.Case, device: torch.device, budget: timing.Budget, flush: bool
 ) -> list[report.Row]:
@@ -105,6 +133,7 @@ def run_case(
             impl.name,
             impl.subject,
             case.nbytes,
+            flops=case.flops,
         )
         rows.append(row)
         try:
@@ -116,6 +145,8 @@ def run_case(
             row.check = f"ERROR: {row.error}"
             continue
         row.check_ok, row.check, row.max_err = chk.ok, chk.message, chk.max_err
+        if not chk.ok and impl.inexact and not impl.subject:
+            row.tolerated, row.check = True, f"{chk.message} (known: {impl.inexact})"
     del ref
     ok = [(impl, row) for impl, row in zip(case.impls, rows, strict=True) if row.error is None]
     try:
@@ -130,6 +161,14 @@ def run_case(
         row.median_ms, row.q25_ms, row.q75_ms = st.median_ms, st.q25_ms, st.q75_ms
         row.min_ms, row.reps = st.min_ms, st.reps
         row.gbps = timing.gbps(case.nbytes, st.median_ms)
+        if case.flops:
+            row.gflops = case.flops / (st.median_ms * 1e-3) / 1e9
+            row.peak_pct = 100 * row.gflops / case.peak_gflops
+    for impl, row in ok if case.memory else ():
+        try:
+            row.mem_bytes = timing.peak_extra_bytes(functools.partial(impl.fn, inputs), device)
+        except Exception as e:  # the probe is extra information: note it, keep the timings
+            row.check += f"; memory probe failed: {type(e).__name__}: {e}"
     subject = next((r for r in rows if r.subject and r.error is None), None)
     for r in rows:
         if subject is not None and not r.subject and r.error is None:
@@ -149,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             shapes=_parse_shapes(args.shape),
             compile=args.compile,
+            peak_gflops=_parse_peak(args.peak),
         )
         case_list = C.build(args.ops, opts)
     except ValueError as e:
@@ -178,20 +218,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.min_time is not None:
         budget.min_time_s = args.min_time
     info = report.machine_info(argv, device, threads)
-    for line in report.header_lines(info, alloc, args.flush, timer):
+    compute = any(c.flops for c in case_list)
+    for line in report.header_lines(info, alloc, args.flush, timer, compute):
         print(line)
     print()
-    print(report.table_header(), flush=True)
+    print(report.table_header(compute), flush=True)
 
     rows: list[report.Row] = []
     for case in case_list:
         case_rows = run_case(case, device, budget, args.flush)
         rows += case_rows
-        print(report.table_rows(case_rows), flush=True)
+        print(report.table_rows(case_rows, compute), flush=True)
         for r in case_rows:
             if not r.check_ok:
                 print(f"!! {case.id} {r.impl}: {r.check}", file=sys.stderr, flush=True)
-    bad = [r for r in rows if not r.check_ok]
+    bad = [r for r in rows if not r.check_ok and not r.tolerated]
     if args.markdown:
         print()
         print(report.markdown(rows))
@@ -217,7 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    inexact = sum(r.tolerated for r in rows)
     print(
         f"\nagreement check passed: {len(rows)} results within tolerance of the float64 reference"
+        if not inexact
+        else f"\nagreement check passed: {len(rows) - inexact} of {len(rows)} results within "
+        f"tolerance of the float64 reference; {inexact} peer result(s) known to be inexact"
     )
     return 0

@@ -30,8 +30,13 @@ class Row:
     reps: int = 0
     first_call_ms: float = math.nan  # includes torch.compile for compiled peers
     gbps: float = math.nan
+    flops: int = 0  # of the case; 0: not reported (bandwidth-bound ops)
+    gflops: float = math.nan
+    peak_pct: float = math.nan  # gflops as a percentage of the machine's peak for the dtype
+    mem_bytes: float = math.nan  # peak extra memory of one call (timing.peak_extra_bytes)
     speedup: float | None = None  # peer rows: peer median / fastattn median (>1: fastattn faster)
     check_ok: bool = False
+    tolerated: bool = False  # a peer known to be inexact: its failed check does not fail the run
     check: str = ""
     max_err: float = math.nan
     error: str | None = None  # the exception, when the implementation failed to run
@@ -50,11 +55,11 @@ class Row:
 
 
 COLUMNS = (
-    ("op", 8, "<"),
-    ("shape", 11, "<"),
+    ("op", 13, "<"),
+    ("shape", 17, "<"),
     ("dtype", 5, "<"),
     ("variant", 19, "<"),
-    ("impl", 20, "<"),
+    ("impl", 26, "<"),
     ("median ms", 10, ">"),
     ("IQR ms", 8, ">"),
     ("min ms", 8, ">"),
@@ -62,6 +67,17 @@ COLUMNS = (
     ("fastattn speedup", 16, ">"),
     ("check", 8, "<"),
 )
+# Inserted after GB/s when the rows are of a compute-bound op (attention).
+COMPUTE_COLUMNS = (("GFLOP/s", 8, ">"), ("% peak", 6, ">"), ("peak MiB", 9, ">"))
+_AFTER = [name for name, _, _ in COLUMNS].index("GB/s") + 1
+
+
+def columns(compute: bool) -> tuple[tuple[str, int, str], ...]:
+    return COLUMNS[:_AFTER] + COMPUTE_COLUMNS + COLUMNS[_AFTER:] if compute else COLUMNS
+
+
+def is_compute(rows: list[Row]) -> bool:
+    return any(r.flops for r in rows)
 
 
 def _num(v: float, digits: int = 3) -> str:
@@ -70,10 +86,12 @@ def _num(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if v < 100 else f"{v:.1f}"
 
 
-def _cells(r: Row) -> list[str]:
+def _cells(r: Row, compute: bool = False) -> list[str]:
     speed = "" if r.speedup is None or not math.isfinite(r.speedup) else f"{r.speedup:.2f}x"
     status = "ERROR" if r.error else ("ok" if r.check_ok else "MISMATCH")
-    return [
+    status = "inexact" if r.tolerated else status
+    extra = [_num(r.gflops, 1), _num(r.peak_pct, 1), _num(r.mem_bytes / 2**20, 1)]
+    cells = [
         r.op,
         r.shape,
         r.dtype,
@@ -86,17 +104,20 @@ def _cells(r: Row) -> list[str]:
         speed,
         status,
     ]
+    return cells[:_AFTER] + extra + cells[_AFTER:] if compute else cells
 
 
-def table_header() -> str:
-    line = "  ".join(f"{name:{align}{width}}" for name, width, align in COLUMNS)
+def table_header(compute: bool = False) -> str:
+    line = "  ".join(f"{name:{align}{width}}" for name, width, align in columns(compute))
     return line + "\n" + "-" * len(line)
 
 
-def table_rows(rows: list[Row]) -> str:
+def table_rows(rows: list[Row], compute: bool = False) -> str:
+    cols = columns(compute)
     return "\n".join(
         "  ".join(
-            f"{c:{align}{width}}" for c, (_, width, align) in zip(_cells(r), COLUMNS, strict=True)
+            f"{c:{align}{width}}"
+            for c, (_, width, align) in zip(_cells(r, compute), cols, strict=True)
         )
         for r in rows
     )
@@ -104,11 +125,13 @@ def table_rows(rows: list[Row]) -> str:
 
 def markdown(rows: list[Row]) -> str:
     """A GitHub Markdown table of ``rows`` (numbers right-aligned)."""
-    head = "| " + " | ".join(name for name, _, _ in COLUMNS) + " |"
-    rule = "| " + " | ".join("---:" if align == ">" else "---" for _, _, align in COLUMNS) + " |"
+    compute = is_compute(rows)
+    cols = columns(compute)
+    head = "| " + " | ".join(name for name, _, _ in cols) + " |"
+    rule = "| " + " | ".join("---:" if align == ">" else "---" for _, _, align in cols) + " |"
     body = []
     for r in rows:
-        cells = _cells(r)
+        cells = _cells(r, compute)
         cells[4] = f"**{cells[4]}**" if r.subject else cells[4]  # the impl column
         body.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join([head, rule, *body])
@@ -153,7 +176,9 @@ def machine_info(argv: list[str], device: torch.device, threads: int) -> dict[st
     }
 
 
-def header_lines(info: dict[str, Any], alloc: str, flush: bool, timer: str) -> list[str]:
+def header_lines(
+    info: dict[str, Any], alloc: str, flush: bool, timer: str, compute: bool = False
+) -> list[str]:
     rep = info["backends"]
     avail = ", ".join(
         f"{name}=" + ("yes" if st["available"] else "no") for name, st in rep["backends"].items()
@@ -176,5 +201,15 @@ def header_lines(info: dict[str, Any], alloc: str, flush: bool, timer: str) -> l
         f"alloc: {alloc}",
         f"timer: {timer}; caches: {'flushed before each call' if flush else 'warm'}",
         "GB/s: bytes of the fused op (inputs read once at their own size, output written once), "
-        "the same for every impl of a case; speedup = peer median / fastattn median",
+        "the same for every impl of a case; speedup = peer median / fastattn median; "
+        "compile(f): torch.compile(f, dynamic=False), compiled by its first (untimed) call",
+        *COMPUTE_NOTE * compute,
     ]
+
+
+COMPUTE_NOTE = [
+    "GFLOP/s: the op's FLOPs (attention: 4*B*H*Sq*Sk*D forward, half of it causal, x3.5 with "
+    "the backward) per median second, the same for every impl; % peak: of this machine's peak "
+    "for the dtype (--peak); peak MiB: most memory allocated at once during one call, above "
+    "what was allocated before it (results included; torch's allocator, see timing.py)"
+]

@@ -7,12 +7,15 @@ implementations of a case are timed in turns, so that they share the same condit
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -210,3 +213,54 @@ def set_alloc_mode(mode: str) -> str:
 def alloc_mode() -> str:
     """The allocation mode in effect in this process."""
     return _alloc_mode
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ side logs its start and stop there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak of the bytes allocated during ``fn()`` above those allocated before it, its result
+    included (freed at the end); one untimed call. NaN where the probe is unavailable.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU: torch has no
+    allocator statistics there, so the profiler records every allocation and free of torch's
+    CPU allocator (``profile_memory=True``) and the running sum is taken in time order. That
+    covers every tensor allocated by torch's ops, fastattn's C++ ops and the code that
+    torch.compile generates (all use that allocator), on every thread; it misses memory a
+    kernel takes from ``malloc`` directly (none of fastattn's kernels do: their scratch is
+    tensors) and it is exact, not page-granular like RSS.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    try:  # the raw allocator events (the aggregated event tree folds them into their ops)
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # pragma: no cover - a torch without these internals
+        return math.nan
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if str(e.device_type()).endswith("CPU"):  # DeviceType.CPU
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return float(peak)
