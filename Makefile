@@ -8,7 +8,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MAX_JOBS ?= 2
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: test bench bench-attention build lint format check-cuda clean
+.PHONY: test bench bench-attention bench-model build lint format check-cuda clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench: build  ## the benchmark CLI's default suite on this machine (softmax, the
 
 bench-attention: build  ## the attention cases: not in `make bench` (about 15 min more here)
 	$(BIN)/fastattn-bench attention --json bench-results/attention.json
+
+bench-model: build  ## whole-model training step and generation (issue 5): minutes per case
+	$(BIN)/fastattn-bench model --json bench-results/model.json
 
 check-cuda:  ## build the CUDA kernels for sm_80/sm_90a against the CUDA torch, and import them
 	bash tools/check_cuda.sh

@@ -285,3 +285,16 @@ def test_attention_is_not_in_the_default_suite() -> None:
     ops = {c.op for c in C.build(None, C.Options(quick=True, compile=False))}
     assert ops == {"softmax", "layernorm", "rmsnorm", "add-layernorm", "add-rmsnorm"}
     assert bench.main(["attention", "--peak", "fp32=fast"]) == 2
+
+
+def test_model_quick_run_reports_tokens_per_second(tmp_path: Path) -> None:
+    out = tmp_path / "model.json"
+    argv = ["model", *FAST, "--dtype", "fp32", "--no-compile", "-k", "transformer"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["variant"], r["impl"]) for r in rows} == {
+        (v, i) for v in ("train step", "generate 32") for i in ("fastattn", "eager", "sdpa")
+    }
+    for r in rows:
+        assert r["check_ok"] and r["error"] is None and r["tokens"] > 0 and r["mem_bytes"] >= 0, r
+    assert "model" not in C.DEFAULT_OPS

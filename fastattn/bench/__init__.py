@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -134,6 +135,7 @@ def run_case(
             impl.subject,
             case.nbytes,
             flops=case.flops,
+            tokens=case.tokens,
         )
         rows.append(row)
         try:
@@ -160,7 +162,7 @@ def run_case(
     for (_, row), st in zip(ok, stats, strict=True):
         row.median_ms, row.q25_ms, row.q75_ms = st.median_ms, st.q25_ms, st.q75_ms
         row.min_ms, row.reps = st.min_ms, st.reps
-        row.gbps = timing.gbps(case.nbytes, st.median_ms)
+        row.gbps = timing.gbps(case.nbytes, st.median_ms) if case.nbytes else math.nan
         if case.flops:
             row.gflops = case.flops / (st.median_ms * 1e-3) / 1e9
             row.peak_pct = 100 * row.gflops / case.peak_gflops
@@ -218,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.min_time is not None:
         budget.min_time_s = args.min_time
     info = report.machine_info(argv, device, threads)
-    compute = any(c.flops for c in case_list)
+    compute = any(c.flops or c.tokens for c in case_list)
     for line in report.header_lines(info, alloc, args.flush, timer, compute):
         print(line)
     print()

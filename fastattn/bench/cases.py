@@ -83,6 +83,7 @@ class Case:
     flops: int = 0  # arithmetic of the op (compute-bound ops): GFLOP/s and % of peak reported
     peak_gflops: float = math.nan  # the machine's peak for this dtype
     memory: bool = False  # also measure each impl's peak extra memory (one more, untimed call)
+    tokens: int = 0  # tokens one call processes (model cases): tokens/s reported
 
     @property
     def shape_str(self) -> str:
@@ -677,3 +678,6 @@ def attention_cases(opts: Options) -> list[Case]:
                 case.memory = True
                 cases.append(case)
     return cases
+
+
+from fastattn.bench import model_cases as _model_cases  # noqa: E402, F401  (registers "model")

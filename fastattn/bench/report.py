@@ -34,6 +34,7 @@ class Row:
     gflops: float = math.nan
     peak_pct: float = math.nan  # gflops as a percentage of the machine's peak for the dtype
     mem_bytes: float = math.nan  # peak extra memory of one call (timing.peak_extra_bytes)
+    tokens: int = 0  # tokens one call processes (model cases): tokens/s reported
     speedup: float | None = None  # peer rows: peer median / fastattn median (>1: fastattn faster)
     check_ok: bool = False
     tolerated: bool = False  # a peer known to be inexact: its failed check does not fail the run
@@ -68,7 +69,12 @@ COLUMNS = (
     ("check", 8, "<"),
 )
 # Inserted after GB/s when the rows are of a compute-bound op (attention).
-COMPUTE_COLUMNS = (("GFLOP/s", 8, ">"), ("% peak", 6, ">"), ("peak MiB", 9, ">"))
+COMPUTE_COLUMNS = (
+    ("GFLOP/s", 8, ">"),
+    ("% peak", 6, ">"),
+    ("peak MiB", 9, ">"),
+    ("tok/s", 8, ">"),
+)
 _AFTER = [name for name, _, _ in COLUMNS].index("GB/s") + 1
 
 
@@ -77,7 +83,7 @@ def columns(compute: bool) -> tuple[tuple[str, int, str], ...]:
 
 
 def is_compute(rows: list[Row]) -> bool:
-    return any(r.flops for r in rows)
+    return any(r.flops or r.tokens for r in rows)
 
 
 def _num(v: float, digits: int = 3) -> str:
@@ -90,7 +96,8 @@ def _cells(r: Row, compute: bool = False) -> list[str]:
     speed = "" if r.speedup is None or not math.isfinite(r.speedup) else f"{r.speedup:.2f}x"
     status = "ERROR" if r.error else ("ok" if r.check_ok else "MISMATCH")
     status = "inexact" if r.tolerated else status
-    extra = [_num(r.gflops, 1), _num(r.peak_pct, 1), _num(r.mem_bytes / 2**20, 1)]
+    tok_s = r.tokens / (r.median_ms * 1e-3) if r.tokens else math.nan
+    extra = [_num(r.gflops, 1), _num(r.peak_pct, 1), _num(r.mem_bytes / 2**20, 1), _num(tok_s, 1)]
     cells = [
         r.op,
         r.shape,
@@ -211,5 +218,6 @@ COMPUTE_NOTE = [
     "GFLOP/s: the op's FLOPs (attention: 4*B*H*Sq*Sk*D forward, half of it causal, x3.5 with "
     "the backward) per median second, the same for every impl; % peak: of this machine's peak "
     "for the dtype (--peak); peak MiB: most memory allocated at once during one call, above "
-    "what was allocated before it (results included; torch's allocator, see timing.py)"
+    "what was allocated before it (results included; torch's allocator, see timing.py); tok/s: "
+    "tokens one call processes (model cases) per median second"
 ]
