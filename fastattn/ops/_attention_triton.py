@@ -1,0 +1,551 @@
+"""Triton kernels of exact attention (FlashAttention-2 style), forward and backward, and their
+launchers ``triton_forward`` / ``triton_backward`` (see docs/attention.md for the contract).
+
+Forward: one program per (query block, batch*head[, key split]); online softmax in fp32 in the
+log2 domain (exp2); GQA by index; causal key blocks beyond the diagonal are not visited. Decode
+shapes (few query rows, many keys) split the key axis over programs that write fp32 partial
+(out, lse), merged by ``_combine_kernel``. Backward: D = rowsum(dO * O); one program per key
+block accumulates dK/dV over the query blocks of every query head of its kv group (no atomics);
+dQ by a per-query-block kernel (deterministic) or fp32 atomics from the dK/dV kernel.
+Under the interpreter every load is upcast to fp32 (``UPCAST``); on a GPU fp16/bf16 tiles go to
+``tl.dot`` as they are (tensor cores), fp32 ones with ``input_precision="ieee"``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from fastattn import dispatch, reference
+from fastattn._triton import device_guard, jit, needs_bf16_rounding, round_to_bf16, tl, triton
+from fastattn._triton import next_power_of_2 as _p2
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------- kernels
+# fmt: off
+@jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@jit
+def _keep(RNG, bh, Sq, rows, cols, thr):
+    """Dropout keep-mask (BLOCK_M, BLOCK_N) of head ``bh``: the hash of reference.py."""
+    seed0 = tl.load(RNG).to(tl.uint32)
+    seed1 = tl.load(RNG + 1).to(tl.uint32)
+    row = (bh.to(tl.int64) * Sq + rows).to(tl.uint32)
+    a = _mix32(row ^ seed0)
+    r = _mix32(a[:, None] ^ (cols.to(tl.uint32) + seed1)[None, :])
+    return (r >> 8) >= thr.to(tl.uint32)
+
+
+@jit
+def _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
+            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+            IEEE: tl.constexpr):
+    """Scores of a (BLOCK_M, BLOCK_N) tile in log2 units; -inf where masked or out of bounds."""
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, kt) * qk_scale
+    valid = (rows < Sq)[:, None] & (cols < Sk)[None, :]
+    if HAS_MASK:
+        mp = M + mb + rows[:, None] * s_mm + cols[None, :] * s_mn
+        if MASK_BOOL:
+            valid = valid & (tl.load(mp, mask=valid, other=0).to(tl.int32) != 0)
+        else:
+            s += tl.load(mp, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
+    return tl.where(valid, s, float("-inf"))
+
+
+@jit
+def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
+                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_mh, s_mm, s_mn,
+                H, GROUP, Sq, Sk, D, causal_offset, keys_per_split, s_os, s_ls,
+                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :],
+                mask=(rows < Sq)[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
+    vp = V + b * s_vb + hk * s_vh + offs_d[None, :]
+    mb = b * s_mb + h * s_mh
+    lo = split * keys_per_split
+    hi = tl.minimum(Sk, lo + keys_per_split)
+    if CAUSAL:  # key blocks past the diagonal of the last row are never visited
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        c_ok = cols < Sk
+        kt = tl.load(kp + cols[None, :] * s_kn, mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
+                    HAS_MASK, MASK_BOOL, CAUSAL, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(RNG, bh, Sq, rows, cols, drop_thr), p, 0.0)
+        v = tl.load(vp + cols[:, None] * s_vn, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    dead = l_i == 0.0  # no visible key (in this split): out 0, lse -inf
+    out = acc * (drop_scale / tl.where(dead, 1.0, l_i))[:, None]
+    lse = (m_i + tl.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453
+    lse = tl.where(dead, float("-inf"), lse)
+    if RNE_BF16:
+        out = round_to_bf16(out)
+    r_ok = rows < Sq
+    row_off = bh.to(tl.int64) * Sq + rows
+    tl.store(Out + split.to(tl.int64) * s_os + row_off[:, None] * D + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + split.to(tl.int64) * s_ls + row_off, lse, mask=r_ok)
+
+
+@jit
+def _combine_kernel(OP, LP, Out, LSE, n_splits, s_os, s_ls, D,
+                    SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Merges the fp32 partial (out, lse) of the key splits of one query row."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LP + sp * s_ls + row, mask=sp < n_splits, other=float("-inf"))
+    mx = tl.max(lse_s, 0)
+    m_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.exp(lse_s - m_ref), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, n_splits):
+        w = tl.exp(tl.load(LP + s * s_ls + row) - m_ref)
+        acc += w * tl.load(OP + s * s_os + row * D + offs_d, mask=offs_d < D, other=0.0)
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    if RNE_BF16:
+        out = round_to_bf16(out)
+    tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_ref + tl.log(total)))
+
+
+@jit
+def _bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DELTA = rowsum(dO * O) in fp32."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < Sq)[:, None] & (offs_d < D)[None, :]
+    op = Out + (bh.to(tl.int64) * Sq + rows)[:, None] * D + offs_d[None, :]
+    o = tl.load(op, mask=ok, other=0.0)
+    dop = DO + (bh // H).to(tl.int64) * s_db + (bh % H) * s_dh
+    do = tl.load(dop + rows[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + rows, delta, mask=rows < Sq)
+
+
+@jit
+def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, causal_offset,
+              qk_scale, drop_scale, drop_thr, s_mm, s_mn,
+              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+              DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N)."""
+    s = _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
+                HAS_MASK, MASK_BOOL, CAUSAL, IEEE)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead row: s is -inf
+    p = tl.exp2(s - lse2[:, None])
+    if IEEE:
+        dp = tl.dot(do, vt, input_precision="ieee")
+    else:
+        dp = tl.dot(do, vt)
+    if DROPOUT:
+        keep = _keep(RNG, bh, Sq, rows, cols, drop_thr)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        pd = p
+    return pd, p * (dp - delta[:, None])
+
+
+@jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_scale,
+                     drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                     s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
+                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                     DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    Hkv = H // GROUP
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
+    kt = tl.load(K + b * s_kb + hk * s_kh + cols[None, :] * s_kn + offs_d[:, None], mask=kv_ok,
+                 other=0.0)
+    vt = tl.load(V + b * s_vb + hk * s_vh + cols[None, :] * s_vn + offs_d[:, None], mask=kv_ok,
+                 other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:  # query blocks whose rows see none of these keys are skipped
+        lo = (tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        qp = Q + b * s_qb + h * s_qh + offs_d[None, :]
+        dop = DO + b * s_db + h * s_dh + offs_d[None, :]
+        for start in range(lo, Sq, BLOCK_M):
+            rows = start + offs_m
+            r_ok = rows < Sq
+            ok = r_ok[:, None] & d_ok[None, :]
+            q = tl.load(qp + rows[:, None] * s_qm, mask=ok, other=0.0)
+            do = tl.load(dop + rows[:, None] * s_dm, mask=ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + bh * Sq + rows, mask=r_ok, other=0.0)
+            delta = tl.load(DELTA + bh * Sq + rows, mask=r_ok, other=0.0)
+            pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows,
+                               cols, Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr,
+                               s_mm, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, IEEE)
+            if MASK_GRAD:
+                tl.store(DM + (bh * Sq + rows)[:, None] * Sk + cols[None, :], ds,
+                         mask=r_ok[:, None] & (cols < Sk)[None, :])
+            if IEEE:
+                dv += tl.dot(tl.trans(pd), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if ATOMIC_DQ:
+                if IEEE:
+                    dq = tl.dot(ds, tl.trans(kt), input_precision="ieee")
+                else:
+                    dq = tl.dot(ds.to(kt.dtype), tl.trans(kt))
+                tl.atomic_add(DQ + (bh * Sq + rows)[:, None] * D + offs_d[None, :], dq * scale,
+                              mask=ok)
+    dk = dk * scale
+    if RNE_BF16:
+        dk = round_to_bf16(dk)
+        dv = round_to_bf16(dv)
+    out_off = (bhk.to(tl.int64) * Sk + cols)[:, None] * D + offs_d[None, :]
+    ok = (cols < Sk)[:, None] & d_ok[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_scale, drop_thr,
+                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
+                   s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
+                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    ok = (rows < Sq)[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :], mask=ok,
+                other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + offs_d[None, :], mask=ok,
+                 other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_off = bh.to(tl.int64) * Sq + rows
+    lse = tl.load(LSE + row_off, mask=rows < Sq, other=0.0)
+    delta = tl.load(DELTA + row_off, mask=rows < Sq, other=0.0)
+    kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
+    vp = V + b * s_vb + hk * s_vh + offs_d[:, None]
+    hi = Sk
+    if CAUSAL:
+        hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M + causal_offset)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        cols = start + offs_n
+        kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
+        kt = tl.load(kp + cols[None, :] * s_kn, mask=kv_ok, other=0.0)
+        vt = tl.load(vp + cols[None, :] * s_vn, mask=kv_ok, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows, cols,
+                           Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr, s_mm, s_mn,
+                           HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, IEEE)
+        if IEEE:
+            dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    dq = dq * scale
+    if RNE_BF16:
+        dq = round_to_bf16(dq)
+    tl.store(DQ + row_off[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok)
+# fmt: on
+
+
+# ------------------------------------------------------------------------- configurations
+# Block sizes per head-dim tier (BLOCK_D <= 64, <= 128, 256): (BLOCK_M, BLOCK_N, warps, stages).
+# The first of each list is the pinned one (FASTATTN_AUTOTUNE=0 and the interpreter). Shared
+# memory of every one is checked by the AOT compile (tests/test_triton_aot.py).
+FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    256: [(64, 64, 8, 2), (64, 32, 4, 2)],
+}
+# Backward (dK/dV and dQ kernels): (BLOCK_M, BLOCK_N, warps, stages).
+BWD_CONFIGS = {
+    64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+    128: [(64, 64, 8, 2), (32, 64, 4, 2)],
+    256: [(32, 64, 8, 1), (32, 32, 4, 1)],
+}
+# Decode split-K forward: (BLOCK_N, warps, stages); BLOCK_M fits the query rows (16..64).
+SPLIT_CONFIG = {64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 4, 2)}
+SPLIT_MAX_SQ = 64  # split-K only for at most this many query rows
+MAX_SPLITS = 64
+
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _tier(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _block_d(d: int) -> int:
+    return max(16, _p2(d))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotuning() -> bool:
+    return os.environ.get("FASTATTN_AUTOTUNE", "1") != "0" and not _interpreting()
+
+
+def _configs(table: dict[int, list[tuple[int, int, int, int]]], tier: int) -> list[Any]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in table[tier]
+    ]
+
+
+_TUNED: dict[tuple[str, int], Any] = {}
+
+
+def _launch(kernel: Any, table: dict, tier: int, grid: Any, *args: Any, reset: Any = None,
+            **kw: Any) -> None:  # fmt: skip
+    """Launches ``kernel`` autotuned over ``table[tier]``, or with its pinned first config."""
+    if not _autotuning():
+        m, n, w, s = table[tier][0]
+        g = grid({"BLOCK_M": m, "BLOCK_N": n})
+        kernel[g](*args, **kw, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        return
+    key = (kernel.fn.__name__, tier)
+    if key not in _TUNED:
+        keys = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"]
+        _TUNED[key] = triton.autotune(_configs(table, tier), key=keys, reset_to_zero=reset)(kernel)
+    _TUNED[key][grid](*args, **kw)
+
+
+def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return dispatch.new_output(torch.empty(shape, dtype=dtype, device=device))
+
+
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, list[int], dict]:
+    if mask is None:
+        return q, [0, 0, 0, 0], {"HAS_MASK": False, "MASK_BOOL": False}
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    flags = {"HAS_MASK": True, "MASK_BOOL": mask.dtype == torch.bool}
+    return m, list(m.stride()), flags
+
+
+def _dropout_args(dropout_p: float, rng: torch.Tensor | None, q: torch.Tensor) -> tuple:
+    if dropout_p <= 0.0:
+        return q, 1.0, 0, False
+    assert rng is not None, "dropout_p > 0 needs the rng seeds"
+    keep = 1.0 - dropout_p
+    return rng, (1.0 / keep if keep > 0.0 else 0.0), reference.dropout_threshold(dropout_p), True
+
+
+def _num_splits(q: torch.Tensor, programs: int, sk: int, block_n: int) -> int:
+    """Key splits of a decode forward: enough programs to fill the GPU twice, >= 2 blocks each."""
+    sms = 8 if not q.is_cuda else torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= sms or sk < 4 * block_n:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-2 * sms // programs), sk // (2 * block_n)))
+
+
+# --------------------------------------------------------------------------------- launchers
+def triton_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    rng: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    dropout_p: float,
+    *,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of exact attention; ``num_splits`` forces the key splits (tests)."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    out = dispatch.new_output(q)
+    lse = _new((B, H, Sq), torch.float32, q.device)
+    if B * H * Sq == 0 or Sk == 0 or D == 0:  # no launch; the oracle on empty data is free
+        ref_out, ref_lse = reference.attention(q, k, v, mask, scale, causal, causal_offset,
+                                               dropout_p, rng)  # fmt: skip
+        out.copy_(ref_out)
+        lse.copy_(ref_lse)
+        return out, lse
+    block_d = _block_d(D)
+    tier = _tier(block_d)
+    m_arg, m_strides, flags = _mask_args(mask, q)
+    r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
+    flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
+                 IEEE=q.dtype == torch.float32, BLOCK_D=block_d)  # fmt: skip
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides]
+    split_n, split_w, split_s = SPLIT_CONFIG[tier]
+    block_m = max(16, _p2(Sq))
+    splits = num_splits
+    if splits is None:
+        splits = _num_splits(q, B * H, Sk, split_n) if Sq <= SPLIT_MAX_SQ else 1
+    splits = max(1, min(splits, -(-Sk // split_n)))
+    with device_guard(q):
+        if splits == 1:
+            args = (q, k, v, out, lse, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
+                    H, H // Hkv, Sq, Sk, D, causal_offset, Sk, 0, 0)  # fmt: skip
+            grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H, 1)
+            _launch(_fwd_kernel, FWD_CONFIGS, tier, grid, *args, **flags,
+                    RNE_BF16=needs_bf16_rounding(out))  # fmt: skip
+            return out, lse
+        per = -(-Sk // (splits * split_n)) * split_n  # keys per split, whole blocks
+        splits = -(-Sk // per)
+        o_part = torch.empty((splits, B * H, Sq, D), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
+        _fwd_kernel[(1, B * H, splits)](
+            q, k, v, o_part, l_part, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
+            H, H // Hkv, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq, **flags,
+            RNE_BF16=False, BLOCK_M=block_m, BLOCK_N=split_n, num_warps=split_w,
+            num_stages=split_s,
+        )  # fmt: skip
+        _combine_kernel[(B * H * Sq,)](
+            o_part, l_part, out, lse, splits, B * H * Sq * D, B * H * Sq, D,
+            SPLITS=_p2(splits), BLOCK_D=block_d, RNE_BF16=needs_bf16_rounding(out), num_warps=4,
+        )  # fmt: skip
+    return out, lse
+
+
+def triton_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    rng: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    dropout_p: float,
+    deterministic: bool,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask) of exact attention; dmask is dS in fp32, or empty(0)."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dq, dk, dv = dispatch.new_output(q), dispatch.new_output(k), dispatch.new_output(v)
+    shape = (B, H, Sq, Sk) if mask_grad else (0,)
+    # Zero-filled: entries of skipped (causal) blocks are never written and are 0.
+    dmask = torch.zeros(shape, dtype=torch.float32, device=q.device)
+    if B * H * Sq == 0 or Sk == 0 or D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    out, lse = out.contiguous(), lse.contiguous()
+    block_d = _block_d(D)
+    tier = _tier(block_d)
+    m_arg, m_strides, flags = _mask_args(mask, q)
+    r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
+    flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
+                 IEEE=q.dtype == torch.float32, BLOCK_D=block_d)  # fmt: skip
+    do_strides = list(grad_out.stride()[:3])
+    qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
+    sizes = (H, H // Hkv, Sq, Sk, D, causal_offset)
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    atomic = not deterministic
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
+    dm_arg = dmask if mask_grad else delta
+    with device_guard(q):
+        _bwd_pre_kernel[(triton.cdiv(Sq, 64), B * H)](
+            out, grad_out, delta, *do_strides, H, Sq, D, BLOCK_M=64, BLOCK_D=block_d, num_warps=4
+        )
+        _launch(
+            _bwd_dkdv_kernel, BWD_CONFIGS, tier,
+            lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv),
+            q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, scale,
+            scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes,
+            **flags, MASK_GRAD=mask_grad, ATOMIC_DQ=atomic, RNE_BF16=needs_bf16_rounding(dk),
+            reset=["DQ"] if atomic else None,
+        )  # fmt: skip
+        if atomic:
+            if dq_acc.dtype == dq.dtype:
+                dq = dq_acc
+            else:
+                dq.copy_(dq_acc)
+        else:
+            _launch(
+                _bwd_dq_kernel, BWD_CONFIGS, tier,
+                lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H),
+                q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, scale, scale * LOG2E,
+                drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes, **flags,
+                RNE_BF16=needs_bf16_rounding(dq),
+            )  # fmt: skip
+    return dq, dk, dv, dmask
