@@ -21,10 +21,11 @@ SMEM_LIMIT = {80: 166_912, 90: 232_448}
 
 def all_specs() -> Iterator[dict[str, Any]]:
     """Every (kernel, signature, constexprs, num_warps) the launchers can use, over all ops."""
-    from fastattn.ops import norm, softmax
+    from fastattn.ops import _attention_triton, norm, softmax
 
     yield from softmax.aot_specs()
     yield from norm.aot_specs()
+    yield from _attention_triton.aot_specs()
 
 
 def compile_spec(spec: dict[str, Any], cc: int) -> dict[str, Any]:
@@ -36,7 +37,11 @@ def compile_spec(spec: dict[str, Any], cc: int) -> dict[str, Any]:
     sig.update({k: "constexpr" for k in spec["constexprs"]})
     src = ASTSource(fn=spec["kernel"], signature=sig, constexprs=spec["constexprs"])
     target = GPUTarget("cuda", cc, 32)
-    out = triton.compile(src, target=target, options={"num_warps": spec["num_warps"]})
+    out = triton.compile(
+        src,
+        target=target,
+        options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)},
+    )
     ptx = out.asm["ptx"]
     return {
         "id": spec["id"],

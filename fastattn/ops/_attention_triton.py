@@ -156,7 +156,8 @@ def _combine_kernel(OP, LP, Out, LSE, n_splits, s_os, s_ls, D,
     if RNE_BF16:
         out = round_to_bf16(out)
     tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
-    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_ref + tl.log(total)))
+    lse = m_ref + tl.log(tl.where(total == 0.0, 1.0, total))
+    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), lse))
 
 
 @jit
@@ -549,3 +550,104 @@ def triton_backward(
                 RNE_BF16=needs_bf16_rounding(dq),
             )  # fmt: skip
     return dq, dk, dv, dmask
+
+
+# ------------------------------------------------------------------------------- AOT specs
+_FLOATS = {"scale", "qk_scale", "drop_scale"}
+
+
+def _signature(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
+    """Every non-constexpr argument of ``kernel``: pointers from ``ptrs``, floats, else i32."""
+    return {
+        a: ptrs.get(a) or ("fp32" if a in _FLOATS else "i32")
+        for a in kernel.arg_names
+        if a not in constexprs
+    }
+
+
+def _spec(name: str, kernel: Any, ptrs: dict[str, str], cx: dict[str, Any], cfg: tuple) -> dict:
+    m, n, w, s = cfg
+    constexprs = {**cx, "BLOCK_M": m, "BLOCK_N": n}
+    return {
+        "id": f"{name}-m{m}n{n}w{w}s{s}",
+        "kernel": kernel,
+        "signature": _signature(kernel, ptrs, constexprs),
+        "constexprs": constexprs,
+        "num_warps": w,
+        "num_stages": s,
+    }
+
+
+# Feature variants compiled per config: (mask kind, causal, dropout); "t" = a mask of q's dtype.
+_FEATURES = [("t", True, True), ("u8", False, False)]
+
+
+def aot_specs() -> Any:
+    """The configurations of the attention kernels, for ``fastattn._aot``.
+
+    Every autotune config of every head-dim tier is compiled in fp16 with every feature on
+    (float mask, causal, dropout; the largest code), the first (pinned) config of each tier in
+    every dtype and in a second feature set (bool mask, no causal/dropout); the split-K forward
+    and the combine per tier and dtype. The full cross-product (configs x dtypes x features x
+    head dims) is several hundred compiles; features only add code to the same tiles, so shared
+    memory and the tensor-core path are those of the all-on variant.
+    """
+    for tier, block_ds in ((64, (32, 64)), (128, (128,)), (256, (256,))):
+        for block_d in block_ds:
+            for t in ("fp16", "bf16", "fp32"):
+                for mk, causal, drop in _FEATURES:
+                    m_t = t if mk == "t" else mk
+                    base = f"{tier}-d{block_d}-{t}-mask_{m_t}-c{int(causal)}-p{int(drop)}"
+                    cx = {"HAS_MASK": True, "MASK_BOOL": mk == "u8", "CAUSAL": causal,
+                          "DROPOUT": drop, "UPCAST": False, "IEEE": t == "fp32",
+                          "BLOCK_D": block_d}  # fmt: skip
+                    every = t == "fp16" and mk == "t" and block_d == max(block_ds)
+                    io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32",
+                          "M": f"*{m_t}", "RNG": "*i64"}  # fmt: skip
+                    fwd_cfgs = FWD_CONFIGS[tier] if every else FWD_CONFIGS[tier][:1]
+                    bwd_cfgs = BWD_CONFIGS[tier] if every else BWD_CONFIGS[tier][:1]
+                    for cfg in fwd_cfgs:
+                        ptrs = {**io, "Out": f"*{t}"}
+                        cxf = {**cx, "RNE_BF16": False}
+                        yield _spec(f"attn_fwd-{base}", _fwd_kernel, ptrs, cxf, cfg)
+                    for cfg in bwd_cfgs:
+                        ptrs = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32",
+                                "DK": f"*{t}", "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
+                        cxb = {**cx, "MASK_GRAD": True, "ATOMIC_DQ": causal, "RNE_BF16": False}
+                        yield _spec(f"attn_bwd_dkdv-{base}", _bwd_dkdv_kernel, ptrs, cxb, cfg)
+                        ptrs["DQ"] = f"*{t}"
+                        cxq = {**cx, "RNE_BF16": False}
+                        yield _spec(f"attn_bwd_dq-{base}", _bwd_dq_kernel, ptrs, cxq, cfg)
+                    if mk == "t":  # decode split-K forward (fp32 partials) and its merge
+                        n, w, s = SPLIT_CONFIG[tier]
+                        ptrs = {**io, "Out": "*fp32"}
+                        cxf = {**cx, "RNE_BF16": False}
+                        yield _spec(f"attn_fwd_split-{base}", _fwd_kernel, ptrs, cxf, (16, n, w, s))
+                        yield {
+                            "id": f"attn_combine-d{block_d}-{t}",
+                            "kernel": _combine_kernel,
+                            "signature": {
+                                "OP": "*fp32",
+                                "LP": "*fp32",
+                                "Out": f"*{t}",
+                                "LSE": "*fp32",
+                                "n_splits": "i32",
+                                "s_os": "i32",
+                                "s_ls": "i32",
+                                "D": "i32",
+                            },  # fmt: skip
+                            "constexprs": {
+                                "SPLITS": MAX_SPLITS,
+                                "BLOCK_D": block_d,
+                                "RNE_BF16": t == "bf16",
+                            },  # fmt: skip
+                            "num_warps": 4,
+                        }
+            yield {
+                "id": f"attn_bwd_pre-d{block_d}",
+                "kernel": _bwd_pre_kernel,
+                "signature": {"Out": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "s_db": "i32",
+                              "s_dh": "i32", "s_dm": "i32", "H": "i32", "Sq": "i32", "D": "i32"},
+                "constexprs": {"BLOCK_M": 64, "BLOCK_D": block_d},
+                "num_warps": 4,
+            }  # fmt: skip
