@@ -79,8 +79,8 @@ def _run(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, causal=False, off=0, mask=No
         mr = None if mk is None else mk.detach().to(dt if mask_grad else mk.dtype)
         if mask_grad:
             mr.requires_grad_()
-        o, l = reference.attention(qr, kr, vr, mr, scale, causal, off, p, rng, opmath=opmath)
-        return qr, kr, vr, mr, o, l
+        o, ls = reference.attention(qr, kr, vr, mr, scale, causal, off, p, rng, opmath=opmath)
+        return qr, kr, vr, mr, o, ls
 
     qr, kr, vr, mr, ro, rl = oracle(torch.float64)
     g = torch.randn(ro.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
