@@ -8,7 +8,8 @@ shapes (few query rows, many keys) split the key axis over programs that write f
 block accumulates dK/dV over the query blocks of every query head of its kv group (no atomics);
 dQ by a per-query-block kernel (deterministic) or fp32 atomics from the dK/dV kernel.
 Under the interpreter every load is upcast to fp32 (``UPCAST``); on a GPU fp16/bf16 tiles go to
-``tl.dot`` as they are (tensor cores), fp32 ones with ``input_precision="ieee"``.
+``tl.dot`` as they are (tensor cores), fp32 ones with ``input_precision="tf32x3"`` (three TF32
+products: tensor cores at about fp32 accuracy).
 """
 
 from __future__ import annotations
@@ -51,12 +52,9 @@ def _keep(RNG, bh, Sq, rows, cols, thr):
 @jit
 def _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-            IEEE: tl.constexpr):
+            PREC: tl.constexpr):
     """Scores of a (BLOCK_M, BLOCK_N) tile in log2 units; -inf where masked or out of bounds."""
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(q, kt) * qk_scale
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
     valid = (rows < Sq)[:, None] & (cols < Sk)[None, :]
     if HAS_MASK:
         mp = M + mb + rows[:, None] * s_mm + cols[None, :] * s_mn
@@ -74,7 +72,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_mh, s_mm, s_mn,
                 H, GROUP, Sq, Sk, D, causal_offset, keys_per_split, s_os, s_ls,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -108,7 +106,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
         if UPCAST:
             kt = kt.to(tl.float32)
         s = _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
-                    HAS_MASK, MASK_BOOL, CAUSAL, IEEE)
+                    HAS_MASK, MASK_BOOL, CAUSAL, PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
         alpha = tl.exp2(m_i - m_ref)
@@ -119,10 +117,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
         v = tl.load(vp + cols[:, None] * s_vn, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     dead = l_i == 0.0  # no visible key (in this split): out 0, lse -inf
     out = acc * (drop_scale / tl.where(dead, 1.0, l_i))[:, None]
@@ -180,16 +175,13 @@ def _bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
 def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, causal_offset,
               qk_scale, drop_scale, drop_thr, s_mm, s_mn,
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-              DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+              DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N)."""
     s = _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
-                HAS_MASK, MASK_BOOL, CAUSAL, IEEE)
+                HAS_MASK, MASK_BOOL, CAUSAL, PREC)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead row: s is -inf
     p = tl.exp2(s - lse2[:, None])
-    if IEEE:
-        dp = tl.dot(do, vt, input_precision="ieee")
-    else:
-        dp = tl.dot(do, vt)
+    dp = tl.dot(do, vt, input_precision=PREC)
     if DROPOUT:
         keep = _keep(RNG, bh, Sq, rows, cols, drop_thr)
         pd = tl.where(keep, p * drop_scale, 0.0)
@@ -205,7 +197,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_
                      s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
                      HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                      DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                     UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -247,21 +239,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_
             delta = tl.load(DELTA + bh * Sq + rows, mask=r_ok, other=0.0)
             pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows,
                                cols, Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr,
-                               s_mm, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, IEEE)
+                               s_mm, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
             if MASK_GRAD:
                 tl.store(DM + (bh * Sq + rows)[:, None] * Sk + cols[None, :], ds,
                          mask=r_ok[:, None] & (cols < Sk)[None, :])
-            if IEEE:
-                dv += tl.dot(tl.trans(pd), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             if ATOMIC_DQ:
-                if IEEE:
-                    dq = tl.dot(ds, tl.trans(kt), input_precision="ieee")
-                else:
-                    dq = tl.dot(ds.to(kt.dtype), tl.trans(kt))
+                dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
                 tl.atomic_add(DQ + (bh * Sq + rows)[:, None] * D + offs_d[None, :], dq * scale,
                               mask=ok)
     dk = dk * scale
@@ -279,7 +264,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_sc
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
                    s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
                    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -318,11 +303,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_sc
             vt = vt.to(tl.float32)
         pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows, cols,
                            Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr, s_mm, s_mn,
-                           HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, IEEE)
-        if IEEE:
-            dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+                           HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     dq = dq * scale
     if RNE_BF16:
         dq = round_to_bf16(dq)
@@ -331,26 +313,53 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_sc
 
 
 # ------------------------------------------------------------------------- configurations
-# Block sizes per head-dim tier (BLOCK_D <= 64, <= 128, 256): (BLOCK_M, BLOCK_N, warps, stages).
-# The first of each list is the pinned one (FASTATTN_AUTOTUNE=0 and the interpreter). Shared
-# memory of every one is checked by the AOT compile (tests/test_triton_aot.py).
-FWD_CONFIGS = {
+# Block sizes per head-dim tier (BLOCK_D <= 64, <= 128, 256): (BLOCK_M, BLOCK_N, warps, stages),
+# fp16/bf16 and fp32 (twice the bytes per tile). The first of each list is the pinned one
+# (FASTATTN_AUTOTUNE=0 and the interpreter). The shared memory of each is checked by the AOT
+# compile (tests/test_triton_aot.py): at most ~100 KiB, within sm_80's 163 KiB.
+Cfg = tuple[int, int, int, int]
+FWD_CONFIGS: dict[int, list[Cfg]] = {
     64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
     128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
     256: [(64, 64, 8, 2), (64, 32, 4, 2)],
 }
-# Backward (dK/dV and dQ kernels): (BLOCK_M, BLOCK_N, warps, stages).
-BWD_CONFIGS = {
-    64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
-    128: [(64, 64, 8, 2), (32, 64, 4, 2)],
-    256: [(32, 64, 8, 1), (32, 32, 4, 1)],
+FWD_CONFIGS_FP32: dict[int, list[Cfg]] = {
+    64: [(64, 64, 4, 2), (128, 32, 8, 2)],
+    128: [(64, 32, 4, 2), (64, 64, 8, 1)],
+    256: [(32, 32, 4, 1), (64, 32, 8, 1)],
 }
-# Decode split-K forward: (BLOCK_N, warps, stages); BLOCK_M fits the query rows (16..64).
+# Backward (dK/dV and dQ kernels).
+BWD_CONFIGS: dict[int, list[Cfg]] = {
+    64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+    128: [(64, 64, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 1), (32, 32, 4, 1)],
+}
+BWD_CONFIGS_FP32: dict[int, list[Cfg]] = {
+    64: [(32, 64, 4, 1), (64, 32, 4, 1)],
+    128: [(32, 32, 4, 1), (64, 32, 8, 1)],
+    256: [(32, 16, 4, 1), (16, 32, 4, 1)],
+}
+# Decode split-K forward: (BLOCK_N, warps, stages); BLOCK_M = 16 query rows (mma.sync tiles).
 SPLIT_CONFIG = {64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 4, 2)}
-SPLIT_MAX_SQ = 64  # split-K only for at most this many query rows
+SPLIT_MAX_SQ = 16  # split-K for at most this many query rows
 MAX_SPLITS = 64
 
+
+def fwd_configs(dtype: torch.dtype, tier: int) -> list[Cfg]:
+    return (FWD_CONFIGS_FP32 if dtype == torch.float32 else FWD_CONFIGS)[tier]
+
+
+def bwd_configs(dtype: torch.dtype, tier: int) -> list[Cfg]:
+    return (BWD_CONFIGS_FP32 if dtype == torch.float32 else BWD_CONFIGS)[tier]
+
+
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 tiles as three TF32 products (near-fp32 accuracy on tensor
+    cores); fp16/bf16 tiles ignore it."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _tier(block_d: int) -> int:
@@ -369,28 +378,26 @@ def _autotuning() -> bool:
     return os.environ.get("FASTATTN_AUTOTUNE", "1") != "0" and not _interpreting()
 
 
-def _configs(table: dict[int, list[tuple[int, int, int, int]]], tier: int) -> list[Any]:
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in table[tier]
-    ]
+_TUNED: dict[tuple[str, tuple[Cfg, ...]], Any] = {}
 
 
-_TUNED: dict[tuple[str, int], Any] = {}
-
-
-def _launch(kernel: Any, table: dict, tier: int, grid: Any, *args: Any, reset: Any = None,
+def _launch(kernel: Any, cfgs: list[Cfg], grid: Any, *args: Any, reset: Any = None,
             **kw: Any) -> None:  # fmt: skip
-    """Launches ``kernel`` autotuned over ``table[tier]``, or with its pinned first config."""
+    """Launches ``kernel`` autotuned over ``cfgs``, or with the first of them (pinned)."""
     if not _autotuning():
-        m, n, w, s = table[tier][0]
+        m, n, w, s = cfgs[0]
         g = grid({"BLOCK_M": m, "BLOCK_N": n})
         kernel[g](*args, **kw, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
         return
-    key = (kernel.fn.__name__, tier)
+    key = (kernel.fn.__name__, tuple(cfgs))
     if key not in _TUNED:
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in cfgs
+        ]
+        # The dtypes of the tensor arguments join the key (Triton adds them).
         keys = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"]
-        _TUNED[key] = triton.autotune(_configs(table, tier), key=keys, reset_to_zero=reset)(kernel)
+        _TUNED[key] = triton.autotune(configs, key=keys, reset_to_zero=reset)(kernel)
     _TUNED[key][grid](*args, **kw)
 
 
@@ -452,35 +459,34 @@ def triton_forward(
     m_arg, m_strides, flags = _mask_args(mask, q)
     r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
     flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
-                 IEEE=q.dtype == torch.float32, BLOCK_D=block_d)  # fmt: skip
+                 PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides]
     split_n, split_w, split_s = SPLIT_CONFIG[tier]
-    block_m = max(16, _p2(Sq))
     splits = num_splits
     if splits is None:
         splits = _num_splits(q, B * H, Sk, split_n) if Sq <= SPLIT_MAX_SQ else 1
-    splits = max(1, min(splits, -(-Sk // split_n)))
+    splits = max(1, min(splits, MAX_SPLITS, -(-Sk // split_n)))
     with device_guard(q):
         if splits == 1:
             args = (q, k, v, out, lse, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
                     H, H // Hkv, Sq, Sk, D, causal_offset, Sk, 0, 0)  # fmt: skip
             grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H, 1)
-            _launch(_fwd_kernel, FWD_CONFIGS, tier, grid, *args, **flags,
+            _launch(_fwd_kernel, fwd_configs(q.dtype, tier), grid, *args, **flags,
                     RNE_BF16=needs_bf16_rounding(out))  # fmt: skip
             return out, lse
         per = -(-Sk // (splits * split_n)) * split_n  # keys per split, whole blocks
         splits = -(-Sk // per)
         o_part = torch.empty((splits, B * H, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
-        _fwd_kernel[(1, B * H, splits)](
+        _fwd_kernel[(triton.cdiv(Sq, 16), B * H, splits)](
             q, k, v, o_part, l_part, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
             H, H // Hkv, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq, **flags,
-            RNE_BF16=False, BLOCK_M=block_m, BLOCK_N=split_n, num_warps=split_w,
+            RNE_BF16=False, BLOCK_M=16, BLOCK_N=split_n, num_warps=split_w,
             num_stages=split_s,
         )  # fmt: skip
         _combine_kernel[(B * H * Sq,)](
             o_part, l_part, out, lse, splits, B * H * Sq * D, B * H * Sq, D,
-            SPLITS=_p2(splits), BLOCK_D=block_d, RNE_BF16=needs_bf16_rounding(out), num_warps=4,
+            SPLITS=MAX_SPLITS, BLOCK_D=block_d, RNE_BF16=needs_bf16_rounding(out), num_warps=4,
         )  # fmt: skip
     return out, lse
 
@@ -516,7 +522,7 @@ def triton_backward(
     m_arg, m_strides, flags = _mask_args(mask, q)
     r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
     flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
-                 IEEE=q.dtype == torch.float32, BLOCK_D=block_d)  # fmt: skip
+                 PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
     do_strides = list(grad_out.stride()[:3])
     qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
     sizes = (H, H // Hkv, Sq, Sk, D, causal_offset)
@@ -529,7 +535,7 @@ def triton_backward(
             out, grad_out, delta, *do_strides, H, Sq, D, BLOCK_M=64, BLOCK_D=block_d, num_warps=4
         )
         _launch(
-            _bwd_dkdv_kernel, BWD_CONFIGS, tier,
+            _bwd_dkdv_kernel, bwd_configs(q.dtype, tier),
             lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv),
             q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, scale,
             scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes,
@@ -543,7 +549,7 @@ def triton_backward(
                 dq.copy_(dq_acc)
         else:
             _launch(
-                _bwd_dq_kernel, BWD_CONFIGS, tier,
+                _bwd_dq_kernel, bwd_configs(q.dtype, tier),
                 lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H),
                 q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, scale, scale * LOG2E,
                 drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes, **flags,
@@ -578,76 +584,61 @@ def _spec(name: str, kernel: Any, ptrs: dict[str, str], cx: dict[str, Any], cfg:
     }
 
 
-# Feature variants compiled per config: (mask kind, causal, dropout); "t" = a mask of q's dtype.
-_FEATURES = [("t", True, True), ("u8", False, False)]
-
-
 def aot_specs() -> Any:
-    """The configurations of the attention kernels, for ``fastattn._aot``.
+    """A representative subset of the attention kernels' configurations, for ``fastattn._aot``.
 
-    Every autotune config of every head-dim tier is compiled in fp16 with every feature on
-    (float mask, causal, dropout; the largest code), the first (pinned) config of each tier in
-    every dtype and in a second feature set (bool mask, no causal/dropout); the split-K forward
-    and the combine per tier and dtype. The full cross-product (configs x dtypes x features x
-    head dims) is several hundred compiles; features only add code to the same tiles, so shared
-    memory and the tensor-core path are those of the all-on variant.
+    Per head-dim tier (BLOCK_D 64, 128, 256): every autotune config of the forward, dK/dV and
+    dQ kernels in fp16 with every feature on (mask of q's dtype, causal, dropout, dmask, atomic
+    dQ: the most code and registers); the pinned (first) config in bf16 and fp32 (fp32 has its
+    own, smaller tiles) and in fp16 with the other mask kind (bool) and no causal/dropout; the
+    split-K forward and the combine in each dtype; the dO.O preprocess. The full cross-product
+    (configs x dtypes x feature flags x 5 head-dim blocks) is ~1000 compiles; the flags only add
+    elementwise code to the same tiles, so shared memory and the tensor-core path are those
+    checked here. Smaller head dims (BLOCK_D 16, 32) use the 64-tier tiles with less memory.
     """
-    for tier, block_ds in ((64, (32, 64)), (128, (128,)), (256, (256,))):
-        for block_d in block_ds:
-            for t in ("fp16", "bf16", "fp32"):
-                for mk, causal, drop in _FEATURES:
-                    m_t = t if mk == "t" else mk
-                    base = f"{tier}-d{block_d}-{t}-mask_{m_t}-c{int(causal)}-p{int(drop)}"
-                    cx = {"HAS_MASK": True, "MASK_BOOL": mk == "u8", "CAUSAL": causal,
-                          "DROPOUT": drop, "UPCAST": False, "IEEE": t == "fp32",
-                          "BLOCK_D": block_d}  # fmt: skip
-                    every = t == "fp16" and mk == "t" and block_d == max(block_ds)
-                    io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32",
-                          "M": f"*{m_t}", "RNG": "*i64"}  # fmt: skip
-                    fwd_cfgs = FWD_CONFIGS[tier] if every else FWD_CONFIGS[tier][:1]
-                    bwd_cfgs = BWD_CONFIGS[tier] if every else BWD_CONFIGS[tier][:1]
-                    for cfg in fwd_cfgs:
-                        ptrs = {**io, "Out": f"*{t}"}
-                        cxf = {**cx, "RNE_BF16": False}
-                        yield _spec(f"attn_fwd-{base}", _fwd_kernel, ptrs, cxf, cfg)
-                    for cfg in bwd_cfgs:
-                        ptrs = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32",
-                                "DK": f"*{t}", "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
-                        cxb = {**cx, "MASK_GRAD": True, "ATOMIC_DQ": causal, "RNE_BF16": False}
-                        yield _spec(f"attn_bwd_dkdv-{base}", _bwd_dkdv_kernel, ptrs, cxb, cfg)
-                        ptrs["DQ"] = f"*{t}"
-                        cxq = {**cx, "RNE_BF16": False}
-                        yield _spec(f"attn_bwd_dq-{base}", _bwd_dq_kernel, ptrs, cxq, cfg)
-                    if mk == "t":  # decode split-K forward (fp32 partials) and its merge
-                        n, w, s = SPLIT_CONFIG[tier]
-                        ptrs = {**io, "Out": "*fp32"}
-                        cxf = {**cx, "RNE_BF16": False}
-                        yield _spec(f"attn_fwd_split-{base}", _fwd_kernel, ptrs, cxf, (16, n, w, s))
-                        yield {
-                            "id": f"attn_combine-d{block_d}-{t}",
-                            "kernel": _combine_kernel,
-                            "signature": {
-                                "OP": "*fp32",
-                                "LP": "*fp32",
-                                "Out": f"*{t}",
-                                "LSE": "*fp32",
-                                "n_splits": "i32",
-                                "s_os": "i32",
-                                "s_ls": "i32",
-                                "D": "i32",
-                            },  # fmt: skip
-                            "constexprs": {
-                                "SPLITS": MAX_SPLITS,
-                                "BLOCK_D": block_d,
-                                "RNE_BF16": t == "bf16",
-                            },  # fmt: skip
-                            "num_warps": 4,
-                        }
-            yield {
-                "id": f"attn_bwd_pre-d{block_d}",
-                "kernel": _bwd_pre_kernel,
-                "signature": {"Out": "*bf16", "DO": "*bf16", "DELTA": "*fp32", "s_db": "i32",
-                              "s_dh": "i32", "s_dm": "i32", "H": "i32", "Sq": "i32", "D": "i32"},
-                "constexprs": {"BLOCK_M": 64, "BLOCK_D": block_d},
-                "num_warps": 4,
-            }  # fmt: skip
+    for tier in (64, 128, 256):
+        block_d = tier
+        pre = {"Out": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}
+        yield {
+            "id": f"attn_bwd_pre-d{block_d}",
+            "kernel": _bwd_pre_kernel,
+            "signature": _signature(_bwd_pre_kernel, pre, {"BLOCK_M": 0, "BLOCK_D": 0}),
+            "constexprs": {"BLOCK_M": 64, "BLOCK_D": block_d},
+            "num_warps": 4,
+        }
+        for dtype, t in _TRITON_TYPE.items():
+            for mk in (t, "u8") if t == "fp16" else (t,):
+                on = mk == t  # every feature on, or a bool mask and nothing else
+                base = f"{tier}-{t}-mask_{mk}-c{int(on)}-p{int(on)}"
+                cx = {"HAS_MASK": True, "MASK_BOOL": mk == "u8", "CAUSAL": on, "DROPOUT": on,
+                      "UPCAST": False, "PREC": _prec(dtype), "BLOCK_D": block_d}  # fmt: skip
+                io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32", "M": f"*{mk}",
+                      "RNG": "*i64"}  # fmt: skip
+                every = t == "fp16" and on
+                fwd, bwd = fwd_configs(dtype, tier), bwd_configs(dtype, tier)
+                for cfg in fwd if every else fwd[:1]:
+                    cxf = {**cx, "RNE_BF16": False}
+                    yield _spec(f"attn_fwd-{base}", _fwd_kernel, {**io, "Out": f"*{t}"}, cxf, cfg)
+                for cfg in bwd if every else bwd[:1]:
+                    ptrs = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32", "DK": f"*{t}",
+                            "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
+                    cxb = {**cx, "MASK_GRAD": on, "ATOMIC_DQ": on, "RNE_BF16": False}
+                    yield _spec(f"attn_bwd_dkdv-{base}", _bwd_dkdv_kernel, ptrs, cxb, cfg)
+                    ptrs["DQ"] = f"*{t}"
+                    cxq = {**cx, "RNE_BF16": False}
+                    yield _spec(f"attn_bwd_dq-{base}", _bwd_dq_kernel, ptrs, cxq, cfg)
+                if not on:
+                    continue
+                n, w, s = SPLIT_CONFIG[tier]  # decode split-K (fp32 partials) and the merge
+                cxf = {**cx, "RNE_BF16": False}
+                ptrs = {**io, "Out": "*fp32"}
+                yield _spec(f"attn_fwd_split-{base}", _fwd_kernel, ptrs, cxf, (16, n, w, s))
+                cxc = {"SPLITS": MAX_SPLITS, "BLOCK_D": block_d, "RNE_BF16": t == "bf16"}
+                ptrs = {"OP": "*fp32", "LP": "*fp32", "Out": f"*{t}", "LSE": "*fp32"}
+                yield {
+                    "id": f"attn_combine-d{block_d}-{t}",
+                    "kernel": _combine_kernel,
+                    "signature": _signature(_combine_kernel, ptrs, cxc),
+                    "constexprs": cxc,
+                    "num_warps": 4,
+                }
