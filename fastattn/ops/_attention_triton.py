@@ -46,7 +46,7 @@ def _keep(RNG, bh, Sq, rows, cols, thr):
     row = (bh.to(tl.int64) * Sq + rows).to(tl.uint32)
     a = _mix32(row ^ seed0)
     r = _mix32(a[:, None] ^ (cols.to(tl.uint32) + seed1)[None, :])
-    return (r >> 8) >= thr.to(tl.uint32)
+    return (r >> 8) >= thr  # thr (int32, < 2**25) promotes to uint32
 
 
 @jit
@@ -319,29 +319,26 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_sc
 # compile (tests/test_triton_aot.py): at most ~100 KiB, within sm_80's 163 KiB.
 Cfg = tuple[int, int, int, int]
 FWD_CONFIGS: dict[int, list[Cfg]] = {
-    64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    64: [(128, 64, 4, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 3)],
     256: [(64, 64, 8, 2), (64, 32, 4, 2)],
-}
-FWD_CONFIGS_FP32: dict[int, list[Cfg]] = {
-    64: [(64, 64, 4, 2), (128, 32, 8, 2)],
-    128: [(64, 32, 4, 2), (64, 64, 8, 1)],
-    256: [(32, 32, 4, 1), (64, 32, 8, 1)],
 }
 # Backward (dK/dV and dQ kernels).
 BWD_CONFIGS: dict[int, list[Cfg]] = {
-    64: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+    64: [(64, 64, 4, 2), (64, 128, 8, 2)],
     128: [(64, 64, 8, 2), (64, 32, 4, 2)],
-    256: [(64, 32, 8, 1), (32, 32, 4, 1)],
+    256: [(64, 32, 8, 1), (64, 32, 4, 1)],
 }
-BWD_CONFIGS_FP32: dict[int, list[Cfg]] = {
-    64: [(32, 64, 4, 1), (64, 32, 4, 1)],
-    128: [(32, 32, 4, 1), (64, 32, 8, 1)],
-    256: [(32, 16, 4, 1), (16, 32, 4, 1)],
-}
-# Decode split-K forward: (BLOCK_N, warps, stages); BLOCK_M = 16 query rows (mma.sync tiles).
-SPLIT_CONFIG = {64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 4, 2)}
-SPLIT_MAX_SQ = 16  # split-K for at most this many query rows
+# fp32 (rare; one pinned config each, never autotuned): tiles of twice the bytes.
+FWD_CONFIGS_FP32: dict[int, list[Cfg]] = {64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)],
+                                          256: [(32, 32, 4, 1)]}  # fmt: skip
+BWD_CONFIGS_FP32: dict[int, list[Cfg]] = {64: [(32, 64, 4, 1)], 128: [(32, 32, 4, 1)],
+                                          256: [(32, 16, 4, 1)]}  # fmt: skip
+# Decode split-K forward. 64 query rows (wgmma's minimum on sm_90; decode is memory-bound, the
+# unused rows cost no memory traffic), 16 in fp32.
+SPLIT_CONFIG: dict[int, Cfg] = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)}
+SPLIT_CONFIG_FP32: dict[int, Cfg] = {64: (16, 64, 4, 2), 128: (16, 64, 4, 2), 256: (16, 32, 4, 2)}
+SPLIT_MAX_SQ = 64  # split-K for at most this many query rows
 MAX_SPLITS = 64
 
 
@@ -351,6 +348,10 @@ def fwd_configs(dtype: torch.dtype, tier: int) -> list[Cfg]:
 
 def bwd_configs(dtype: torch.dtype, tier: int) -> list[Cfg]:
     return (BWD_CONFIGS_FP32 if dtype == torch.float32 else BWD_CONFIGS)[tier]
+
+
+def split_config(dtype: torch.dtype, tier: int) -> Cfg:
+    return (SPLIT_CONFIG_FP32 if dtype == torch.float32 else SPLIT_CONFIG)[tier]
 
 
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -384,7 +385,7 @@ _TUNED: dict[tuple[str, tuple[Cfg, ...]], Any] = {}
 def _launch(kernel: Any, cfgs: list[Cfg], grid: Any, *args: Any, reset: Any = None,
             **kw: Any) -> None:  # fmt: skip
     """Launches ``kernel`` autotuned over ``cfgs``, or with the first of them (pinned)."""
-    if not _autotuning():
+    if len(cfgs) == 1 or not _autotuning():
         m, n, w, s = cfgs[0]
         g = grid({"BLOCK_M": m, "BLOCK_N": n})
         kernel[g](*args, **kw, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
@@ -461,7 +462,7 @@ def triton_forward(
     flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
                  PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides]
-    split_n, split_w, split_s = SPLIT_CONFIG[tier]
+    split_m, split_n, split_w, split_s = split_config(q.dtype, tier)
     splits = num_splits
     if splits is None:
         splits = _num_splits(q, B * H, Sk, split_n) if Sq <= SPLIT_MAX_SQ else 1
@@ -478,10 +479,10 @@ def triton_forward(
         splits = -(-Sk // per)
         o_part = torch.empty((splits, B * H, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
-        _fwd_kernel[(triton.cdiv(Sq, 16), B * H, splits)](
+        _fwd_kernel[(triton.cdiv(Sq, split_m), B * H, splits)](
             q, k, v, o_part, l_part, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
             H, H // Hkv, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq, **flags,
-            RNE_BF16=False, BLOCK_M=16, BLOCK_N=split_n, num_warps=split_w,
+            RNE_BF16=False, BLOCK_M=split_m, BLOCK_N=split_n, num_warps=split_w,
             num_stages=split_s,
         )  # fmt: skip
         _combine_kernel[(B * H * Sq,)](
@@ -589,12 +590,13 @@ def aot_specs() -> Any:
 
     Per head-dim tier (BLOCK_D 64, 128, 256): every autotune config of the forward, dK/dV and
     dQ kernels in fp16 with every feature on (mask of q's dtype, causal, dropout, dmask, atomic
-    dQ: the most code and registers); the pinned (first) config in bf16 and fp32 (fp32 has its
-    own, smaller tiles) and in fp16 with the other mask kind (bool) and no causal/dropout; the
-    split-K forward and the combine in each dtype; the dO.O preprocess. The full cross-product
-    (configs x dtypes x feature flags x 5 head-dim blocks) is ~1000 compiles; the flags only add
-    elementwise code to the same tiles, so shared memory and the tensor-core path are those
-    checked here. Smaller head dims (BLOCK_D 16, 32) use the 64-tier tiles with less memory.
+    dQ: the most code and registers); the pinned config in bf16 with the other mask kind (bool)
+    and nothing else (the deterministic dQ path of dK/dV), and in fp32 (own tiles, tf32x3
+    dots) with every feature on; the split-K forward in fp16 and fp32; the combine in each
+    dtype; the dO.O preprocess. The full cross-product (configs x dtypes x flags x 5 head-dim
+    blocks) would be ~1000 compiles; the flags only add elementwise code to the same tiles, so
+    shared memory and the tensor-core path are those checked here. BLOCK_D 16 and 32 use the
+    64-tier tiles with less memory.
     """
     for tier in (64, 128, 256):
         block_d = tier
@@ -607,38 +609,37 @@ def aot_specs() -> Any:
             "num_warps": 4,
         }
         for dtype, t in _TRITON_TYPE.items():
-            for mk in (t, "u8") if t == "fp16" else (t,):
-                on = mk == t  # every feature on, or a bool mask and nothing else
-                base = f"{tier}-{t}-mask_{mk}-c{int(on)}-p{int(on)}"
-                cx = {"HAS_MASK": True, "MASK_BOOL": mk == "u8", "CAUSAL": on, "DROPOUT": on,
-                      "UPCAST": False, "PREC": _prec(dtype), "BLOCK_D": block_d}  # fmt: skip
-                io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32", "M": f"*{mk}",
-                      "RNG": "*i64"}  # fmt: skip
-                every = t == "fp16" and on
-                fwd, bwd = fwd_configs(dtype, tier), bwd_configs(dtype, tier)
-                for cfg in fwd if every else fwd[:1]:
-                    cxf = {**cx, "RNE_BF16": False}
-                    yield _spec(f"attn_fwd-{base}", _fwd_kernel, {**io, "Out": f"*{t}"}, cxf, cfg)
-                for cfg in bwd if every else bwd[:1]:
-                    ptrs = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32", "DK": f"*{t}",
-                            "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
-                    cxb = {**cx, "MASK_GRAD": on, "ATOMIC_DQ": on, "RNE_BF16": False}
-                    yield _spec(f"attn_bwd_dkdv-{base}", _bwd_dkdv_kernel, ptrs, cxb, cfg)
-                    ptrs["DQ"] = f"*{t}"
-                    cxq = {**cx, "RNE_BF16": False}
-                    yield _spec(f"attn_bwd_dq-{base}", _bwd_dq_kernel, ptrs, cxq, cfg)
-                if not on:
-                    continue
-                n, w, s = SPLIT_CONFIG[tier]  # decode split-K (fp32 partials) and the merge
+            on = t != "bf16"  # every feature on, or a bool mask and nothing else
+            mk = t if on else "u8"
+            base = f"{tier}-{t}-mask_{mk}-c{int(on)}-p{int(on)}"
+            cx = {"HAS_MASK": True, "MASK_BOOL": not on, "CAUSAL": on, "DROPOUT": on,
+                  "UPCAST": False, "PREC": _prec(dtype), "BLOCK_D": block_d}  # fmt: skip
+            io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32", "M": f"*{mk}",
+                  "RNG": "*i64"}  # fmt: skip
+            fwd, bwd = fwd_configs(dtype, tier), bwd_configs(dtype, tier)
+            every = t == "fp16"
+            for cfg in fwd if every else fwd[:1]:
+                cxf = {**cx, "RNE_BF16": False}
+                yield _spec(f"attn_fwd-{base}", _fwd_kernel, {**io, "Out": f"*{t}"}, cxf, cfg)
+            for cfg in bwd if every else bwd[:1]:
+                ptrs = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32", "DK": f"*{t}",
+                        "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
+                cxb = {**cx, "MASK_GRAD": on, "ATOMIC_DQ": on, "RNE_BF16": False}
+                yield _spec(f"attn_bwd_dkdv-{base}", _bwd_dkdv_kernel, ptrs, cxb, cfg)
+                ptrs["DQ"] = f"*{t}"
+                cxq = {**cx, "RNE_BF16": False}
+                yield _spec(f"attn_bwd_dq-{base}", _bwd_dq_kernel, ptrs, cxq, cfg)
+            if on:  # decode split-K, writing fp32 partials
                 cxf = {**cx, "RNE_BF16": False}
                 ptrs = {**io, "Out": "*fp32"}
-                yield _spec(f"attn_fwd_split-{base}", _fwd_kernel, ptrs, cxf, (16, n, w, s))
-                cxc = {"SPLITS": MAX_SPLITS, "BLOCK_D": block_d, "RNE_BF16": t == "bf16"}
-                ptrs = {"OP": "*fp32", "LP": "*fp32", "Out": f"*{t}", "LSE": "*fp32"}
-                yield {
-                    "id": f"attn_combine-d{block_d}-{t}",
-                    "kernel": _combine_kernel,
-                    "signature": _signature(_combine_kernel, ptrs, cxc),
-                    "constexprs": cxc,
-                    "num_warps": 4,
-                }
+                cfg = split_config(dtype, tier)
+                yield _spec(f"attn_fwd_split-{base}", _fwd_kernel, ptrs, cxf, cfg)
+            cxc = {"SPLITS": MAX_SPLITS, "BLOCK_D": block_d, "RNE_BF16": t == "bf16"}
+            ptrs = {"OP": "*fp32", "LP": "*fp32", "Out": f"*{t}", "LSE": "*fp32"}
+            yield {
+                "id": f"attn_combine-d{block_d}-{t}",
+                "kernel": _combine_kernel,
+                "signature": _signature(_combine_kernel, ptrs, cxc),
+                "constexprs": cxc,
+                "num_warps": 4,
+            }
