@@ -118,6 +118,8 @@ CASES = [
     (1, 4, 2, 1, 200, 64, {"splits": 3}),
     (1, 4, 1, 5, 300, 40, {"causal": True, "off": 295, "p": 0.2, "mask": "bool"}),
     (2, 4, 2, 3, 160, 96, {"mask": "float", "splits": 4}),
+    # split-K packs the 4 heads of the kv group: 132 rows in 3 tiles, across head boundaries
+    (1, 4, 1, 33, 150, 16, {"splits": 3, "causal": True, "off": 5, "mask": "float", "p": 0.3}),
     (1, 4, 2, 37, 29, 16, {"deterministic": False}),
     (1, 4, 1, 21, 45, 40, {"deterministic": False, "mask": "float", "causal": True, "off": 24}),
     (2, 4, 2, 19, 37, 64, {"transposed": True, "causal": True, "off": 18}),

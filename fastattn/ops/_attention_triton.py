@@ -39,63 +39,72 @@ def _mix32(x):
 
 
 @jit
-def _keep(RNG, bh, Sq, rows, cols, thr):
-    """Dropout keep-mask (BLOCK_M, BLOCK_N) of head ``bh``: the hash of reference.py."""
+def _keep(RNG, grow, cols, thr):
+    """Dropout keep-mask (BLOCK_M, BLOCK_N) of global rows ``grow`` = (b*H + h)*Sq + i: the
+    hash of reference.py."""
     seed0 = tl.load(RNG).to(tl.uint32)
     seed1 = tl.load(RNG + 1).to(tl.uint32)
-    row = (bh.to(tl.int64) * Sq + rows).to(tl.uint32)
-    a = _mix32(row ^ seed0)
+    a = _mix32(grow.to(tl.uint32) ^ seed0)
     r = _mix32(a[:, None] ^ (cols.to(tl.uint32) + seed1)[None, :])
     return (r >> 8) >= thr  # thr (int32, < 2**25) promotes to uint32
 
 
 @jit
-def _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
+def _scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_mn,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
             PREC: tl.constexpr):
-    """Scores of a (BLOCK_M, BLOCK_N) tile in log2 units; -inf where masked or out of bounds."""
+    """Scores of a (BLOCK_M, BLOCK_N) tile in log2 units; -inf where masked or out of bounds.
+    Row r is query ``qi[r]`` and its mask row starts at ``m_row[r]``."""
     s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-    valid = (rows < Sq)[:, None] & (cols < Sk)[None, :]
+    valid = r_ok[:, None] & (cols < Sk)[None, :]
     if HAS_MASK:
-        mp = M + mb + rows[:, None] * s_mm + cols[None, :] * s_mn
+        mp = M + m_row[:, None] + cols[None, :] * s_mn
         if MASK_BOOL:
             valid = valid & (tl.load(mp, mask=valid, other=0).to(tl.int32) != 0)
         else:
             s += tl.load(mp, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
     if CAUSAL:
-        valid = valid & (cols[None, :] <= rows[:, None] + causal_offset)
+        valid = valid & (cols[None, :] <= qi[:, None] + causal_offset)
     return tl.where(valid, s, float("-inf"))
 
 
 @jit
 def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_mh, s_mm, s_mn,
-                H, GROUP, Sq, Sk, D, causal_offset, keys_per_split, s_os, s_ls,
+                H, GROUP, NH, Sq, Sk, D, causal_offset, keys_per_split, s_os, s_ls,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                 DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
+    # Program (pid_m, pid_h, split) owns rows r of NH query heads h0 .. h0+NH-1 (NH = GROUP
+    # packs a kv group's heads into one tile for decode, else 1): head h0 + r // Sq, query r % Sq.
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_h = tl.program_id(1)
     split = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
+    b = (pid_h // (H // NH)).to(tl.int64)
+    h0 = (pid_h % (H // NH)) * NH
+    hk = (h0 // GROUP).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    hr = (h0 + rows // Sq).to(tl.int64)
+    qi = rows % Sq
+    r_ok = rows < NH * Sq
+    grow = (b * H + h0) * Sq + rows  # global row (b*H + h)*Sq + i
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :],
-                mask=(rows < Sq)[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(Q + b * s_qb + hr[:, None] * s_qh + qi[:, None] * s_qm + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
     vp = V + b * s_vb + hk * s_vh + offs_d[None, :]
-    mb = b * s_mb + h * s_mh
+    m_row = b * s_mb + hr * s_mh + qi * s_mm
     lo = split * keys_per_split
     hi = tl.minimum(Sk, lo + keys_per_split)
-    if CAUSAL:  # key blocks past the diagonal of the last row are never visited
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset)
+    if CAUSAL:  # key blocks past the diagonal of the block's last query are never visited
+        last = tl.minimum((pid_m + 1) * BLOCK_M, NH * Sq) - 1
+        max_i = tl.where(pid_m * BLOCK_M // Sq == last // Sq, last % Sq, Sq - 1)
+        hi = tl.minimum(hi, max_i + 1 + causal_offset)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -105,7 +114,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
         kt = tl.load(kp + cols[None, :] * s_kn, mask=d_ok[:, None] & c_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
+        s = _scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_mn,
                     HAS_MASK, MASK_BOOL, CAUSAL, PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
@@ -113,7 +122,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_keep(RNG, bh, Sq, rows, cols, drop_thr), p, 0.0)
+            p = tl.where(_keep(RNG, grow, cols, drop_thr), p, 0.0)
         v = tl.load(vp + cols[:, None] * s_vn, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
@@ -125,11 +134,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
     lse = tl.where(dead, float("-inf"), lse)
     if RNE_BF16:
         out = round_to_bf16(out)
-    r_ok = rows < Sq
-    row_off = bh.to(tl.int64) * Sq + rows
-    tl.store(Out + split.to(tl.int64) * s_os + row_off[:, None] * D + offs_d[None, :],
+    tl.store(Out + split.to(tl.int64) * s_os + grow[:, None] * D + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + split.to(tl.int64) * s_ls + row_off, lse, mask=r_ok)
+    tl.store(LSE + split.to(tl.int64) * s_ls + grow, lse, mask=r_ok)
 
 
 @jit
@@ -177,13 +184,13 @@ def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, cau
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
               DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N)."""
-    s = _scores(q, kt, M, mb, rows, cols, Sq, Sk, causal_offset, qk_scale, s_mm, s_mn,
-                HAS_MASK, MASK_BOOL, CAUSAL, PREC)
+    s = _scores(q, kt, M, mb + rows * s_mm, rows, rows < Sq, cols, Sk, causal_offset, qk_scale,
+                s_mn, HAS_MASK, MASK_BOOL, CAUSAL, PREC)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead row: s is -inf
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vt, input_precision=PREC)
     if DROPOUT:
-        keep = _keep(RNG, bh, Sq, rows, cols, drop_thr)
+        keep = _keep(RNG, bh.to(tl.int64) * Sq + rows, cols, drop_thr)
         pd = tl.where(keep, p * drop_scale, 0.0)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     else:
@@ -463,14 +470,16 @@ def triton_forward(
                  PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides]
     split_m, split_n, split_w, split_s = split_config(q.dtype, tier)
+    group = H // Hkv
+    m_tiles = triton.cdiv(group * Sq, split_m)  # split-K packs the heads of a kv group
     splits = num_splits
     if splits is None:
-        splits = _num_splits(q, B * H, Sk, split_n) if Sq <= SPLIT_MAX_SQ else 1
+        splits = _num_splits(q, B * Hkv * m_tiles, Sk, split_n) if Sq <= SPLIT_MAX_SQ else 1
     splits = max(1, min(splits, MAX_SPLITS, -(-Sk // split_n)))
     with device_guard(q):
         if splits == 1:
             args = (q, k, v, out, lse, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
-                    H, H // Hkv, Sq, Sk, D, causal_offset, Sk, 0, 0)  # fmt: skip
+                    H, group, 1, Sq, Sk, D, causal_offset, Sk, 0, 0)  # fmt: skip
             grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H, 1)
             _launch(_fwd_kernel, fwd_configs(q.dtype, tier), grid, *args, **flags,
                     RNE_BF16=needs_bf16_rounding(out))  # fmt: skip
@@ -479,9 +488,9 @@ def triton_forward(
         splits = -(-Sk // per)
         o_part = torch.empty((splits, B * H, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
-        _fwd_kernel[(triton.cdiv(Sq, split_m), B * H, splits)](
+        _fwd_kernel[(m_tiles, B * Hkv, splits)](
             q, k, v, o_part, l_part, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
-            H, H // Hkv, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq, **flags,
+            H, group, group, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq, **flags,
             RNE_BF16=False, BLOCK_M=split_m, BLOCK_N=split_n, num_warps=split_w,
             num_stages=split_s,
         )  # fmt: skip
