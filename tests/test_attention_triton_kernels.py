@@ -90,6 +90,8 @@ def _run(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, causal=False, off=0, mask=No
     _check(out, ro, eager[4], dtype, "out")
     _check(lse, rl, eager[5], torch.float32, "lse")
     do = g.to(dtype)
+    if transposed:  # grad_out in (B, S, H, D) storage too
+        do = do.transpose(1, 2).contiguous().transpose(1, 2)
     dq, dk, dv, dm = A.triton_backward(do, q, k, v, out, lse, mk_full, rng, scale, causal, off, p,
                                        deterministic, mask_grad)  # fmt: skip
     for name, fast, ref, e in (("dq", dq, qr, eager[0]), ("dk", dk, kr, eager[1]),
