@@ -21,10 +21,11 @@ SMEM_LIMIT = {80: 166_912, 90: 232_448}
 
 def all_specs() -> Iterator[dict[str, Any]]:
     """Every (kernel, signature, constexprs, num_warps) the launchers can use, over all ops."""
-    from fastattn.ops import norm, softmax
+    from fastattn.ops import _attention_triton, norm, softmax
 
     yield from softmax.aot_specs()
     yield from norm.aot_specs()
+    yield from _attention_triton.aot_specs()
 
 
 def compile_spec(spec: dict[str, Any], cc: int) -> dict[str, Any]:
@@ -36,7 +37,11 @@ def compile_spec(spec: dict[str, Any], cc: int) -> dict[str, Any]:
     sig.update({k: "constexpr" for k in spec["constexprs"]})
     src = ASTSource(fn=spec["kernel"], signature=sig, constexprs=spec["constexprs"])
     target = GPUTarget("cuda", cc, 32)
-    out = triton.compile(src, target=target, options={"num_warps": spec["num_warps"]})
+    out = triton.compile(
+        src,
+        target=target,
+        options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)},
+    )
     ptx = out.asm["ptx"]
     return {
         "id": spec["id"],
@@ -49,19 +54,39 @@ def compile_spec(spec: dict[str, Any], cc: int) -> dict[str, Any]:
     }
 
 
+_SPECS: list[dict[str, Any]] = []  # filled before the worker processes fork
+
+
+def _compile_one(task: tuple[int, int]) -> str:
+    index, cc = task
+    spec = _SPECS[index]
+    try:
+        return json.dumps(compile_spec(spec, cc))
+    except Exception as e:  # report every failure, keep compiling the rest
+        return json.dumps({"id": spec["id"], "cc": cc, "error": repr(e)})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cc", type=int, nargs="+", default=[80, 90])
+    parser.add_argument(
+        "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="compile processes"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    for spec in all_specs():
-        for cc in args.cc:
-            try:
-                print(json.dumps(compile_spec(spec, cc)), flush=True)
-            except Exception as e:  # report every failure, keep compiling the rest
-                print(json.dumps({"id": spec["id"], "cc": cc, "error": repr(e)}), flush=True)
+    _SPECS[:] = list(all_specs())
+    tasks = [(i, cc) for i in range(len(_SPECS)) for cc in args.cc]
+    if args.jobs <= 1:
+        for line in map(_compile_one, tasks):
+            print(line, flush=True)
+        return 0
+    import multiprocessing  # compiles are independent and CPU-bound; fork shares the specs
+
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        for line in pool.imap(_compile_one, tasks):
+            print(line, flush=True)
     return 0
 
 

@@ -52,5 +52,9 @@ def test_every_launch_tier_is_covered():
     from fastattn.ops import softmax as sm
 
     tiers = {tuple(sm.launch_config(c).values()) for c in range(1, 3 * sm.MAX_SINGLE_PASS, 7)}
-    covered = {tuple(sm.launch_config(int(i.split("-")[1])).values()) for i in SPEC_IDS}
+    covered = {
+        tuple(sm.launch_config(int(i.split("-")[1])).values())
+        for i in SPEC_IDS
+        if i.startswith("softmax_")
+    }
     assert tiers <= covered

@@ -1,0 +1,654 @@
+"""Triton kernels of exact attention (FlashAttention-2 style), forward and backward, and their
+launchers ``triton_forward`` / ``triton_backward`` (see docs/attention.md for the contract).
+
+Forward: one program per (query block, batch*head[, key split]); online softmax in fp32 in the
+log2 domain (exp2); GQA by index; causal key blocks beyond the diagonal are not visited. Decode
+shapes (few query rows, many keys) split the key axis over programs that write fp32 partial
+(out, lse), merged by ``_combine_kernel``. Backward: D = rowsum(dO * O); one program per key
+block accumulates dK/dV over the query blocks of every query head of its kv group (no atomics);
+dQ by a per-query-block kernel (deterministic) or fp32 atomics from the dK/dV kernel.
+Under the interpreter every load is upcast to fp32 (``UPCAST``); on a GPU fp16/bf16 tiles go to
+``tl.dot`` as they are (tensor cores), fp32 ones with ``input_precision="tf32x3"`` (three TF32
+products: tensor cores at about fp32 accuracy).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from fastattn import dispatch, reference
+from fastattn._triton import device_guard, jit, needs_bf16_rounding, round_to_bf16, tl, triton
+from fastattn._triton import next_power_of_2 as _p2
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------- kernels
+# fmt: off
+@jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@jit
+def _keep(RNG, grow, cols, thr):
+    """Dropout keep-mask (BLOCK_M, BLOCK_N) of global rows ``grow`` = (b*H + h)*Sq + i: the
+    hash of reference.py."""
+    seed0 = tl.load(RNG).to(tl.uint32)
+    seed1 = tl.load(RNG + 1).to(tl.uint32)
+    a = _mix32(grow.to(tl.uint32) ^ seed0)
+    r = _mix32(a[:, None] ^ (cols.to(tl.uint32) + seed1)[None, :])
+    return (r >> 8) >= thr  # thr (int32, < 2**25) promotes to uint32
+
+
+@jit
+def _scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_mn,
+            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    """Scores of a (BLOCK_M, BLOCK_N) tile in log2 units; -inf where masked or out of bounds.
+    Row r is query ``qi[r]`` and its mask row starts at ``m_row[r]``."""
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    valid = r_ok[:, None] & (cols < Sk)[None, :]
+    if HAS_MASK:
+        mp = M + m_row[:, None] + cols[None, :] * s_mn
+        if MASK_BOOL:
+            valid = valid & (tl.load(mp, mask=valid, other=0).to(tl.int32) != 0)
+        else:
+            s += tl.load(mp, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= qi[:, None] + causal_offset)
+    return tl.where(valid, s, float("-inf"))
+
+
+@jit
+def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
+                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_mh, s_mm, s_mn,
+                H, GROUP, NH, Sq, Sk, D, causal_offset, keys_per_split, s_os, s_ls,
+                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    # Program (pid_m, pid_h, split) owns rows r of NH query heads h0 .. h0+NH-1 (NH = GROUP
+    # packs a kv group's heads into one tile for decode, else 1): head h0 + r // Sq, query r % Sq.
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_h // (H // NH)).to(tl.int64)
+    h0 = (pid_h % (H // NH)) * NH
+    hk = (h0 // GROUP).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    hr = (h0 + rows // Sq).to(tl.int64)
+    qi = rows % Sq
+    r_ok = rows < NH * Sq
+    grow = (b * H + h0) * Sq + rows  # global row (b*H + h)*Sq + i
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * s_qb + hr[:, None] * s_qh + qi[:, None] * s_qm + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
+    vp = V + b * s_vb + hk * s_vh + offs_d[None, :]
+    m_row = b * s_mb + hr * s_mh + qi * s_mm
+    lo = split * keys_per_split
+    hi = tl.minimum(Sk, lo + keys_per_split)
+    if CAUSAL:  # key blocks past the diagonal of the block's last query are never visited
+        last = tl.minimum((pid_m + 1) * BLOCK_M, NH * Sq) - 1
+        max_i = tl.where(pid_m * BLOCK_M // Sq == last // Sq, last % Sq, Sq - 1)
+        hi = tl.minimum(hi, max_i + 1 + causal_offset)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        c_ok = cols < Sk
+        kt = tl.load(kp + cols[None, :] * s_kn, mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = _scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_mn,
+                    HAS_MASK, MASK_BOOL, CAUSAL, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(RNG, grow, cols, drop_thr), p, 0.0)
+        v = tl.load(vp + cols[:, None] * s_vn, mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    dead = l_i == 0.0  # no visible key (in this split): out 0, lse -inf
+    out = acc * (drop_scale / tl.where(dead, 1.0, l_i))[:, None]
+    lse = (m_i + tl.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453
+    lse = tl.where(dead, float("-inf"), lse)
+    if RNE_BF16:
+        out = round_to_bf16(out)
+    tl.store(Out + split.to(tl.int64) * s_os + grow[:, None] * D + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + split.to(tl.int64) * s_ls + grow, lse, mask=r_ok)
+
+
+@jit
+def _combine_kernel(OP, LP, Out, LSE, n_splits, s_os, s_ls, D,
+                    SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Merges the fp32 partial (out, lse) of the key splits of one query row."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LP + sp * s_ls + row, mask=sp < n_splits, other=float("-inf"))
+    mx = tl.max(lse_s, 0)
+    m_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.exp(lse_s - m_ref), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, n_splits):
+        w = tl.exp(tl.load(LP + s * s_ls + row) - m_ref)
+        acc += w * tl.load(OP + s * s_os + row * D + offs_d, mask=offs_d < D, other=0.0)
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    if RNE_BF16:
+        out = round_to_bf16(out)
+    tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+    lse = m_ref + tl.log(tl.where(total == 0.0, 1.0, total))
+    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), lse))
+
+
+@jit
+def _bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DELTA = rowsum(dO * O) in fp32."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < Sq)[:, None] & (offs_d < D)[None, :]
+    op = Out + (bh.to(tl.int64) * Sq + rows)[:, None] * D + offs_d[None, :]
+    o = tl.load(op, mask=ok, other=0.0)
+    dop = DO + (bh // H).to(tl.int64) * s_db + (bh % H) * s_dh
+    do = tl.load(dop + rows[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + rows, delta, mask=rows < Sq)
+
+
+@jit
+def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, causal_offset,
+              qk_scale, drop_scale, drop_thr, s_mm, s_mn,
+              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+              DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N)."""
+    s = _scores(q, kt, M, mb + rows * s_mm, rows, rows < Sq, cols, Sk, causal_offset, qk_scale,
+                s_mn, HAS_MASK, MASK_BOOL, CAUSAL, PREC)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead row: s is -inf
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vt, input_precision=PREC)
+    if DROPOUT:
+        keep = _keep(RNG, bh.to(tl.int64) * Sq + rows, cols, drop_thr)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        pd = p
+    return pd, p * (dp - delta[:, None])
+
+
+@jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_scale,
+                     drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                     s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
+                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                     DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    Hkv = H // GROUP
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
+    kt = tl.load(K + b * s_kb + hk * s_kh + cols[None, :] * s_kn + offs_d[:, None], mask=kv_ok,
+                 other=0.0)
+    vt = tl.load(V + b * s_vb + hk * s_vh + cols[None, :] * s_vn + offs_d[:, None], mask=kv_ok,
+                 other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:  # query blocks whose rows see none of these keys are skipped
+        lo = (tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        qp = Q + b * s_qb + h * s_qh + offs_d[None, :]
+        dop = DO + b * s_db + h * s_dh + offs_d[None, :]
+        for start in range(lo, Sq, BLOCK_M):
+            rows = start + offs_m
+            r_ok = rows < Sq
+            ok = r_ok[:, None] & d_ok[None, :]
+            q = tl.load(qp + rows[:, None] * s_qm, mask=ok, other=0.0)
+            do = tl.load(dop + rows[:, None] * s_dm, mask=ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + bh * Sq + rows, mask=r_ok, other=0.0)
+            delta = tl.load(DELTA + bh * Sq + rows, mask=r_ok, other=0.0)
+            pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows,
+                               cols, Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr,
+                               s_mm, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
+            if MASK_GRAD:
+                tl.store(DM + (bh * Sq + rows)[:, None] * Sk + cols[None, :], ds,
+                         mask=r_ok[:, None] & (cols < Sk)[None, :])
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if ATOMIC_DQ:
+                dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+                tl.atomic_add(DQ + (bh * Sq + rows)[:, None] * D + offs_d[None, :], dq * scale,
+                              mask=ok)
+    dk = dk * scale
+    if RNE_BF16:
+        dk = round_to_bf16(dk)
+        dv = round_to_bf16(dv)
+    out_off = (bhk.to(tl.int64) * Sk + cols)[:, None] * D + offs_d[None, :]
+    ok = (cols < Sk)[:, None] & d_ok[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_scale, drop_thr,
+                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
+                   s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
+                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    ok = (rows < Sq)[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :], mask=ok,
+                other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + offs_d[None, :], mask=ok,
+                 other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_off = bh.to(tl.int64) * Sq + rows
+    lse = tl.load(LSE + row_off, mask=rows < Sq, other=0.0)
+    delta = tl.load(DELTA + row_off, mask=rows < Sq, other=0.0)
+    kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
+    vp = V + b * s_vb + hk * s_vh + offs_d[:, None]
+    hi = Sk
+    if CAUSAL:
+        hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M + causal_offset)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        cols = start + offs_n
+        kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
+        kt = tl.load(kp + cols[None, :] * s_kn, mask=kv_ok, other=0.0)
+        vt = tl.load(vp + cols[None, :] * s_vn, mask=kv_ok, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows, cols,
+                           Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr, s_mm, s_mn,
+                           HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    dq = dq * scale
+    if RNE_BF16:
+        dq = round_to_bf16(dq)
+    tl.store(DQ + row_off[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok)
+# fmt: on
+
+
+# ------------------------------------------------------------------------- configurations
+# Block sizes per head-dim tier (BLOCK_D <= 64, <= 128, 256): (BLOCK_M, BLOCK_N, warps, stages),
+# fp16/bf16 and fp32 (twice the bytes per tile). The first of each list is the pinned one
+# (FASTATTN_AUTOTUNE=0 and the interpreter). The shared memory of each is checked by the AOT
+# compile (tests/test_triton_aot.py): at most ~100 KiB, within sm_80's 163 KiB.
+Cfg = tuple[int, int, int, int]
+FWD_CONFIGS: dict[int, list[Cfg]] = {
+    64: [(128, 64, 4, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 3)],
+    256: [(64, 64, 8, 2), (64, 32, 4, 2)],
+}
+# Backward (dK/dV and dQ kernels).
+BWD_CONFIGS: dict[int, list[Cfg]] = {
+    64: [(64, 64, 4, 2), (64, 128, 8, 2)],
+    128: [(64, 64, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 1), (64, 32, 4, 1)],
+}
+# fp32 (rare; one pinned config each, never autotuned): tiles of twice the bytes.
+FWD_CONFIGS_FP32: dict[int, list[Cfg]] = {64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)],
+                                          256: [(32, 32, 4, 1)]}  # fmt: skip
+BWD_CONFIGS_FP32: dict[int, list[Cfg]] = {64: [(32, 64, 4, 1)], 128: [(32, 32, 4, 1)],
+                                          256: [(32, 16, 4, 1)]}  # fmt: skip
+# Decode split-K forward. 64 query rows (wgmma's minimum on sm_90; decode is memory-bound, the
+# unused rows cost no memory traffic), 16 in fp32.
+SPLIT_CONFIG: dict[int, Cfg] = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)}
+SPLIT_CONFIG_FP32: dict[int, Cfg] = {64: (16, 64, 4, 2), 128: (16, 64, 4, 2), 256: (16, 32, 4, 2)}
+SPLIT_MAX_SQ = 64  # split-K for at most this many query rows
+MAX_SPLITS = 64
+
+
+def fwd_configs(dtype: torch.dtype, tier: int) -> list[Cfg]:
+    return (FWD_CONFIGS_FP32 if dtype == torch.float32 else FWD_CONFIGS)[tier]
+
+
+def bwd_configs(dtype: torch.dtype, tier: int) -> list[Cfg]:
+    return (BWD_CONFIGS_FP32 if dtype == torch.float32 else BWD_CONFIGS)[tier]
+
+
+def split_config(dtype: torch.dtype, tier: int) -> Cfg:
+    return (SPLIT_CONFIG_FP32 if dtype == torch.float32 else SPLIT_CONFIG)[tier]
+
+
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 tiles as three TF32 products (near-fp32 accuracy on tensor
+    cores); fp16/bf16 tiles ignore it."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _tier(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _block_d(d: int) -> int:
+    return max(16, _p2(d))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotuning() -> bool:
+    return os.environ.get("FASTATTN_AUTOTUNE", "1") != "0" and not _interpreting()
+
+
+_TUNED: dict[tuple[str, tuple[Cfg, ...]], Any] = {}
+
+
+def _launch(kernel: Any, cfgs: list[Cfg], grid: Any, *args: Any, reset: Any = None,
+            **kw: Any) -> None:  # fmt: skip
+    """Launches ``kernel`` autotuned over ``cfgs``, or with the first of them (pinned)."""
+    if len(cfgs) == 1 or not _autotuning():
+        m, n, w, s = cfgs[0]
+        g = grid({"BLOCK_M": m, "BLOCK_N": n})
+        kernel[g](*args, **kw, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        return
+    key = (kernel.fn.__name__, tuple(cfgs))
+    if key not in _TUNED:
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in cfgs
+        ]
+        # The dtypes of the tensor arguments join the key (Triton adds them).
+        keys = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"]
+        _TUNED[key] = triton.autotune(configs, key=keys, reset_to_zero=reset)(kernel)
+    _TUNED[key][grid](*args, **kw)
+
+
+def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return dispatch.new_output(torch.empty(shape, dtype=dtype, device=device))
+
+
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, list[int], dict]:
+    if mask is None:
+        return q, [0, 0, 0, 0], {"HAS_MASK": False, "MASK_BOOL": False}
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    flags = {"HAS_MASK": True, "MASK_BOOL": mask.dtype == torch.bool}
+    return m, list(m.stride()), flags
+
+
+def _dropout_args(dropout_p: float, rng: torch.Tensor | None, q: torch.Tensor) -> tuple:
+    if dropout_p <= 0.0:
+        return q, 1.0, 0, False
+    assert rng is not None, "dropout_p > 0 needs the rng seeds"
+    keep = 1.0 - dropout_p
+    return rng, (1.0 / keep if keep > 0.0 else 0.0), reference.dropout_threshold(dropout_p), True
+
+
+def _num_splits(q: torch.Tensor, programs: int, sk: int, block_n: int) -> int:
+    """Key splits of a decode forward: enough programs to fill the GPU twice, >= 2 blocks each."""
+    sms = 8 if not q.is_cuda else torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= sms or sk < 4 * block_n:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-2 * sms // programs), sk // (2 * block_n)))
+
+
+# --------------------------------------------------------------------------------- launchers
+def triton_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    rng: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    dropout_p: float,
+    *,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of exact attention; ``num_splits`` forces the key splits (tests)."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    out = dispatch.new_output(q)
+    lse = _new((B, H, Sq), torch.float32, q.device)
+    if B * H * Sq == 0 or Sk == 0 or D == 0:  # no launch; the oracle on empty data is free
+        ref_out, ref_lse = reference.attention(q, k, v, mask, scale, causal, causal_offset,
+                                               dropout_p, rng)  # fmt: skip
+        out.copy_(ref_out)
+        lse.copy_(ref_lse)
+        return out, lse
+    block_d = _block_d(D)
+    tier = _tier(block_d)
+    m_arg, m_strides, flags = _mask_args(mask, q)
+    r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
+    flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
+                 PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides]
+    split_m, split_n, split_w, split_s = split_config(q.dtype, tier)
+    group = H // Hkv
+    m_tiles = triton.cdiv(group * Sq, split_m)  # split-K packs the heads of a kv group
+    splits = num_splits
+    if splits is None:
+        splits = _num_splits(q, B * Hkv * m_tiles, Sk, split_n) if Sq <= SPLIT_MAX_SQ else 1
+    splits = max(1, min(splits, MAX_SPLITS, -(-Sk // split_n)))
+    with device_guard(q):
+        if splits == 1:
+            args = (q, k, v, out, lse, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
+                    H, group, 1, Sq, Sk, D, causal_offset, Sk, 0, 0)  # fmt: skip
+            grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H, 1)
+            _launch(_fwd_kernel, fwd_configs(q.dtype, tier), grid, *args, **flags,
+                    RNE_BF16=needs_bf16_rounding(out))  # fmt: skip
+            return out, lse
+        per = -(-Sk // (splits * split_n)) * split_n  # keys per split, whole blocks
+        splits = -(-Sk // per)
+        o_part = torch.empty((splits, B * H, Sq, D), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
+        _fwd_kernel[(m_tiles, B * Hkv, splits)](
+            q, k, v, o_part, l_part, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
+            H, group, group, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq, **flags,
+            RNE_BF16=False, BLOCK_M=split_m, BLOCK_N=split_n, num_warps=split_w,
+            num_stages=split_s,
+        )  # fmt: skip
+        _combine_kernel[(B * H * Sq,)](
+            o_part, l_part, out, lse, splits, B * H * Sq * D, B * H * Sq, D,
+            SPLITS=MAX_SPLITS, BLOCK_D=block_d, RNE_BF16=needs_bf16_rounding(out), num_warps=4,
+        )  # fmt: skip
+    return out, lse
+
+
+def triton_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    rng: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    dropout_p: float,
+    deterministic: bool,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask) of exact attention; dmask is dS in fp32, or empty(0)."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dq, dk, dv = dispatch.new_output(q), dispatch.new_output(k), dispatch.new_output(v)
+    shape = (B, H, Sq, Sk) if mask_grad else (0,)
+    # Zero-filled: entries of skipped (causal) blocks are never written and are 0.
+    dmask = torch.zeros(shape, dtype=torch.float32, device=q.device)
+    if B * H * Sq == 0 or Sk == 0 or D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    out, lse = out.contiguous(), lse.contiguous()
+    block_d = _block_d(D)
+    tier = _tier(block_d)
+    m_arg, m_strides, flags = _mask_args(mask, q)
+    r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
+    flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
+                 PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
+    do_strides = list(grad_out.stride()[:3])
+    qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
+    sizes = (H, H // Hkv, Sq, Sk, D, causal_offset)
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    atomic = not deterministic
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
+    dm_arg = dmask if mask_grad else delta
+    with device_guard(q):
+        _bwd_pre_kernel[(triton.cdiv(Sq, 64), B * H)](
+            out, grad_out, delta, *do_strides, H, Sq, D, BLOCK_M=64, BLOCK_D=block_d, num_warps=4
+        )
+        _launch(
+            _bwd_dkdv_kernel, bwd_configs(q.dtype, tier),
+            lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv),
+            q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, scale,
+            scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes,
+            **flags, MASK_GRAD=mask_grad, ATOMIC_DQ=atomic, RNE_BF16=needs_bf16_rounding(dk),
+            reset=["DQ"] if atomic else None,
+        )  # fmt: skip
+        if atomic:
+            if dq_acc.dtype == dq.dtype:
+                dq = dq_acc
+            else:
+                dq.copy_(dq_acc)
+        else:
+            _launch(
+                _bwd_dq_kernel, bwd_configs(q.dtype, tier),
+                lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H),
+                q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, scale, scale * LOG2E,
+                drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes, **flags,
+                RNE_BF16=needs_bf16_rounding(dq),
+            )  # fmt: skip
+    return dq, dk, dv, dmask
+
+
+# ------------------------------------------------------------------------------- AOT specs
+_FLOATS = {"scale", "qk_scale", "drop_scale"}
+
+
+def _signature(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
+    """Every non-constexpr argument of ``kernel``: pointers from ``ptrs``, floats, else i32."""
+    return {
+        a: ptrs.get(a) or ("fp32" if a in _FLOATS else "i32")
+        for a in kernel.arg_names
+        if a not in constexprs
+    }
+
+
+def _spec(name: str, kernel: Any, ptrs: dict[str, str], cx: dict[str, Any], cfg: tuple) -> dict:
+    m, n, w, s = cfg
+    constexprs = {**cx, "BLOCK_M": m, "BLOCK_N": n}
+    return {
+        "id": f"{name}-m{m}n{n}w{w}s{s}",
+        "kernel": kernel,
+        "signature": _signature(kernel, ptrs, constexprs),
+        "constexprs": constexprs,
+        "num_warps": w,
+        "num_stages": s,
+    }
+
+
+def aot_specs() -> Any:
+    """A representative subset of the attention kernels' configurations, for ``fastattn._aot``.
+
+    Per head-dim tier (BLOCK_D 64, 128, 256): every autotune config of the forward, dK/dV and
+    dQ kernels in fp16 with every feature on (mask of q's dtype, causal, dropout, dmask, atomic
+    dQ: the most code and registers); the pinned config in bf16 with the other mask kind (bool)
+    and nothing else (the deterministic dQ path of dK/dV), and in fp32 (own tiles, tf32x3
+    dots) with every feature on; the split-K forward in fp16 and fp32; the combine in each
+    dtype; the dO.O preprocess. The full cross-product (configs x dtypes x flags x 5 head-dim
+    blocks) would be ~1000 compiles; the flags only add elementwise code to the same tiles, so
+    shared memory and the tensor-core path are those checked here. BLOCK_D 16 and 32 use the
+    64-tier tiles with less memory.
+    """
+    for tier in (64, 128, 256):
+        block_d = tier
+        pre = {"Out": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}
+        yield {
+            "id": f"attn_bwd_pre-d{block_d}",
+            "kernel": _bwd_pre_kernel,
+            "signature": _signature(_bwd_pre_kernel, pre, {"BLOCK_M": 0, "BLOCK_D": 0}),
+            "constexprs": {"BLOCK_M": 64, "BLOCK_D": block_d},
+            "num_warps": 4,
+        }
+        for dtype, t in _TRITON_TYPE.items():
+            on = t != "bf16"  # every feature on, or a bool mask and nothing else
+            mk = t if on else "u8"
+            base = f"{tier}-{t}-mask_{mk}-c{int(on)}-p{int(on)}"
+            cx = {"HAS_MASK": True, "MASK_BOOL": not on, "CAUSAL": on, "DROPOUT": on,
+                  "UPCAST": False, "PREC": _prec(dtype), "BLOCK_D": block_d}  # fmt: skip
+            io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32", "M": f"*{mk}",
+                  "RNG": "*i64"}  # fmt: skip
+            fwd, bwd = fwd_configs(dtype, tier), bwd_configs(dtype, tier)
+            every = t == "fp16"
+            for cfg in fwd if every else fwd[:1]:
+                cxf = {**cx, "RNE_BF16": False}
+                yield _spec(f"attn_fwd-{base}", _fwd_kernel, {**io, "Out": f"*{t}"}, cxf, cfg)
+            for cfg in bwd if every else bwd[:1]:
+                ptrs = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32", "DK": f"*{t}",
+                        "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
+                cxb = {**cx, "MASK_GRAD": on, "ATOMIC_DQ": on, "RNE_BF16": False}
+                yield _spec(f"attn_bwd_dkdv-{base}", _bwd_dkdv_kernel, ptrs, cxb, cfg)
+                ptrs["DQ"] = f"*{t}"
+                cxq = {**cx, "RNE_BF16": False}
+                yield _spec(f"attn_bwd_dq-{base}", _bwd_dq_kernel, ptrs, cxq, cfg)
+            if on:  # decode split-K, writing fp32 partials
+                cxf = {**cx, "RNE_BF16": False}
+                ptrs = {**io, "Out": "*fp32"}
+                cfg = split_config(dtype, tier)
+                yield _spec(f"attn_fwd_split-{base}", _fwd_kernel, ptrs, cxf, cfg)
+            cxc = {"SPLITS": MAX_SPLITS, "BLOCK_D": block_d, "RNE_BF16": t == "bf16"}
+            ptrs = {"OP": "*fp32", "LP": "*fp32", "Out": f"*{t}", "LSE": "*fp32"}
+            yield {
+                "id": f"attn_combine-d{block_d}-{t}",
+                "kernel": _combine_kernel,
+                "signature": _signature(_combine_kernel, ptrs, cxc),
+                "constexprs": cxc,
+                "num_warps": 4,
+            }

@@ -1,0 +1,204 @@
+"""The Triton attention kernels (fastattn/ops/_attention_triton.py) against the fp64 oracle.
+
+Runs the launchers directly (no custom-op glue) under the Triton interpreter on CPU tensors:
+forward (out, lse) and backward (dq, dk, dv, dmask) against ``reference.attention`` in float64
+with torch.autograd, over GQA, ragged lengths, causal offsets, masks, dropout, decode split-K,
+the deterministic and atomic dQ paths, non-contiguous inputs and zero-size shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import pytest
+import torch
+
+from fastattn import reference
+from fastattn._triton import HAS_TRITON
+from fastattn.ops import _attention_triton as A
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+RNG = torch.tensor([0x9E3779B9, 12345], dtype=torch.int64)
+
+
+def _inputs(B, H, Hkv, Sq, Sk, D, dtype, transposed=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if transposed:  # (B, S, H, D) storage viewed as (B, H, S, D)
+        q = torch.randn(B, Sq, H, D, generator=g).to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, Sq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def _mask(kind, B, H, Sq, Sk, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind is None:
+        return None
+    if kind == "bool":  # key padding (B, 1, 1, Sk), one query row fully masked via a (Sq, Sk) part
+        keep = torch.rand(B, 1, 1, Sk, generator=g) > 0.3
+        rows = torch.ones(1, 1, Sq, 1, dtype=torch.bool)
+        rows[0, 0, Sq // 2] = False
+        return keep & rows
+    m = torch.randn(1, H, Sq, Sk, generator=g)  # float, broadcast over batch, with a dead row
+    m[0, 0, Sq - 1] = float("-inf")
+    return m
+
+
+def _check(fast, ref, eager, dtype, name):
+    ref = ref.double()
+    assert not torch.isnan(fast).any(), f"{name}: NaN"
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(fast), fin), f"{name}: inf pattern differs"
+    err = (fast.double() - ref).masked_fill(~fin, 0).abs().max().item() if ref.numel() else 0.0
+    scale = ref.masked_fill(~fin, 0).abs().max().item() if ref.numel() else 0.0
+    if dtype == torch.float32:
+        tol = 1e-6 + 1e-4 * scale
+    else:
+        eager_err = (eager.double() - ref).masked_fill(~fin, 0).abs().max().item()
+        tol = 2 * eager_err + 1e-2 * max(1.0, scale)
+    assert err <= tol, f"{name}: err {err:.3g} > tol {tol:.3g}"
+
+
+def _run(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, causal=False, off=0, mask=None, p=0.0,
+         splits=None, deterministic=True, transposed=False):  # fmt: skip
+    q, k, v = _inputs(B, H, Hkv, Sq, Sk, D, dtype, transposed)
+    m = _mask(mask, B, H, Sq, Sk)
+    rng = RNG if p > 0 else None
+    scale = D**-0.5
+    mk = None if m is None else m.to(dtype) if mask == "float" and dtype != torch.float32 else m
+    mk_full = None if mk is None else mk.expand(B, H, Sq, Sk)
+    out, lse = A.triton_forward(q, k, v, mk_full, rng, scale, causal, off, p, num_splits=splits)
+    mask_grad = mask == "float"
+
+    def oracle(dt, opmath=None):
+        qr, kr, vr = (x.detach().to(dt).requires_grad_() for x in (q, k, v))
+        mr = None if mk is None else mk.detach().to(dt if mask_grad else mk.dtype)
+        if mask_grad:
+            mr.requires_grad_()
+        o, ls = reference.attention(qr, kr, vr, mr, scale, causal, off, p, rng, opmath=opmath)
+        return qr, kr, vr, mr, o, ls
+
+    qr, kr, vr, mr, ro, rl = oracle(torch.float64)
+    g = torch.randn(ro.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ro.backward(g)
+    eager = oracle(dtype)
+    eager[4].backward(g.to(dtype))
+    _check(out, ro, eager[4], dtype, "out")
+    _check(lse, rl, eager[5], torch.float32, "lse")
+    do = g.to(dtype)
+    if transposed:  # grad_out in (B, S, H, D) storage too
+        do = do.transpose(1, 2).contiguous().transpose(1, 2)
+    dq, dk, dv, dm = A.triton_backward(do, q, k, v, out, lse, mk_full, rng, scale, causal, off, p,
+                                       deterministic, mask_grad)  # fmt: skip
+    for name, fast, ref, e in (("dq", dq, qr, eager[0]), ("dk", dk, kr, eager[1]),
+                               ("dv", dv, vr, eager[2])):  # fmt: skip
+        assert fast.dtype == dtype and fast.is_contiguous()
+        _check(fast, ref.grad, e.grad, dtype, name)
+    if mask_grad:
+        assert dm.dtype == torch.float32 and dm.shape == (B, H, Sq, Sk)
+        _check(dm.sum_to_size(mr.shape), mr.grad, eager[3].grad, dtype, "dmask")
+    else:
+        assert dm.numel() == 0
+    return q, k, v, mk_full, out, lse, do, (dq, dk, dv)
+
+
+CASES = [
+    # B, H, Hkv, Sq, Sk, D, options
+    (1, 4, 4, 1, 1, 16, {}),
+    (2, 4, 2, 17, 33, 16, {}),
+    (1, 4, 1, 113, 203, 40, {"causal": True, "off": 90}),
+    (1, 4, 2, 200, 113, 64, {"causal": True, "off": 0}),
+    (1, 2, 1, 200, 113, 64, {"causal": True, "off": -20}),  # leading rows see nothing
+    (2, 4, 2, 17, 33, 96, {"mask": "bool"}),
+    (1, 4, 2, 33, 47, 40, {"mask": "float", "causal": True, "off": 14}),
+    (2, 4, 4, 17, 65, 16, {"p": 0.25}),
+    (1, 4, 2, 40, 70, 64, {"p": 0.4, "causal": True, "off": 30, "mask": "float"}),
+    (1, 4, 2, 1, 200, 64, {"splits": 3}),
+    (1, 4, 1, 5, 300, 40, {"causal": True, "off": 295, "p": 0.2, "mask": "bool"}),
+    (2, 4, 2, 3, 160, 96, {"mask": "float", "splits": 4}),
+    # split-K packs the 4 heads of the kv group: 132 rows in 3 tiles, across head boundaries
+    (1, 4, 1, 33, 150, 16, {"splits": 3, "causal": True, "off": 5, "mask": "float", "p": 0.3}),
+    (1, 4, 2, 37, 29, 16, {"deterministic": False}),
+    (1, 4, 1, 21, 45, 40, {"deterministic": False, "mask": "float", "causal": True, "off": 24}),
+    (2, 4, 2, 19, 37, 64, {"transposed": True, "causal": True, "off": 18}),
+    (1, 2, 1, 33, 65, 128, {"causal": True, "off": 32}),
+    (1, 2, 2, 17, 40, 256, {"mask": "bool"}),
+]
+
+
+def _case_id(c):
+    return "-".join(map(str, c[:6])) + "".join(f"-{k}={v}" for k, v in c[6].items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case, dtype):
+    *shape, opts = case
+    if dtype == torch.bfloat16 and shape[5] >= 128:
+        pytest.skip("large head dims run in fp32 only (interpreter time)")
+    _run(*shape, dtype=dtype, **opts)
+
+
+def test_fp16_and_auto_split():
+    # Decode with many keys takes the split-K path on its own (interpreter: 8 pseudo-SMs).
+    B, H, Sk = 1, 2, 4 * 64 + 17
+    q, k, v = _inputs(B, H, 1, 2, Sk, 64, torch.float16)
+    assert A._num_splits(q, B * H, Sk, A.SPLIT_CONFIG[64][1]) > 1
+    _run(B, H, 1, 2, Sk, 64, dtype=torch.float16, mask="float")
+
+
+def test_deterministic_is_bitwise_reproducible():
+    q, k, v, m, out, lse, do, grads = _run(1, 4, 2, 45, 70, 40, mask="bool", p=0.1)
+    again = A.triton_backward(do, q, k, v, out, lse, m, RNG, 40**-0.5, False, 0, 0.1, True, False)
+    for a, b in zip(grads, again[:3], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "shape", [(0, 2, 2, 5, 7), (1, 2, 1, 0, 7), (1, 2, 1, 5, 0)], ids=["B0", "Sq0", "Sk0"]
+)
+def test_zero_size(shape):
+    B, H, Hkv, Sq, Sk = shape
+    q, k, v = _inputs(B, H, Hkv, Sq, Sk, 16, torch.float32)
+    out, lse = A.triton_forward(q, k, v, None, None, 0.25, False, 0, 0.0)
+    assert out.shape == q.shape and lse.shape == (B, H, Sq)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+    do = torch.randn_like(out)
+    dq, dk, dv, dm = A.triton_backward(do, q, k, v, out, lse, None, None, 0.25, True, 0, 0.0,
+                                       True, False)  # fmt: skip
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all() and dm.numel() == 0
+
+
+def test_autotuned_launch(monkeypatch):
+    # The autotuned path (GPU default) with a CPU timer, as the interpreter has no GPU timer.
+    def cpu_bench(fn, quantiles=None):
+        t = time.perf_counter()
+        fn()
+        dt = (time.perf_counter() - t) * 1e3
+        return [dt, dt, dt]
+
+    monkeypatch.setattr(A, "_autotuning", lambda: True)
+    monkeypatch.setattr(A, "_TUNED", {})
+    monkeypatch.setattr(A.triton, "autotune", partial(A.triton.autotune, do_bench=cpu_bench))
+    # fp16: fp32 has a single (never tuned) config per tier.
+    _run(1, 2, 1, 20, 70, 16, torch.float16, mask="float", deterministic=False)
+    _run(1, 2, 1, 20, 70, 16, torch.float16, causal=True, off=50, deterministic=True)
+    assert {name for name, _ in A._TUNED} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+
+
+def test_aot_specs_cover_every_config():
+    ids = [s["id"] for s in A.aot_specs()]
+    assert len(ids) == len(set(ids))
+    for tier, cfgs in A.FWD_CONFIGS.items():
+        for m, n, w, s in cfgs:
+            assert any(i.startswith(f"attn_fwd-{tier}-") and i.endswith(f"m{m}n{n}w{w}s{s}")
+                       for i in ids)  # fmt: skip
+    for tier, cfgs in A.BWD_CONFIGS.items():
+        for m, n, w, s in cfgs:
+            for kern in ("attn_bwd_dkdv", "attn_bwd_dq"):
+                assert any(i.startswith(f"{kern}-{tier}-") and i.endswith(f"m{m}n{n}w{w}s{s}")
+                           for i in ids)  # fmt: skip
