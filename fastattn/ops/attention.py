@@ -15,11 +15,7 @@ from typing import Any
 import torch
 
 from fastattn import _checks, dispatch, reference
-
-try:  # the Triton kernels (absent only in a tree without that file)
-    from fastattn.ops import _attention_triton as _tri
-except ImportError:  # pragma: no cover
-    _tri = None  # type: ignore[assignment]
+from fastattn.ops import _attention_triton as _tri
 
 MAX_HEAD_DIM = 256
 OP = "attention"
@@ -41,7 +37,6 @@ def attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel of ``fastattn::attention`` (schema in csrc/ops.cpp), plus ``deterministic``
     for its backward pass (the C++ CPU backward is always deterministic)."""
-    assert _tri is not None
     return _tri.triton_forward(q, k, v, mask, rng, scale, causal, causal_offset, dropout_p)
 
 
@@ -62,7 +57,6 @@ def attention_triton_backward(
     deterministic: bool,
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    assert _tri is not None
     return _tri.triton_backward(
         grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset, dropout_p,
         deterministic, mask_grad,
