@@ -1,0 +1,478 @@
+// Attention kernels written once over the Vec interface (vec_<isa>.h) and instantiated per ISA and
+// dtype: the forward (online softmax over key tiles), the split-K merge, and the FA2-style
+// backward. See attention_kernels.h for the work layout and docs/attention.md for the semantics.
+// NO include guard and no namespace on purpose: each attention_<isa>.cpp includes this file
+// inside its own ISA namespace and target region, after vec_<isa>.h.
+//
+// Every product of two tiles goes through one register-blocked micro-kernel (attn_mk): C (M x N)
+// (+)= A (M x K) B (K x N), A read as broadcast scalars A[m * lda + k * ask] from an opmath
+// scratch (so transposed A costs nothing), B read as rows of N values (opmath scratch, or the
+// caller's data in its own dtype, converted on load), C an opmath tile. MR rows x NV vectors of C
+// stay in registers for the whole K loop.
+
+template <class A, class B>
+struct AttnSame {
+  static constexpr bool value = false;
+};
+template <class A>
+struct AttnSame<A, A> {
+  static constexpr bool value = true;
+};
+
+// One element as opmath (a bool mask element as its additive value).
+inline double attn_elem(const float* p) { return *p; }
+inline double attn_elem(const double* p) { return *p; }
+inline double attn_elem(const bf16_t* p) { return bf16_to_f32(*p); }
+inline double attn_elem(const uint8_t* p) { return *p ? 0.0 : -__builtin_inf(); }
+
+inline uint32_t attn_mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+
+template <class V>
+struct Attn {
+  using R = typename V::R;
+  using Acc = typename V::Acc;
+  static constexpr int W = V::W;
+  static constexpr int64_t NK = kKeyBlock;
+  static constexpr int64_t MQB = kQueryBlockBwd;
+
+  static inline int64_t padded(int64_t d) { return (d + 15) / 16 * 16; }
+  static inline Acc* aligned(void* p) {
+    return reinterpret_cast<Acc*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  }
+  static inline R ninf() { return V::set1(Acc(-__builtin_inf())); }
+  // n (1..W) valid lanes of an opmath row; the others read as `fill`.
+  static inline R load_pad(const Acc* p, int n, R fill) {
+    return n == W ? V::load(p) : V::where(V::first(n), V::loadn(p, n), fill);
+  }
+
+  // ---------------------------------------------------------------- micro-kernel and driver
+  template <int MR, int NV, bool TAIL, class TB>
+  static inline void mk(int64_t K, const Acc* A, int64_t lda, int64_t ask, const TB* B, int64_t ldb,
+                        Acc* C, int64_t ldc, bool accum, int ntail) {
+    R c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (!accum)
+          c[r][v] = V::zero();
+        else if (TAIL && v == NV - 1)
+          c[r][v] = V::loadn(C + r * ldc + v * W, ntail);
+        else
+          c[r][v] = V::load(C + r * ldc + v * W);
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      const TB* bp = B + k * ldb;
+      R bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        bv[v] = (TAIL && v == NV - 1) ? V::loadn(bp + v * W, ntail) : V::load(bp + v * W);
+      const Acc* ap = A + k * ask;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const R av = V::set1(ap[r * lda]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[r][v] = V::fma(av, bv[v], c[r][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (TAIL && v == NV - 1)
+          V::storen(C + r * ldc + v * W, c[r][v], ntail);
+        else
+          V::store(C + r * ldc + v * W, c[r][v]);
+      }
+  }
+
+  template <int MR, class TB>
+  static inline void mk_cols(int nv, bool tail, int64_t K, const Acc* A, int64_t lda, int64_t ask,
+                             const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum, int ntail) {
+    switch (nv * 2 + (tail ? 1 : 0)) {
+      case 2:
+        return mk<MR, 1, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 3:
+        return mk<MR, 1, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 4:
+        return mk<MR, 2, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 5:
+        return mk<MR, 2, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 6:
+        return mk<MR, 3, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 7:
+        return mk<MR, 3, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 8:
+        return mk<MR, 4, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      default:
+        return mk<MR, 4, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+    }
+  }
+
+  // C (M x N, ldc) = or += A (M x K; A[m * lda + k * ask]) B (K x N; row k at B + k * ldb).
+  template <class TB>
+  static void gemm(int64_t M, int64_t N, int64_t K, const Acc* A, int64_t lda, int64_t ask,
+                   const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
+    constexpr int64_t NB = 4 * W;
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+      const int64_t nn = N - n0 < NB ? N - n0 : NB;
+      const int nv = int((nn + W - 1) / W), ntail = int(nn - (nv - 1) * W);
+      const bool tail = ntail != W;
+      const TB* b = B + n0;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6)
+        mk_cols<6>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m + 4 <= M; m += 4)
+        mk_cols<4>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m + 2 <= M; m += 2)
+        mk_cols<2>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m < M; ++m)
+        mk_cols<1>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+    }
+  }
+
+  // ---------------------------------------------------------------- packing
+  // dst[r * ldd + d] = mul * src_row(r)[d], d < D (opmath), for n rows at src + r * stride.
+  template <class T>
+  static void pack_rows(Acc* dst, int64_t ldd, const T* src, int64_t stride, int64_t n, int64_t D,
+                        Acc mul) {
+    const R s = V::set1(mul);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* p = src + r * stride;
+      Acc* o = dst + r * ldd;
+      int64_t d = 0;
+      for (; d + W <= D; d += W) V::store(o + d, V::mul(V::load(p + d), s));
+      if (d < D) V::storen(o + d, V::mul(V::loadn(p + d, int(D - d)), s), int(D - d));
+    }
+  }
+  // Transposed: dst[d * NK + j] = src_row(j)[d] for j < n keys.
+  template <class T>
+  static void pack_t(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* p = src + j * stride;
+      for (int64_t d = 0; d < D; ++d) dst[d * NK + j] = Acc(attn_elem(p + d));
+    }
+  }
+
+  // ---------------------------------------------------------------- score-tile helpers
+  // s[0, n) += mask row (m: the row's start, stride along keys ms).
+  template <class TM>
+  static void add_mask(Acc* s, const TM* m, int64_t ms, int64_t n) {
+    if (ms == 1) {
+      for (int64_t j = 0; j < n; j += W) {
+        const int c = n - j < W ? int(n - j) : W;
+        V::store(s + j, V::add(V::load(s + j), V::loadn(m + j, c)));
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] += Acc(attn_elem(m + j * ms));
+    }
+  }
+  // Causal: keys j >= first_hidden (relative to the tile) get -inf.
+  static void causal_cut(Acc* s, int64_t first_hidden, int64_t n) {
+    for (int64_t j = first_hidden < 0 ? 0 : first_hidden; j < n; ++j) s[j] = Acc(-__builtin_inf());
+  }
+  // Scores of tile row (b, h, i) for keys [jb, jb + n): mask and causal limit applied.
+  template <class TM>
+  static void finish_scores(const AttnArgs& a, Acc* s, int64_t b, int64_t h, int64_t i, int64_t jb,
+                            int64_t n) {
+    if constexpr (!AttnSame<TM, NoMask>::value) {
+      const TM* m = static_cast<const TM*>(a.mask) + b * a.mask_str[0] + h * a.mask_str[1] +
+                    i * a.mask_str[2] + jb * a.mask_str[3];
+      add_mask(s, m, a.mask_str[3], n);
+    }
+    if (a.causal && i + a.causal_offset - jb < n - 1)
+      causal_cut(s, i + a.causal_offset - jb + 1, n);
+  }
+  static inline uint32_t drop_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i) {
+    return attn_mix32(uint32_t(uint64_t((b * a.H + h) * a.Sq + i)) ^ a.seed0);
+  }
+  static inline bool keep(const AttnArgs& a, uint32_t row_hash, int64_t j) {
+    return (attn_mix32(row_hash ^ uint32_t(uint64_t(j) + a.seed1)) >> 8) >= a.thr;
+  }
+
+  // ---------------------------------------------------------------- forward
+  template <class T, class TM>
+  static void fwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, int64_t j0,
+                  int64_t j1, void* part_v, void* scratch) {
+    const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D, Dp = padded(D);
+    Acc* Qs = aligned(scratch);
+    Acc* O = Qs + rows * Dp;
+    Acc* KT = O + rows * Dp;
+    Acc* S = KT + Dp * NK;
+    Acc* mx = S + rows * NK;
+    Acc* sm = mx + rows;
+    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
+    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qp = static_cast<const T*>(a.q) + b * a.q_str[0] + (hkv * G + g) * a.q_str[1] +
+                    i0 * a.q_str[2];
+      pack_rows(Qs + g * mq * Dp, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t d = 0; d < Dp; d += W) V::store(O + r * Dp + d, V::zero());
+      mx[r] = Acc(-__builtin_inf());
+      sm[r] = 0;
+    }
+    int64_t jend = j1;
+    if (a.causal && i1 - 1 + a.causal_offset + 1 < jend) jend = i1 + a.causal_offset;
+    for (int64_t jb = j0; jb < jend; jb += NK) {
+      const int64_t n = jend - jb < NK ? jend - jb : NK;
+      pack_t(KT, kp + jb * a.k_str[2], a.k_str[2], n, D);
+      gemm(rows, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
+        Acc* s = S + r * NK;
+        finish_scores<TM>(a, s, b, h, i, jb, n);
+        R vm = ninf();
+        for (int64_t j = 0; j < n; j += W)
+          vm = V::max(vm, load_pad(s + j, n - j < W ? int(n - j) : W, ninf()));
+        const Acc bm = V::hmax(vm), mold = mx[r], mnew = bm > mold ? bm : mold;
+        if (mnew == Acc(-__builtin_inf())) {  // nothing visible yet in this row
+          for (int64_t j = 0; j < n; j += W) V::store(s + j, V::zero());
+          continue;
+        }
+        const R mv = V::set1(mnew);
+        R vs = V::zero();
+        for (int64_t j = 0; j < n; j += W) {
+          const R p = vexp<V>(V::sub(load_pad(s + j, n - j < W ? int(n - j) : W, ninf()), mv));
+          vs = V::add(vs, p);
+          V::store(s + j, p);
+        }
+        const Acc alpha = Acc(__builtin_exp(double(mold - mnew)));
+        sm[r] = sm[r] * alpha + V::hsum(vs);
+        mx[r] = mnew;
+        if (alpha != Acc(1)) {
+          const R av = V::set1(alpha);
+          for (int64_t d = 0; d < Dp; d += W)
+            V::store(O + r * Dp + d, V::mul(V::load(O + r * Dp + d), av));
+        }
+        if (a.dropout) {
+          const uint32_t rh = drop_row(a, b, h, i);
+          const Acc ds = Acc(a.drop_scale);
+          for (int64_t j = 0; j < n; ++j) s[j] = keep(a, rh, jb + j) ? s[j] * ds : Acc(0);
+        }
+      }
+      gemm(rows, D, n, S, NK, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
+    }
+    if (part_v != nullptr) {
+      Acc* part = static_cast<Acc*>(part_v);
+      for (int64_t r = 0; r < rows; ++r) {
+        Acc* p = part + r * (D + 2);
+        p[0] = mx[r];
+        p[1] = sm[r];
+        for (int64_t d = 0; d < D; ++d) p[2 + d] = O[r * Dp + d];
+      }
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
+      const int64_t row = (b * a.H + h) * a.Sq + i;
+      write_row<T>(a, row, O + r * Dp, mx[r], sm[r], Acc(1));
+    }
+  }
+
+  // out row = o * (mul / l), lse = m + log(l); l == 0 (no visible key): 0 and -inf.
+  template <class T>
+  static void write_row(const AttnArgs& a, int64_t row, const Acc* o, Acc m, Acc l, Acc mul) {
+    const int64_t D = a.D;
+    T* out = static_cast<T*>(a.out) + row * D;
+    const bool dead = !(l > Acc(0));
+    const R sc = V::set1(dead ? Acc(0) : mul / l);
+    int64_t d = 0;
+    for (; d + W <= D; d += W) V::store(out + d, V::mul(V::load(o + d), sc));
+    if (d < D) V::storen(out + d, V::mul(V::loadn(o + d, int(D - d)), sc), int(D - d));
+    static_cast<Acc*>(a.lse)[row] =
+        dead ? Acc(-__builtin_inf()) : Acc(double(m) + __builtin_log(double(l)));
+  }
+
+  template <class T>
+  static void merge(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1,
+                    const void* part_v, int64_t nsplit, int64_t pstride) {
+    const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D;
+    const Acc* part = static_cast<const Acc*>(part_v);
+    Acc o[256 + 16];
+    for (int64_t r = 0; r < rows; ++r) {
+      Acc m = Acc(-__builtin_inf());
+      for (int64_t c = 0; c < nsplit; ++c) {
+        const Acc mc = part[c * pstride + r * (D + 2)];
+        m = mc > m ? mc : m;
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] = 0;
+      Acc l = 0;
+      if (m != Acc(-__builtin_inf())) {
+        for (int64_t c = 0; c < nsplit; ++c) {
+          const Acc* p = part + c * pstride + r * (D + 2);
+          if (p[0] == Acc(-__builtin_inf())) continue;
+          const Acc w = Acc(__builtin_exp(double(p[0] - m)));
+          l += p[1] * w;
+          for (int64_t d = 0; d < D; ++d) o[d] += p[2 + d] * w;
+        }
+      }
+      const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
+      write_row<T>(a, (b * a.H + h) * a.Sq + i, o, m, l, Acc(1));
+    }
+  }
+
+  // ---------------------------------------------------------------- backward
+  template <class T>
+  static void delta(const AttnArgs& a, int64_t r0, int64_t r1) {
+    const int64_t D = a.D;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % a.Sq, bh = r / a.Sq, h = bh % a.H, b = bh / a.H;
+      const T* g =
+          static_cast<const T*>(a.dout) + b * a.do_str[0] + h * a.do_str[1] + i * a.do_str[2];
+      const T* o = static_cast<const T*>(a.o) + b * a.o_str[0] + h * a.o_str[1] + i * a.o_str[2];
+      R acc = V::zero();
+      int64_t d = 0;
+      for (; d + W <= D; d += W) acc = V::fma(V::load(g + d), V::load(o + d), acc);
+      if (d < D) acc = V::fma(V::loadn(g + d, int(D - d)), V::loadn(o + d, int(D - d)), acc);
+      static_cast<Acc*>(a.delta)[r] = V::hsum(acc);
+    }
+  }
+
+  template <class T, class TM>
+  static void bwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t j0, int64_t j1, void* dq_acc_v,
+                  void* scratch) {
+    const int64_t G = a.H / a.Hkv, D = a.D, Dp = padded(D);
+    Acc* Qs = aligned(scratch);
+    Acc* dOs = Qs + MQB * Dp;
+    Acc* KT = dOs + MQB * Dp;
+    Acc* VT = KT + Dp * NK;
+    Acc* S = VT + Dp * NK;
+    Acc* dP = S + MQB * NK;
+    Acc* dK = dP + MQB * NK;
+    Acc* dV = dK + NK * Dp;
+    Acc* dq_acc = static_cast<Acc*>(dq_acc_v);
+    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
+    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
+    const Acc* lse = static_cast<const Acc*>(a.lse_in);
+    const Acc* dlt = static_cast<const Acc*>(a.delta);
+    const Acc dsc = Acc(a.drop_scale);
+    for (int64_t kb = j0; kb < j1; kb += NK) {
+      const int64_t n = j1 - kb < NK ? j1 - kb : NK;
+      pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D);
+      pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < Dp; d += W) {
+          V::store(dK + j * Dp + d, V::zero());
+          V::store(dV + j * Dp + d, V::zero());
+        }
+      int64_t istart = 0;
+      if (a.causal && kb - a.causal_offset > 0) istart = kb - a.causal_offset;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hkv * G + g;
+        for (int64_t ib = istart; ib < a.Sq; ib += MQB) {
+          const int64_t mq = a.Sq - ib < MQB ? a.Sq - ib : MQB;
+          const T* qp =
+              static_cast<const T*>(a.q) + b * a.q_str[0] + h * a.q_str[1] + ib * a.q_str[2];
+          const T* gp =
+              static_cast<const T*>(a.dout) + b * a.do_str[0] + h * a.do_str[1] + ib * a.do_str[2];
+          pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
+          pack_rows(dOs, Dp, gp, a.do_str[2], mq, D, Acc(1));
+          gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
+          gemm(mq, n, D, dOs, Dp, 1, VT, NK, dP, NK, false);
+          for (int64_t r = 0; r < mq; ++r) {
+            const int64_t i = ib + r, row = (b * a.H + h) * a.Sq + i;
+            Acc* s = S + r * NK;
+            Acc* dp = dP + r * NK;
+            const Acc l = lse[row];
+            if (l == Acc(-__builtin_inf())) {  // no visible key: P = 0, dS = 0
+              for (int64_t j = 0; j < n; j += W) {
+                V::store(s + j, V::zero());
+                V::store(dp + j, V::zero());
+              }
+            } else {
+              finish_scores<TM>(a, s, b, h, i, kb, n);
+              const R lv = V::set1(l), dv = V::set1(dlt[row]);
+              if (!a.dropout) {
+                for (int64_t j = 0; j < n; j += W) {
+                  const R p =
+                      vexp<V>(V::sub(load_pad(s + j, n - j < W ? int(n - j) : W, ninf()), lv));
+                  V::store(s + j, p);
+                  V::store(dp + j, V::mul(p, V::sub(V::load(dp + j), dv)));
+                }
+              } else {
+                for (int64_t j = 0; j < n; j += W)
+                  V::store(s + j, vexp<V>(V::sub(
+                                      load_pad(s + j, n - j < W ? int(n - j) : W, ninf()), lv)));
+                const uint32_t rh = drop_row(a, b, h, i);
+                const Acc di = dlt[row];
+                for (int64_t j = 0; j < n; ++j) {
+                  const bool kp_ = keep(a, rh, kb + j);
+                  const Acc p = s[j];
+                  const Acc dpj = kp_ ? dp[j] * dsc : Acc(0);
+                  dp[j] = p * (dpj - di);
+                  s[j] = kp_ ? p * dsc : Acc(0);
+                }
+              }
+            }
+            if (a.dmask != nullptr) {
+              float* dm = a.dmask + row * a.Sk + kb;
+              for (int64_t j = 0; j < n; ++j) dm[j] = float(dp[j]);
+            }
+          }
+          // dV += Pd^T dO, dK += dS^T (scale Q), dq_acc += dS K.
+          gemm(n, D, mq, S, 1, NK, dOs, Dp, dV, Dp, true);
+          gemm(n, D, mq, dP, 1, NK, Qs, Dp, dK, Dp, true);
+          gemm(mq, D, n, dP, NK, 1, kp + kb * a.k_str[2], a.k_str[2],
+               dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
+        }
+      }
+      T* dkp = static_cast<T*>(a.dk) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
+      T* dvp = static_cast<T*>(a.dv) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t d = 0;
+        for (; d + W <= D; d += W) {
+          V::store(dkp + j * D + d, V::load(dK + j * Dp + d));
+          V::store(dvp + j * D + d, V::load(dV + j * Dp + d));
+        }
+        if (d < D) {
+          V::storen(dkp + j * D + d, V::load(dK + j * Dp + d), int(D - d));
+          V::storen(dvp + j * D + d, V::load(dV + j * Dp + d), int(D - d));
+        }
+      }
+    }
+  }
+
+  template <class T>
+  static void dq(const AttnArgs& a, const void* acc_v, int64_t nchunks, int64_t cstride, int64_t r0,
+                 int64_t r1) {
+    const int64_t D = a.D;
+    const Acc* acc = static_cast<const Acc*>(acc_v);
+    const R sc = V::set1(Acc(a.scale));
+    for (int64_t r = r0; r < r1; ++r) {
+      T* out = static_cast<T*>(a.dq) + r * D;
+      for (int64_t d = 0; d < D; d += W) {
+        const int c = D - d < W ? int(D - d) : W;
+        R s = V::loadn(acc + r * D + d, c);
+        for (int64_t k = 1; k < nchunks; ++k)
+          s = V::add(s, V::loadn(acc + k * cstride + r * D + d, c));
+        s = V::mul(s, sc);
+        if (c == W)
+          V::store(out + d, s);
+        else
+          V::storen(out + d, s, c);
+      }
+    }
+  }
+
+  template <class T, class TM>
+  static AttnKernels make() {
+    return AttnKernels{&fwd<T, TM>, &merge<T>, &delta<T>, &bwd<T, TM>, &dq<T>};
+  }
+  // The table for data type T (DType x) and the mask's dtype.
+  template <class T>
+  static AttnKernels table(DType x, bool has_mask, DType mask) {
+    if (!has_mask) return make<T, NoMask>();
+    if (mask == DType::kBool) return make<T, uint8_t>();
+    if (mask == DType::kFloat32) return make<T, float>();
+    if (mask == x) return make<T, T>();
+    return AttnKernels{};
+  }
+};
