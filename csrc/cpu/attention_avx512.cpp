@@ -4,6 +4,8 @@
 
 FASTATTN_BEGIN_AVX512
 namespace fastattn::cpu::avx512 {
+#include "attention_vec512.h"
+using AVec = AttnVec512<Vec>;
 #include "attention_impl.h"
 }  // namespace fastattn::cpu::avx512
 FASTATTN_END_ISA
@@ -12,7 +14,7 @@ namespace fastattn::cpu {
 
 // Baseline code that only takes the addresses of the AVX-512 functions; runs on any CPU.
 AttnKernels attention_kernels_avx512(DType x, bool has_mask, DType mask) {
-  using K = avx512::Attn<avx512::Vec>;
+  using K = avx512::Attn<avx512::AVec>;
   switch (x) {
     case DType::kFloat32:
       return K::table<float>(x, has_mask, mask);

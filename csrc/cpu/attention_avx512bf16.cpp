@@ -7,6 +7,8 @@
 
 FASTATTN_BEGIN_AVX512BF16
 namespace fastattn::cpu::avx512bf16 {
+#include "attention_vec512.h"
+using AVec = AttnVec512<Vec>;
 #include "attention_impl.h"
 }  // namespace fastattn::cpu::avx512bf16
 FASTATTN_END_ISA
@@ -22,7 +24,7 @@ AttnKernels attention_kernels_avx512bf16(DType x, bool has_mask, DType mask) {
     return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && env[0] == '0');
   }();
   if (x != DType::kBFloat16 || !usable) return AttnKernels{};
-  return avx512bf16::Attn<avx512bf16::Vec>::table<bf16_t>(x, has_mask, mask);
+  return avx512bf16::Attn<avx512bf16::AVec>::table<bf16_t>(x, has_mask, mask);
 }
 
 }  // namespace fastattn::cpu

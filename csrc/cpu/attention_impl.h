@@ -154,7 +154,21 @@ struct Attn {
   // Transposed: dst[d * NK + j] = src_row(j)[d] for j < n keys.
   template <class T>
   static void pack_t(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D) {
-    for (int64_t j = 0; j < n; ++j) {
+    int64_t j0 = 0;
+    if constexpr (requires { V::kTranspose16; }) {
+      for (; j0 + 16 <= n; j0 += 16) {
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+          const int c = D - d0 < 16 ? int(D - d0) : 16;
+          R r[16];
+          for (int x = 0; x < 16; ++x)
+            r[x] = c == 16 ? V::load(src + (j0 + x) * stride + d0)
+                           : V::loadn(src + (j0 + x) * stride + d0, c);
+          V::transpose16(r);
+          for (int x = 0; x < c; ++x) V::store(dst + (d0 + x) * NK + j0, r[x]);
+        }
+      }
+    }
+    for (int64_t j = j0; j < n; ++j) {
       const T* p = src + j * stride;
       for (int64_t d = 0; d < D; ++d) dst[d * NK + j] = Acc(attn_elem(p + d));
     }
