@@ -5,7 +5,7 @@
 FASTATTN_BEGIN_AVX512
 namespace fastattn::cpu::avx512 {
 #include "attention_vec512.h"
-using AVec = AttnVec512<Vec>;
+using AVec = AttnVec512<Vec, false>;
 #include "attention_impl.h"
 }  // namespace fastattn::cpu::avx512
 FASTATTN_END_ISA

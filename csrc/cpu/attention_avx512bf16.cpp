@@ -8,7 +8,7 @@
 FASTATTN_BEGIN_AVX512BF16
 namespace fastattn::cpu::avx512bf16 {
 #include "attention_vec512.h"
-using AVec = AttnVec512<Vec>;
+using AVec = AttnVec512<Vec, true>;
 #include "attention_impl.h"
 }  // namespace fastattn::cpu::avx512bf16
 FASTATTN_END_ISA

@@ -33,6 +33,15 @@ inline uint32_t attn_mix32(uint32_t x) {
   return x ^ (x >> 15);
 }
 
+// Whether V offers the bf16 pair dot product (attention_vec512.h with Dot).
+template <class V>
+constexpr bool attn_has_dot() {
+  if constexpr (requires { V::kDotBf16; })
+    return V::kDotBf16;
+  else
+    return false;
+}
+
 template <class V>
 struct Attn {
   using R = typename V::R;
@@ -40,6 +49,7 @@ struct Attn {
   static constexpr int W = V::W;
   static constexpr int64_t NK = kKeyBlock;
   static constexpr int64_t MQB = kQueryBlockBwd;
+  static constexpr bool kDot = attn_has_dot<V>();
 
   static inline int64_t padded(int64_t d) { return (d + 15) / 16 * 16; }
   static inline Acc* aligned(void* p) {
@@ -137,6 +147,136 @@ struct Attn {
     }
   }
 
+  // bf16 pair version (kDot only): A[m * lda + k] and the rows of B are 32-bit bf16 pairs, K
+  // counts pairs; B rows are padded scratch, always readable in full vectors.
+  template <int MR, int NV, bool TAIL>
+  static inline void mk_dot(int64_t K, const uint32_t* A, int64_t lda, const uint32_t* B,
+                            int64_t ldb, Acc* C, int64_t ldc, bool accum, int ntail) {
+    R c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (!accum)
+          c[r][v] = V::zero();
+        else if (TAIL && v == NV - 1)
+          c[r][v] = V::loadn(C + r * ldc + v * W, ntail);
+        else
+          c[r][v] = V::load(C + r * ldc + v * W);
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t* bp = B + k * ldb;
+      R bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = V::load32(bp + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const R av = V::bcast32(A + r * lda + k);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[r][v] = V::dot2(c[r][v], av, bv[v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (TAIL && v == NV - 1)
+          V::storen(C + r * ldc + v * W, c[r][v], ntail);
+        else
+          V::store(C + r * ldc + v * W, c[r][v]);
+      }
+  }
+
+  template <int MR>
+  static inline void mk_dot_cols(int nv, bool tail, int64_t K, const uint32_t* A, int64_t lda,
+                                 const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum,
+                                 int ntail) {
+    switch (nv * 2 + (tail ? 1 : 0)) {
+      case 2:
+        return mk_dot<MR, 1, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+      case 3:
+        return mk_dot<MR, 1, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+      case 4:
+        return mk_dot<MR, 2, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+      case 5:
+        return mk_dot<MR, 2, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+      case 6:
+        return mk_dot<MR, 3, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+      case 7:
+        return mk_dot<MR, 3, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+      case 8:
+        return mk_dot<MR, 4, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+      default:
+        return mk_dot<MR, 4, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+    }
+  }
+
+  static void gemm_dot(int64_t M, int64_t N, int64_t K, const uint32_t* A, int64_t lda,
+                       const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
+    constexpr int64_t NB = 4 * W;
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+      const int64_t nn = N - n0 < NB ? N - n0 : NB;
+      const int nv = int((nn + W - 1) / W), ntail = int(nn - (nv - 1) * W);
+      const bool tail = ntail != W;
+      const uint32_t* b = B + n0;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6)
+        mk_dot_cols<6>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m + 4 <= M; m += 4)
+        mk_dot_cols<4>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m + 2 <= M; m += 2)
+        mk_dot_cols<2>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m < M; ++m)
+        mk_dot_cols<1>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+    }
+  }
+
+  // bf16 pair packings (kDot only). Rows of n bf16 values (D each) copied with a zero pad to an
+  // even count: dst row r at dst + r * ld (ld in bf16, even).
+  static void pack_rows_bf16(uint16_t* dst, int64_t ld, const bf16_t* src, int64_t stride,
+                             int64_t n, int64_t D) {
+    for (int64_t r = 0; r < n; ++r) {
+      __builtin_memcpy(dst + r * ld, src + r * stride, size_t(D) * 2);
+      if (D & 1) dst[r * ld + D] = 0;
+    }
+  }
+  // dst[p * NK + j] = (k_j[2p], k_j[2p + 1]) for pairs p < (D + 1) / 2, keys j < n.
+  static void pack_kt_pairs(uint32_t* dst, const bf16_t* src, int64_t stride, int64_t n,
+                            int64_t D) {
+    const int64_t D2 = (D + 1) / 2;
+    int64_t j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16) {
+      for (int64_t p0 = 0; p0 < D2; p0 += 16) {
+        const int c = D - 2 * p0 < 32 ? int(D - 2 * p0) : 32;
+        R r[16];
+        for (int x = 0; x < 16; ++x) r[x] = V::load_bf16x32(src + (j0 + x) * stride + 2 * p0, c);
+        V::transpose16(r);
+        const int np = (c + 1) / 2;
+        for (int x = 0; x < np; ++x)
+          V::store(reinterpret_cast<float*>(dst + (p0 + x) * NK + j0), r[x]);
+      }
+    }
+    for (int64_t j = j0; j < n; ++j) {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(src + j * stride);
+      for (int64_t q = 0; q < D2; ++q) {
+        const uint32_t lo = p[2 * q], hi = 2 * q + 1 < D ? p[2 * q + 1] : 0;
+        dst[q * NK + j] = lo | (hi << 16);
+      }
+    }
+  }
+  // dst[jp * ldd + d] = (v_{2jp}[d], v_{2jp+1}[d]) for jp < (n + 1) / 2 (a missing key: 0),
+  // d < padded(D) (zeros past D).
+  static void pack_v_pairs(uint32_t* dst, int64_t ldd, const bf16_t* src, int64_t stride, int64_t n,
+                           int64_t D) {
+    for (int64_t jp = 0; jp < (n + 1) / 2; ++jp) {
+      const bf16_t* a = src + 2 * jp * stride;
+      const bf16_t* b = 2 * jp + 1 < n ? a + stride : nullptr;
+      for (int64_t d0 = 0; d0 < D; d0 += 16)
+        V::interleave16(dst + jp * ldd + d0, a + d0, b ? b + d0 : nullptr,
+                        D - d0 < 16 ? int(D - d0) : 16);
+    }
+  }
+
   // ---------------------------------------------------------------- packing
   // dst[r * ldd + d] = mul * src_row(r)[d], d < D (opmath), for n rows at src + r * stride.
   template <class T>
@@ -223,10 +363,19 @@ struct Attn {
     Acc* sm = mx + rows;
     const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
     const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
+    // bf16 pair path: Q (unscaled, as given), K^T, P and V as bf16 pairs; scale applied to S.
+    constexpr bool dot = kDot && AttnSame<T, bf16_t>::value;
+    const int64_t D2 = (D + 1) / 2;
+    uint32_t* Pb = reinterpret_cast<uint32_t*>(sm + rows + 16 - (rows % 16));
+    uint32_t* Vb = Pb + rows * (NK / 2);
     for (int64_t g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + b * a.q_str[0] + (hkv * G + g) * a.q_str[1] +
                     i0 * a.q_str[2];
-      pack_rows(Qs + g * mq * Dp, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
+      if constexpr (dot)
+        pack_rows_bf16(reinterpret_cast<uint16_t*>(Qs) + g * mq * 2 * D2, 2 * D2, qp, a.q_str[2],
+                       mq, D);
+      else
+        pack_rows(Qs + g * mq * Dp, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t d = 0; d < Dp; d += W) V::store(O + r * Dp + d, V::zero());
@@ -237,11 +386,21 @@ struct Attn {
     if (a.causal && i1 - 1 + a.causal_offset + 1 < jend) jend = i1 + a.causal_offset;
     for (int64_t jb = j0; jb < jend; jb += NK) {
       const int64_t n = jend - jb < NK ? jend - jb : NK;
-      pack_t(KT, kp + jb * a.k_str[2], a.k_str[2], n, D);
-      gemm(rows, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
+      if constexpr (dot) {
+        pack_kt_pairs(reinterpret_cast<uint32_t*>(KT), kp + jb * a.k_str[2], a.k_str[2], n, D);
+        gemm_dot(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2,
+                 reinterpret_cast<const uint32_t*>(KT), NK, S, NK, false);
+      } else {
+        pack_t(KT, kp + jb * a.k_str[2], a.k_str[2], n, D);
+        gemm(rows, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
+      }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
         Acc* s = S + r * NK;
+        if constexpr (dot) {
+          const R sc = V::set1(Acc(a.scale));
+          for (int64_t j = 0; j < n; j += W) V::store(s + j, V::mul(V::load(s + j), sc));
+        }
         finish_scores<TM>(a, s, b, h, i, jb, n);
         R vm = ninf();
         for (int64_t j = 0; j < n; j += W)
@@ -272,7 +431,16 @@ struct Attn {
           for (int64_t j = 0; j < n; ++j) s[j] = keep(a, rh, jb + j) ? s[j] * ds : Acc(0);
         }
       }
-      gemm(rows, D, n, S, NK, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
+      if constexpr (dot) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < n; j += 32)
+            V::to_bf16x32(reinterpret_cast<uint16_t*>(Pb + r * (NK / 2)) + j, S + r * NK + j,
+                          n - j < 32 ? int(n - j) : 32);
+        pack_v_pairs(Vb, Dp, vp + jb * a.v_str[2], a.v_str[2], n, D);
+        gemm_dot(rows, D, (n + 1) / 2, Pb, NK / 2, Vb, Dp, O, Dp, true);
+      } else {
+        gemm(rows, D, n, S, NK, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
+      }
     }
     if (part_v != nullptr) {
       Acc* part = static_cast<Acc*>(part_v);

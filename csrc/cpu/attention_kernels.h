@@ -86,7 +86,7 @@ struct AttnKernels {
 // or bwd, in opmath elements of `elem` bytes, plus alignment slack.
 inline int64_t attn_fwd_scratch_bytes(int64_t rows, int64_t D, int64_t elem) {
   const int64_t Dp = (D + 15) / 16 * 16;
-  return (rows * Dp * 2 + Dp * kKeyBlock + rows * kKeyBlock + rows * 4 + 64) * elem + 256;
+  return (rows * Dp * 2 + Dp * kKeyBlock * 2 + rows * kKeyBlock * 2 + rows * 4 + 64) * elem + 256;
 }
 inline int64_t attn_bwd_scratch_bytes(int64_t D, int64_t elem) {
   const int64_t Dp = (D + 15) / 16 * 16;
