@@ -42,7 +42,7 @@ constexpr int64_t kSerialBelow = int64_t{1} << 18;
 // Forward split-K: split the key axis when there are fewer than kFwdItemsPerThread work items per
 // thread, in chunks of at least kMinSplitKeys keys.
 constexpr int64_t kFwdItemsPerThread = 4;
-constexpr int64_t kMinSplitKeys = 4 * cpu::kKeyBlock;
+constexpr int64_t kMinSplitKeys = 2 * cpu::kFwdKeyBlock;
 // Backward: the key axis of each (batch, kv head) is cut into chunks when there are fewer than
 // kBwdMinItems (batch, kv head) pairs. Derived from the shape only, never from the thread count,
 // so the dq sums (added over chunks in a fixed order) are bitwise reproducible across runs and
@@ -188,13 +188,19 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   if (nt > 1 && units < kFwdItemsPerThread * nt && Sk >= 2 * kMinSplitKeys) {
     nsplit = std::min((kFwdItemsPerThread * nt + units - 1) / units, Sk / kMinSplitKeys);
   }
-  const int64_t chunk =
-      (((Sk + nsplit - 1) / nsplit) + cpu::kKeyBlock - 1) / cpu::kKeyBlock * cpu::kKeyBlock;
+  constexpr int64_t NF = cpu::kFwdKeyBlock;
+  const int64_t chunk = (((Sk + nsplit - 1) / nsplit) + NF - 1) / NF * NF;
   nsplit = (Sk + chunk - 1) / chunk;
   const int64_t pstride = rows * (D + 2);
   Tensor part;
   if (nsplit > 1) part = at::empty({units * nsplit * pstride}, q.options().dtype(lse_dt));
   char* part_base = nsplit > 1 ? static_cast<char*>(part.data_ptr()) : nullptr;
+  // K/V blocks are packed once up front when several query blocks read them; otherwise (decode)
+  // each item packs the blocks it reads.
+  const int64_t nkb = (Sk + NF - 1) / NF, block_bytes = cpu::attn_fwd_block_bytes(D, elem);
+  Tensor packed;
+  if (nqb > 1) packed = at::empty({B * Hkv * nkb * block_bytes}, q.options().dtype(at::kByte));
+  char* pk = nqb > 1 ? static_cast<char*>(packed.data_ptr()) : nullptr;
   const int64_t scratch_bytes = cpu::attn_fwd_scratch_bytes(rows, D, elem);
   const int64_t tasks = units * nsplit;
   // Item t: unit u (batch, kv head, query block; the causal ones with the most keys first) and
@@ -208,6 +214,11 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   };
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    if (pk != nullptr) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * Hkv * nkb; ++t)
+        kern.fwd_pack(a, t / nkb / Hkv, t / nkb % Hkv, t % nkb, pk + t * block_bytes);
+    }
     Scratch scratch(scratch_bytes);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -215,7 +226,8 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
       int64_t b, hkv, i0, i1;
       unit_of(u, b, hkv, i0, i1);
       void* p = part_base ? part_base + (u * nsplit + c) * pstride * elem : nullptr;
-      kern.fwd(a, b, hkv, i0, i1, c * chunk, std::min(Sk, (c + 1) * chunk), p, scratch.get());
+      const void* kv = pk ? pk + (b * Hkv + hkv) * nkb * block_bytes : nullptr;
+      kern.fwd(a, b, hkv, i0, i1, c * chunk, std::min(Sk, (c + 1) * chunk), kv, p, scratch.get());
     }
     if (nsplit > 1) {
 #pragma omp for schedule(static)

@@ -241,8 +241,8 @@ struct Attn {
     }
   }
   // dst[p * NK + j] = (k_j[2p], k_j[2p + 1]) for pairs p < (D + 1) / 2, keys j < n.
-  static void pack_kt_pairs(uint32_t* dst, const bf16_t* src, int64_t stride, int64_t n,
-                            int64_t D) {
+  static void pack_kt_pairs(uint32_t* dst, const bf16_t* src, int64_t stride, int64_t n, int64_t D,
+                            int64_t NK) {
     const int64_t D2 = (D + 1) / 2;
     int64_t j0 = 0;
     for (; j0 + 16 <= n; j0 += 16) {
@@ -293,7 +293,7 @@ struct Attn {
   }
   // Transposed: dst[d * NK + j] = src_row(j)[d] for j < n keys.
   template <class T>
-  static void pack_t(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D) {
+  static void pack_t(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D, int64_t NK) {
     int64_t j0 = 0;
     if constexpr (requires { V::kTranspose16; }) {
       for (; j0 + 16 <= n; j0 += 16) {
@@ -351,23 +351,54 @@ struct Attn {
   }
 
   // ---------------------------------------------------------------- forward
+  static constexpr int64_t NF = kFwdKeyBlock;
+  // bf16 pair path: Q (unscaled, as given), K^T, P and V as bf16 pairs; scale applied to S.
+  template <class T>
+  static constexpr bool dot_for() {
+    return kDot && AttnSame<T, bf16_t>::value;
+  }
+
+  // One key block [jb, jb + n) of kv head (b, hkv) in the layout fwd reads: K^T (opmath, NF keys
+  // per row of D), or with bf16 pairs K^T pairs (D2 rows of NF) then V pairs (NF / 2 rows of Dp).
+  template <class T>
+  static void pack_block(const AttnArgs& a, int64_t b, int64_t hkv, int64_t jb, int64_t n,
+                         Acc* dst) {
+    const int64_t D = a.D, D2 = (D + 1) / 2;
+    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1] + jb * a.k_str[2];
+    if constexpr (dot_for<T>()) {
+      const T* vp =
+          static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1] + jb * a.v_str[2];
+      uint32_t* kt = reinterpret_cast<uint32_t*>(dst);
+      pack_kt_pairs(kt, kp, a.k_str[2], n, D, NF);
+      pack_v_pairs(kt + D2 * NF, padded(D), vp, a.v_str[2], n, D);
+    } else {
+      pack_t(dst, kp, a.k_str[2], n, D, NF);
+    }
+  }
+  // Key block kbi of (b, hkv) into dst (kFwdKeyBlock * padded(D) opmath values).
+  template <class T>
+  static void pack_kv(const AttnArgs& a, int64_t b, int64_t hkv, int64_t kbi, void* dst) {
+    const int64_t jb = kbi * NF, n = a.Sk - jb < NF ? a.Sk - jb : NF;
+    pack_block<T>(a, b, hkv, jb, n, static_cast<Acc*>(dst));
+  }
+
   template <class T, class TM>
   static void fwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, int64_t j0,
-                  int64_t j1, void* part_v, void* scratch) {
+                  int64_t j1, const void* packed, void* part_v, void* scratch) {
+    constexpr bool dot = dot_for<T>();
     const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D, Dp = padded(D);
+    const int64_t D2 = (D + 1) / 2, rp = padded(rows);
     Acc* Qs = aligned(scratch);
     Acc* O = Qs + rows * Dp;
-    Acc* KT = O + rows * Dp;
-    Acc* S = KT + Dp * NK;
-    Acc* mx = S + rows * NK;
-    Acc* sm = mx + rows;
-    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
+    Acc* KT = O + rows * Dp;  // one packed block (pack_block), when not given packed
+    Acc* S = KT + Dp * NF;
+    Acc* mx = S + rows * NF;  // running max, sum; this block's max, rescale factor
+    Acc* sm = mx + rp;
+    Acc* bm = sm + rp;
+    Acc* al = bm + rp;
+    uint32_t* Pb = reinterpret_cast<uint32_t*>(al + rp);
     const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
-    // bf16 pair path: Q (unscaled, as given), K^T, P and V as bf16 pairs; scale applied to S.
-    constexpr bool dot = kDot && AttnSame<T, bf16_t>::value;
-    const int64_t D2 = (D + 1) / 2;
-    uint32_t* Pb = reinterpret_cast<uint32_t*>(sm + rows + 16 - (rows % 16));
-    uint32_t* Vb = Pb + rows * (NK / 2);
+    const Acc* pk = static_cast<const Acc*>(packed);
     for (int64_t g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + b * a.q_str[0] + (hkv * G + g) * a.q_str[1] +
                     i0 * a.q_str[2];
@@ -384,28 +415,41 @@ struct Attn {
     }
     int64_t jend = j1;
     if (a.causal && i1 - 1 + a.causal_offset + 1 < jend) jend = i1 + a.causal_offset;
-    for (int64_t jb = j0; jb < jend; jb += NK) {
-      const int64_t n = jend - jb < NK ? jend - jb : NK;
-      if constexpr (dot) {
-        pack_kt_pairs(reinterpret_cast<uint32_t*>(KT), kp + jb * a.k_str[2], a.k_str[2], n, D);
+    const R ninfv = ninf(), sc = V::set1(Acc(a.scale));
+    for (int64_t jb = j0; jb < jend; jb += NF) {
+      const int64_t n = jend - jb < NF ? jend - jb : NF;
+      const Acc* kt = KT;
+      if (pk != nullptr)
+        kt = pk + (jb / NF) * (Dp * NF);
+      else
+        pack_block<T>(a, b, hkv, jb, n, KT);
+      if constexpr (dot)
         gemm_dot(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2,
-                 reinterpret_cast<const uint32_t*>(KT), NK, S, NK, false);
-      } else {
-        pack_t(KT, kp + jb * a.k_str[2], a.k_str[2], n, D);
-        gemm(rows, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
-      }
+                 reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
+      else
+        gemm(rows, n, D, Qs, Dp, 1, kt, NF, S, NF, false);
+      // Scores and the block max of each row.
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
-        Acc* s = S + r * NK;
-        if constexpr (dot) {
-          const R sc = V::set1(Acc(a.scale));
+        Acc* s = S + r * NF;
+        if constexpr (dot)
           for (int64_t j = 0; j < n; j += W) V::store(s + j, V::mul(V::load(s + j), sc));
-        }
         finish_scores<TM>(a, s, b, h, i, jb, n);
-        R vm = ninf();
+        R vm = ninfv;
         for (int64_t j = 0; j < n; j += W)
-          vm = V::max(vm, load_pad(s + j, n - j < W ? int(n - j) : W, ninf()));
-        const Acc bm = V::hmax(vm), mold = mx[r], mnew = bm > mold ? bm : mold;
+          vm = V::max(vm, load_pad(s + j, n - j < W ? int(n - j) : W, ninfv));
+        bm[r] = V::hmax(vm);
+      }
+      // New maxima and rescale factors, W rows at a time (no visible key yet: factor 1).
+      for (int64_t r = 0; r < rows; r += W) {
+        const R mo = V::load(mx + r), mn = V::max(V::load(bm + r), mo);
+        const R f = vexp<V>(V::sub(mo, mn));
+        V::store(al + r, V::where(V::eq(mn, ninfv), V::set1(Acc(1)), f));
+        V::store(mx + r, mn);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        Acc* s = S + r * NF;
+        const Acc mnew = mx[r];
         if (mnew == Acc(-__builtin_inf())) {  // nothing visible yet in this row
           for (int64_t j = 0; j < n; j += W) V::store(s + j, V::zero());
           continue;
@@ -413,19 +457,19 @@ struct Attn {
         const R mv = V::set1(mnew);
         R vs = V::zero();
         for (int64_t j = 0; j < n; j += W) {
-          const R p = vexp<V>(V::sub(load_pad(s + j, n - j < W ? int(n - j) : W, ninf()), mv));
+          const R p = vexp<V>(V::sub(load_pad(s + j, n - j < W ? int(n - j) : W, ninfv), mv));
           vs = V::add(vs, p);
           V::store(s + j, p);
         }
-        const Acc alpha = Acc(__builtin_exp(double(mold - mnew)));
+        const Acc alpha = al[r];
         sm[r] = sm[r] * alpha + V::hsum(vs);
-        mx[r] = mnew;
         if (alpha != Acc(1)) {
           const R av = V::set1(alpha);
           for (int64_t d = 0; d < Dp; d += W)
             V::store(O + r * Dp + d, V::mul(V::load(O + r * Dp + d), av));
         }
         if (a.dropout) {
+          const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
           const uint32_t rh = drop_row(a, b, h, i);
           const Acc ds = Acc(a.drop_scale);
           for (int64_t j = 0; j < n; ++j) s[j] = keep(a, rh, jb + j) ? s[j] * ds : Acc(0);
@@ -434,12 +478,12 @@ struct Attn {
       if constexpr (dot) {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < n; j += 32)
-            V::to_bf16x32(reinterpret_cast<uint16_t*>(Pb + r * (NK / 2)) + j, S + r * NK + j,
+            V::to_bf16x32(reinterpret_cast<uint16_t*>(Pb + r * (NF / 2)) + j, S + r * NF + j,
                           n - j < 32 ? int(n - j) : 32);
-        pack_v_pairs(Vb, Dp, vp + jb * a.v_str[2], a.v_str[2], n, D);
-        gemm_dot(rows, D, (n + 1) / 2, Pb, NK / 2, Vb, Dp, O, Dp, true);
+        gemm_dot(rows, D, (n + 1) / 2, Pb, NF / 2, reinterpret_cast<const uint32_t*>(kt) + D2 * NF,
+                 Dp, O, Dp, true);
       } else {
-        gemm(rows, D, n, S, NK, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
+        gemm(rows, D, n, S, NF, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
       }
     }
     if (part_v != nullptr) {
@@ -538,8 +582,8 @@ struct Attn {
     const Acc dsc = Acc(a.drop_scale);
     for (int64_t kb = j0; kb < j1; kb += NK) {
       const int64_t n = j1 - kb < NK ? j1 - kb : NK;
-      pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D);
-      pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D);
+      pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
+      pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
       for (int64_t j = 0; j < n; ++j)
         for (int64_t d = 0; d < Dp; d += W) {
           V::store(dK + j * Dp + d, V::zero());
@@ -646,7 +690,7 @@ struct Attn {
 
   template <class T, class TM>
   static AttnKernels make() {
-    return AttnKernels{&fwd<T, TM>, &merge<T>, &delta<T>, &bwd<T, TM>, &dq<T>};
+    return AttnKernels{&fwd<T, TM>, &merge<T>, &pack_kv<T>, &delta<T>, &bwd<T, TM>, &dq<T>};
   }
   // The table for data type T (DType x) and the mask's dtype.
   template <class T>

@@ -17,7 +17,8 @@
 
 namespace fastattn::cpu {
 
-constexpr int64_t kKeyBlock = 64;       // keys per tile (a multiple of every vector width)
+constexpr int64_t kKeyBlock = 64;       // keys per backward tile (a multiple of every vector width)
+constexpr int64_t kFwdKeyBlock = 128;   // keys per forward tile (a multiple of 32)
 constexpr int64_t kQueryBlockBwd = 64;  // query rows per tile in the backward pass
 
 struct AttnArgs {
@@ -56,10 +57,15 @@ struct AttnArgs {
 };
 
 // Opmath element size (4 for fp32/bf16 data, 8 for fp64): the partial and dq buffers hold these.
-// Forward: rows [i0, i1) of all heads of kv head hkv in batch b, keys [j0, j1). part == nullptr:
-// write out/lse; else write G*(i1-i0) partial rows of (D + 2) opmath values (max, sum, out[D]).
+// Forward: rows [i0, i1) of all heads of kv head hkv in batch b, keys [j0, j1) (j0 a multiple
+// of kFwdKeyBlock). packed: nullptr (K/V blocks packed on the fly) or this (b, hkv)'s blocks
+// written by fwd_pack (attn_fwd_block_bytes each). part == nullptr: write out/lse; else write
+// G*(i1-i0) partial rows of (D + 2) opmath values (max, sum, out[D]).
 using AttnFwdFn = void (*)(const AttnArgs&, int64_t b, int64_t hkv, int64_t i0, int64_t i1,
-                           int64_t j0, int64_t j1, void* part, void* scratch);
+                           int64_t j0, int64_t j1, const void* packed, void* part, void* scratch);
+// Packs key block kbi (keys [kbi * kFwdKeyBlock, ...)) of (b, hkv) for fwd into dst, once for
+// all query blocks.
+using AttnPackFn = void (*)(const AttnArgs&, int64_t b, int64_t hkv, int64_t kbi, void* dst);
 // Combines nsplit partial blocks (each as written above, part_stride opmath values apart) of the
 // same rows into out/lse.
 using AttnMergeFn = void (*)(const AttnArgs&, int64_t b, int64_t hkv, int64_t i0, int64_t i1,
@@ -77,6 +83,7 @@ using AttnDqFn = void (*)(const AttnArgs&, const void* acc, int64_t nchunks, int
 struct AttnKernels {
   AttnFwdFn fwd;
   AttnMergeFn fwd_merge;
+  AttnPackFn fwd_pack;
   AttnDeltaFn bwd_delta;
   AttnBwdFn bwd;
   AttnDqFn bwd_dq;
@@ -84,9 +91,12 @@ struct AttnKernels {
 
 // Scratch bytes one thread needs for fwd (rows = query rows per call, all heads of the group)
 // or bwd, in opmath elements of `elem` bytes, plus alignment slack.
+inline int64_t attn_fwd_block_bytes(int64_t D, int64_t elem) {
+  return (D + 15) / 16 * 16 * kFwdKeyBlock * elem;
+}
 inline int64_t attn_fwd_scratch_bytes(int64_t rows, int64_t D, int64_t elem) {
-  const int64_t Dp = (D + 15) / 16 * 16;
-  return (rows * Dp * 2 + Dp * kKeyBlock * 2 + rows * kKeyBlock * 2 + rows * 4 + 64) * elem + 256;
+  const int64_t Dp = (D + 15) / 16 * 16, rp = (rows + 15) / 16 * 16;
+  return (rows * Dp * 2 + Dp * kFwdKeyBlock + rows * kFwdKeyBlock * 2 + rp * 4 + 64) * elem + 256;
 }
 inline int64_t attn_bwd_scratch_bytes(int64_t D, int64_t elem) {
   const int64_t Dp = (D + 15) / 16 * 16;
