@@ -150,8 +150,9 @@ struct Attn {
   // bf16 pair version (kDot only): A[m * lda + k] and the rows of B are 32-bit bf16 pairs, K
   // counts pairs; B rows are padded scratch, always readable in full vectors.
   template <int MR, int NV, bool TAIL>
-  static inline void mk_dot(int64_t K, const uint32_t* A, int64_t lda, const uint32_t* B,
-                            int64_t ldb, Acc* C, int64_t ldc, bool accum, int ntail) {
+  static inline void mk_dot(int64_t K, const uint32_t* A, int64_t lda, int64_t ask,
+                            const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum,
+                            int ntail) {
     R c[MR][NV];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
@@ -171,7 +172,7 @@ struct Attn {
       for (int v = 0; v < NV; ++v) bv[v] = V::load32(bp + v * W);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const R av = V::bcast32(A + r * lda + k);
+        const R av = V::bcast32(A + r * lda + k * ask);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) c[r][v] = V::dot2(c[r][v], av, bv[v]);
       }
@@ -189,29 +190,29 @@ struct Attn {
 
   template <int MR>
   static inline void mk_dot_cols(int nv, bool tail, int64_t K, const uint32_t* A, int64_t lda,
-                                 const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum,
-                                 int ntail) {
+                                 int64_t ask, const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc,
+                                 bool accum, int ntail) {
     switch (nv * 2 + (tail ? 1 : 0)) {
       case 2:
-        return mk_dot<MR, 1, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 1, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
       case 3:
-        return mk_dot<MR, 1, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 1, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
       case 4:
-        return mk_dot<MR, 2, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 2, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
       case 5:
-        return mk_dot<MR, 2, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 2, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
       case 6:
-        return mk_dot<MR, 3, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 3, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
       case 7:
-        return mk_dot<MR, 3, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 3, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
       case 8:
-        return mk_dot<MR, 4, false>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 4, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
       default:
-        return mk_dot<MR, 4, true>(K, A, lda, B, ldb, C, ldc, accum, ntail);
+        return mk_dot<MR, 4, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
     }
   }
 
-  static void gemm_dot(int64_t M, int64_t N, int64_t K, const uint32_t* A, int64_t lda,
+  static void gemm_dot(int64_t M, int64_t N, int64_t K, const uint32_t* A, int64_t lda, int64_t ask,
                        const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
     constexpr int64_t NB = 4 * W;
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
@@ -221,13 +222,17 @@ struct Attn {
       const uint32_t* b = B + n0;
       int64_t m = 0;
       for (; m + 6 <= M; m += 6)
-        mk_dot_cols<6>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_dot_cols<6>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
       for (; m + 4 <= M; m += 4)
-        mk_dot_cols<4>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_dot_cols<4>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
       for (; m + 2 <= M; m += 2)
-        mk_dot_cols<2>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_dot_cols<2>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
       for (; m < M; ++m)
-        mk_dot_cols<1>(nv, tail, K, A + m * lda, lda, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_dot_cols<1>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
     }
   }
 
@@ -424,7 +429,7 @@ struct Attn {
       else
         pack_block<T>(a, b, hkv, jb, n, KT);
       if constexpr (dot)
-        gemm_dot(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2,
+        gemm_dot(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2, 1,
                  reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
       else
         gemm(rows, n, D, Qs, Dp, 1, kt, NF, S, NF, false);
@@ -480,8 +485,8 @@ struct Attn {
           for (int64_t j = 0; j < n; j += 32)
             V::to_bf16x32(reinterpret_cast<uint16_t*>(Pb + r * (NF / 2)) + j, S + r * NF + j,
                           n - j < 32 ? int(n - j) : 32);
-        gemm_dot(rows, D, (n + 1) / 2, Pb, NF / 2, reinterpret_cast<const uint32_t*>(kt) + D2 * NF,
-                 Dp, O, Dp, true);
+        gemm_dot(rows, D, (n + 1) / 2, Pb, NF / 2, 1,
+                 reinterpret_cast<const uint32_t*>(kt) + D2 * NF, Dp, O, Dp, true);
       } else {
         gemm(rows, D, n, S, NF, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
       }
@@ -562,10 +567,26 @@ struct Attn {
     }
   }
 
+  // bf16 rows r0, r0 + 1 of a (rows, NK) bf16 tile interleaved into pairs along rows:
+  // dst[ip * ldd + j] = (src[2ip][j], src[2ip + 1][j]) for j < n (a missing row: 0).
+  static void pair_rows(uint32_t* dst, int64_t ldd, const uint16_t* src, int64_t lds, int64_t rows,
+                        int64_t n) {
+    for (int64_t ip = 0; ip < (rows + 1) / 2; ++ip) {
+      const bf16_t* x = reinterpret_cast<const bf16_t*>(src + 2 * ip * lds);
+      const bf16_t* y = 2 * ip + 1 < rows ? x + lds : nullptr;
+      for (int64_t j = 0; j < n; j += 16)
+        V::interleave16(dst + ip * ldd + j, x + j, y ? y + j : nullptr,
+                        n - j < 16 ? int(n - j) : 16);
+    }
+  }
+
   template <class T, class TM>
   static void bwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t j0, int64_t j1, void* dq_acc_v,
                   void* scratch) {
-    const int64_t G = a.H / a.Hkv, D = a.D, Dp = padded(D);
+    // bf16 pairs: S = Q K^T and dP = dO V^T over pairs along head_dim (K^T, V^T packed so);
+    // dV += P^T dO and dK += dS^T Q over pairs along query rows; dq += dS K over pairs along keys.
+    constexpr bool dot = dot_for<T>();
+    const int64_t G = a.H / a.Hkv, D = a.D, Dp = padded(D), D2 = (D + 1) / 2;
     Acc* Qs = aligned(scratch);
     Acc* dOs = Qs + MQB * Dp;
     Acc* KT = dOs + MQB * Dp;
@@ -574,6 +595,18 @@ struct Attn {
     Acc* dP = S + MQB * NK;
     Acc* dK = dP + MQB * NK;
     Acc* dV = dK + NK * Dp;
+    // dot only: carved out of the regions above, and the tiles after dV.
+    uint32_t* Qb = reinterpret_cast<uint32_t*>(Qs);  // Q pairs along d (MQB x D2)
+    uint32_t* Qi = Qb + MQB * Dp / 2;                // Q pairs along rows (MQB/2 x Dp)
+    uint32_t* dOb = reinterpret_cast<uint32_t*>(dOs);
+    uint32_t* dOi = dOb + MQB * Dp / 2;
+    uint32_t* KTp = reinterpret_cast<uint32_t*>(KT);  // K^T pairs along d (D2 x NK)
+    uint32_t* Kj = KTp + Dp * NK / 2;                 // K pairs along keys (NK/2 x Dp)
+    uint32_t* VTp = reinterpret_cast<uint32_t*>(VT);
+    uint32_t* P16 = reinterpret_cast<uint32_t*>(dV + NK * Dp);  // P rows, bf16 (MQB x NK/2)
+    uint32_t* dS16 = P16 + MQB * NK / 2;
+    uint32_t* PT = dS16 + MQB * NK / 2;  // P pairs along rows (MQB/2 x NK)
+    uint32_t* dST = PT + MQB * NK / 2;
     Acc* dq_acc = static_cast<Acc*>(dq_acc_v);
     const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
     const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
@@ -582,8 +615,14 @@ struct Attn {
     const Acc dsc = Acc(a.drop_scale);
     for (int64_t kb = j0; kb < j1; kb += NK) {
       const int64_t n = j1 - kb < NK ? j1 - kb : NK;
-      pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
-      pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
+      if constexpr (dot) {
+        pack_kt_pairs(KTp, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
+        pack_kt_pairs(VTp, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
+        pack_v_pairs(Kj, Dp, kp + kb * a.k_str[2], a.k_str[2], n, D);
+      } else {
+        pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
+        pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
+      }
       for (int64_t j = 0; j < n; ++j)
         for (int64_t d = 0; d < Dp; d += W) {
           V::store(dK + j * Dp + d, V::zero());
@@ -594,15 +633,26 @@ struct Attn {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hkv * G + g;
         for (int64_t ib = istart; ib < a.Sq; ib += MQB) {
-          const int64_t mq = a.Sq - ib < MQB ? a.Sq - ib : MQB;
+          const int64_t mq = a.Sq - ib < MQB ? a.Sq - ib : MQB, mq2 = (mq + 1) / 2;
           const T* qp =
               static_cast<const T*>(a.q) + b * a.q_str[0] + h * a.q_str[1] + ib * a.q_str[2];
           const T* gp =
               static_cast<const T*>(a.dout) + b * a.do_str[0] + h * a.do_str[1] + ib * a.do_str[2];
-          pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
-          pack_rows(dOs, Dp, gp, a.do_str[2], mq, D, Acc(1));
-          gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
-          gemm(mq, n, D, dOs, Dp, 1, VT, NK, dP, NK, false);
+          if constexpr (dot) {
+            pack_rows_bf16(reinterpret_cast<uint16_t*>(Qb), 2 * D2, qp, a.q_str[2], mq, D);
+            pack_rows_bf16(reinterpret_cast<uint16_t*>(dOb), 2 * D2, gp, a.do_str[2], mq, D);
+            gemm_dot(mq, n, D2, Qb, D2, 1, KTp, NK, S, NK, false);
+            gemm_dot(mq, n, D2, dOb, D2, 1, VTp, NK, dP, NK, false);
+            const R sc = V::set1(Acc(a.scale));
+            for (int64_t r = 0; r < mq; ++r)
+              for (int64_t j = 0; j < n; j += W)
+                V::store(S + r * NK + j, V::mul(V::load(S + r * NK + j), sc));
+          } else {
+            pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
+            pack_rows(dOs, Dp, gp, a.do_str[2], mq, D, Acc(1));
+            gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
+            gemm(mq, n, D, dOs, Dp, 1, VT, NK, dP, NK, false);
+          }
           for (int64_t r = 0; r < mq; ++r) {
             const int64_t i = ib + r, row = (b * a.H + h) * a.Sq + i;
             Acc* s = S + r * NK;
@@ -643,23 +693,43 @@ struct Attn {
               for (int64_t j = 0; j < n; ++j) dm[j] = float(dp[j]);
             }
           }
-          // dV += Pd^T dO, dK += dS^T (scale Q), dq_acc += dS K.
-          gemm(n, D, mq, S, 1, NK, dOs, Dp, dV, Dp, true);
-          gemm(n, D, mq, dP, 1, NK, Qs, Dp, dK, Dp, true);
-          gemm(mq, D, n, dP, NK, 1, kp + kb * a.k_str[2], a.k_str[2],
-               dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
+          if constexpr (dot) {
+            for (int64_t r = 0; r < mq; ++r)
+              for (int64_t j = 0; j < n; j += 32) {
+                const int c = n - j < 32 ? int(n - j) : 32;
+                V::to_bf16x32(reinterpret_cast<uint16_t*>(P16 + r * (NK / 2)) + j, S + r * NK + j,
+                              c);
+                V::to_bf16x32(reinterpret_cast<uint16_t*>(dS16 + r * (NK / 2)) + j, dP + r * NK + j,
+                              c);
+              }
+            pair_rows(PT, NK, reinterpret_cast<const uint16_t*>(P16), NK, mq, n);
+            pair_rows(dST, NK, reinterpret_cast<const uint16_t*>(dS16), NK, mq, n);
+            pair_rows(Qi, Dp, reinterpret_cast<const uint16_t*>(Qb), 2 * D2, mq, D);
+            pair_rows(dOi, Dp, reinterpret_cast<const uint16_t*>(dOb), 2 * D2, mq, D);
+            gemm_dot(n, D, mq2, PT, 1, NK, dOi, Dp, dV, Dp, true);
+            gemm_dot(n, D, mq2, dST, 1, NK, Qi, Dp, dK, Dp, true);
+            gemm_dot(mq, D, (n + 1) / 2, dS16, NK / 2, 1, Kj, Dp,
+                     dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
+          } else {
+            // dV += Pd^T dO, dK += dS^T (scale Q), dq_acc += dS K.
+            gemm(n, D, mq, S, 1, NK, dOs, Dp, dV, Dp, true);
+            gemm(n, D, mq, dP, 1, NK, Qs, Dp, dK, Dp, true);
+            gemm(mq, D, n, dP, NK, 1, kp + kb * a.k_str[2], a.k_str[2],
+                 dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
+          }
         }
       }
       T* dkp = static_cast<T*>(a.dk) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
       T* dvp = static_cast<T*>(a.dv) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
+      const R ks = V::set1(dot ? Acc(a.scale) : Acc(1));  // dot: dS^T Q was unscaled
       for (int64_t j = 0; j < n; ++j) {
         int64_t d = 0;
         for (; d + W <= D; d += W) {
-          V::store(dkp + j * D + d, V::load(dK + j * Dp + d));
+          V::store(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks));
           V::store(dvp + j * D + d, V::load(dV + j * Dp + d));
         }
         if (d < D) {
-          V::storen(dkp + j * D + d, V::load(dK + j * Dp + d), int(D - d));
+          V::storen(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks), int(D - d));
           V::storen(dvp + j * D + d, V::load(dV + j * Dp + d), int(D - d));
         }
       }

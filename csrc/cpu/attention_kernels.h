@@ -101,7 +101,7 @@ inline int64_t attn_fwd_scratch_bytes(int64_t rows, int64_t D, int64_t elem) {
 inline int64_t attn_bwd_scratch_bytes(int64_t D, int64_t elem) {
   const int64_t Dp = (D + 15) / 16 * 16;
   return (kQueryBlockBwd * Dp * 2 + Dp * kKeyBlock * 4 + kQueryBlockBwd * kKeyBlock * 2 +
-          kKeyBlock * Dp * 2 + 64) *
+          kKeyBlock * Dp * 2 + kQueryBlockBwd * kKeyBlock * 2 + 64) *
              elem +
          512;
 }
