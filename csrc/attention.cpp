@@ -112,7 +112,7 @@ int team_size(int64_t work) {
 }
 
 // Fills the shape, input, scaling, mask and dropout fields shared by both directions.
-Tensor setup_args(AttnArgs& a, const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+Tensor setup_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v,
                   const OptTensor& mask, const OptTensor& rng, double scale, bool causal,
                   int64_t causal_offset, double dropout_p) {
   a.B = q.size(0);
@@ -151,7 +151,6 @@ Tensor setup_args(AttnArgs& a, const char* op, const Tensor& q, const Tensor& k,
   } else {
     a.drop_scale = 1.0;
   }
-  (void)op;
   return m;
 }
 
@@ -171,7 +170,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
     return {out, lse};
   }
   AttnArgs a{};
-  const Tensor m = setup_args(a, kFwd, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p);
+  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
   const DType xdt = dtype_of(q.scalar_type());
@@ -266,7 +265,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor o = out_in.stride(-1) == 1 ? out_in : out_in.contiguous();
   const Tensor lse = lse_in.contiguous();
   AttnArgs a{};
-  const Tensor m = setup_args(a, kBwd, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p);
+  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p);
   const auto op_dt = lse.scalar_type();
   Tensor delta = at::empty({B, H, Sq}, q.options().dtype(op_dt));
   a.dout = g.data_ptr();
