@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace fastattn {
 
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
@@ -73,6 +75,80 @@ inline void check_row_stats(const char* op, const char* name, const at::Tensor& 
               t.scalar_type());
   TORCH_CHECK(t.numel() == rows, op, ": ", name, " must hold one value per row (", rows,
               ") of the input of shape ", x.sizes(), ", got shape ", t.sizes());
+}
+
+// q (B, H, Sq, D), k and v (B, Hkv, Sk, D) of attention: 4-D, one floating dtype the CPU kernels
+// serve (float32, bfloat16, float64), one device, H % Hkv == 0, 1 <= D <= 256, last dims
+// contiguous. mask: bool, float32 or q's dtype, of shape (B, H, Sq, Sk) (an expanded view).
+// rng: int64 with 2 elements when dropout_p > 0; 0 <= dropout_p <= 1.
+inline void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& rng, double dropout_p) {
+  const char* names[3] = {"q", "k", "v"};
+  const at::Tensor* ts[3] = {&q, &k, &v};
+  for (int t = 0; t < 3; ++t) {
+    TORCH_CHECK(ts[t]->dim() == 4, op, ": ", names[t],
+                " must be 4-D (batch, heads, seqlen, head_dim), got shape ", ts[t]->sizes());
+    check_same_device(op, names[t], *ts[t], q);
+  }
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kDouble, op,
+              ": the CPU kernels take float32, bfloat16 or float64 q/k/v, got ", st);
+  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
+              ": q, k, v must share one dtype, got ", st, ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
+              ": expected k and v of shape (batch, kv_heads, seqlen_k, head_dim) matching q's "
+              "batch and head_dim; got q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q's heads (", q.size(1),
+              ") must be a multiple of k/v's heads (", k.size(1), "); q ", q.sizes(), ", k ",
+              k.sizes());
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, op, ": head_dim must be in [1, 256], got ",
+              q.size(3), " (q ", q.sizes(), ")");
+  for (int t = 0; t < 3; ++t)
+    TORCH_CHECK(ts[t]->stride(3) == 1 || ts[t]->size(3) <= 1, op, ": ", names[t],
+                " must have a contiguous last dim (stride 1), got strides ", ts[t]->strides());
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    check_same_device(op, "mask", m, q);
+    const auto ms = m.scalar_type();
+    TORCH_CHECK(ms == at::kBool || ms == at::kFloat || ms == st, op,
+                ": mask must be bool, float32 or q's dtype (", st, "), got ", ms);
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) &&
+                    m.size(2) == q.size(2) && m.size(3) == k.size(2),
+                op, ": mask must be expanded to (batch, heads, seqlen_q, seqlen_k) = (", q.size(0),
+                ", ", q.size(1), ", ", q.size(2), ", ", k.size(2), "), got shape ", m.sizes());
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ",
+              dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng.has_value(), op, ": dropout_p > 0 needs the rng seeds (int64 tensor of 2)");
+    check_same_device(op, "rng", *rng, q);
+    TORCH_CHECK(rng->scalar_type() == at::kLong && rng->numel() == 2, op,
+                ": rng must be an int64 tensor of 2 seeds, got ", rng->scalar_type(), " of shape ",
+                rng->sizes());
+  }
+}
+
+// Saved forward results and the incoming gradient of the attention backward: grad_out and out of
+// q's shape and dtype with contiguous last dims, lse (B, H, Sq) float32 (float64 for float64 q).
+inline void check_attention_saved(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
+                                  const at::Tensor& lse, const at::Tensor& q) {
+  check_same_device(op, "grad_out", grad_out, q);
+  check_same_device(op, "out", out, q);
+  check_same_device(op, "lse", lse, q);
+  check_same_shape(op, "grad_out", grad_out, q);
+  check_same_shape(op, "out", out, q);
+  check_same_dtype(op, "grad_out", grad_out, q);
+  check_same_dtype(op, "out", out, q);
+  const auto want = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == want, op, ": lse must be ", want, " for ", q.scalar_type(),
+              " inputs, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              op, ": lse must have shape (batch, heads, seqlen_q) = (", q.size(0), ", ", q.size(1),
+              ", ", q.size(2), "), got ", lse.sizes());
 }
 
 }  // namespace fastattn

@@ -1,0 +1,774 @@
+// Attention kernels written once over the Vec interface (vec_<isa>.h) and instantiated per ISA and
+// dtype: the forward (online softmax over key tiles), the split-K merge, and the FA2-style
+// backward. See attention_kernels.h for the work layout and docs/attention.md for the semantics.
+// NO include guard and no namespace on purpose: each attention_<isa>.cpp includes this file
+// inside its own ISA namespace and target region, after vec_<isa>.h.
+//
+// Every product of two tiles goes through one register-blocked micro-kernel (attn_mk): C (M x N)
+// (+)= A (M x K) B (K x N), A read as broadcast scalars A[m * lda + k * ask] from an opmath
+// scratch (so transposed A costs nothing), B read as rows of N values (opmath scratch, or the
+// caller's data in its own dtype, converted on load), C an opmath tile. MR rows x NV vectors of C
+// stay in registers for the whole K loop.
+
+template <class A, class B>
+struct AttnSame {
+  static constexpr bool value = false;
+};
+template <class A>
+struct AttnSame<A, A> {
+  static constexpr bool value = true;
+};
+
+// One element as opmath (a bool mask element as its additive value).
+inline double attn_elem(const float* p) { return *p; }
+inline double attn_elem(const double* p) { return *p; }
+inline double attn_elem(const bf16_t* p) { return bf16_to_f32(*p); }
+inline double attn_elem(const uint8_t* p) { return *p ? 0.0 : -__builtin_inf(); }
+
+inline uint32_t attn_mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  return x ^ (x >> 15);
+}
+
+// Whether V offers the bf16 pair dot product (attention_vec512.h with Dot).
+template <class V>
+constexpr bool attn_has_dot() {
+  if constexpr (requires { V::kDotBf16; })
+    return V::kDotBf16;
+  else
+    return false;
+}
+
+template <class V>
+struct Attn {
+  using R = typename V::R;
+  using Acc = typename V::Acc;
+  static constexpr int W = V::W;
+  static constexpr int64_t NK = kKeyBlock;
+  static constexpr int64_t MQB = kQueryBlockBwd;
+  static constexpr bool kDot = attn_has_dot<V>();
+
+  static inline int64_t padded(int64_t d) { return (d + 15) / 16 * 16; }
+  static inline Acc* aligned(void* p) {
+    return reinterpret_cast<Acc*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  }
+  static inline R ninf() { return V::set1(Acc(-__builtin_inf())); }
+  // n (1..W) valid lanes of an opmath row; the others read as `fill`.
+  static inline R load_pad(const Acc* p, int n, R fill) {
+    return n == W ? V::load(p) : V::where(V::first(n), V::loadn(p, n), fill);
+  }
+
+  // ---------------------------------------------------------------- micro-kernel and driver
+  template <int MR, int NV, bool TAIL, class TB>
+  static inline void mk(int64_t K, const Acc* A, int64_t lda, int64_t ask, const TB* B, int64_t ldb,
+                        Acc* C, int64_t ldc, bool accum, int ntail) {
+    R c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (!accum)
+          c[r][v] = V::zero();
+        else if (TAIL && v == NV - 1)
+          c[r][v] = V::loadn(C + r * ldc + v * W, ntail);
+        else
+          c[r][v] = V::load(C + r * ldc + v * W);
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      const TB* bp = B + k * ldb;
+      R bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        bv[v] = (TAIL && v == NV - 1) ? V::loadn(bp + v * W, ntail) : V::load(bp + v * W);
+      const Acc* ap = A + k * ask;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const R av = V::set1(ap[r * lda]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[r][v] = V::fma(av, bv[v], c[r][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (TAIL && v == NV - 1)
+          V::storen(C + r * ldc + v * W, c[r][v], ntail);
+        else
+          V::store(C + r * ldc + v * W, c[r][v]);
+      }
+  }
+
+  template <int MR, class TB>
+  static inline void mk_cols(int nv, bool tail, int64_t K, const Acc* A, int64_t lda, int64_t ask,
+                             const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum, int ntail) {
+    switch (nv * 2 + (tail ? 1 : 0)) {
+      case 2:
+        return mk<MR, 1, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 3:
+        return mk<MR, 1, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 4:
+        return mk<MR, 2, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 5:
+        return mk<MR, 2, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 6:
+        return mk<MR, 3, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 7:
+        return mk<MR, 3, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 8:
+        return mk<MR, 4, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      default:
+        return mk<MR, 4, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+    }
+  }
+
+  // C (M x N, ldc) = or += A (M x K; A[m * lda + k * ask]) B (K x N; row k at B + k * ldb).
+  template <class TB>
+  static void gemm(int64_t M, int64_t N, int64_t K, const Acc* A, int64_t lda, int64_t ask,
+                   const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
+    constexpr int64_t NB = 4 * W;
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+      const int64_t nn = N - n0 < NB ? N - n0 : NB;
+      const int nv = int((nn + W - 1) / W), ntail = int(nn - (nv - 1) * W);
+      const bool tail = ntail != W;
+      const TB* b = B + n0;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6)
+        mk_cols<6>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m + 4 <= M; m += 4)
+        mk_cols<4>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m + 2 <= M; m += 2)
+        mk_cols<2>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+      for (; m < M; ++m)
+        mk_cols<1>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+    }
+  }
+
+  // bf16 pair version (kDot only): A[m * lda + k] and the rows of B are 32-bit bf16 pairs, K
+  // counts pairs; B rows are padded scratch, always readable in full vectors.
+  template <int MR, int NV, bool TAIL>
+  static inline void mk_dot(int64_t K, const uint32_t* A, int64_t lda, int64_t ask,
+                            const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum,
+                            int ntail) {
+    R c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (!accum)
+          c[r][v] = V::zero();
+        else if (TAIL && v == NV - 1)
+          c[r][v] = V::loadn(C + r * ldc + v * W, ntail);
+        else
+          c[r][v] = V::load(C + r * ldc + v * W);
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t* bp = B + k * ldb;
+      R bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = V::load32(bp + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const R av = V::bcast32(A + r * lda + k * ask);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[r][v] = V::dot2(c[r][v], av, bv[v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        if (TAIL && v == NV - 1)
+          V::storen(C + r * ldc + v * W, c[r][v], ntail);
+        else
+          V::store(C + r * ldc + v * W, c[r][v]);
+      }
+  }
+
+  template <int MR>
+  static inline void mk_dot_cols(int nv, bool tail, int64_t K, const uint32_t* A, int64_t lda,
+                                 int64_t ask, const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc,
+                                 bool accum, int ntail) {
+    switch (nv * 2 + (tail ? 1 : 0)) {
+      case 2:
+        return mk_dot<MR, 1, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 3:
+        return mk_dot<MR, 1, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 4:
+        return mk_dot<MR, 2, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 5:
+        return mk_dot<MR, 2, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 6:
+        return mk_dot<MR, 3, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 7:
+        return mk_dot<MR, 3, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      case 8:
+        return mk_dot<MR, 4, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+      default:
+        return mk_dot<MR, 4, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+    }
+  }
+
+  static void gemm_dot(int64_t M, int64_t N, int64_t K, const uint32_t* A, int64_t lda, int64_t ask,
+                       const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
+    constexpr int64_t NB = 4 * W;
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+      const int64_t nn = N - n0 < NB ? N - n0 : NB;
+      const int nv = int((nn + W - 1) / W), ntail = int(nn - (nv - 1) * W);
+      const bool tail = ntail != W;
+      const uint32_t* b = B + n0;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6)
+        mk_dot_cols<6>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
+      for (; m + 4 <= M; m += 4)
+        mk_dot_cols<4>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
+      for (; m + 2 <= M; m += 2)
+        mk_dot_cols<2>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
+      for (; m < M; ++m)
+        mk_dot_cols<1>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                       ntail);
+    }
+  }
+
+  // bf16 pair packings (kDot only). Rows of n bf16 values (D each) copied with a zero pad to an
+  // even count: dst row r at dst + r * ld (ld in bf16, even).
+  static void pack_rows_bf16(uint16_t* dst, int64_t ld, const bf16_t* src, int64_t stride,
+                             int64_t n, int64_t D) {
+    for (int64_t r = 0; r < n; ++r) {
+      __builtin_memcpy(dst + r * ld, src + r * stride, size_t(D) * 2);
+      if (D & 1) dst[r * ld + D] = 0;
+    }
+  }
+  // dst[p * NK + j] = (k_j[2p], k_j[2p + 1]) for pairs p < (D + 1) / 2, keys j < n.
+  static void pack_kt_pairs(uint32_t* dst, const bf16_t* src, int64_t stride, int64_t n, int64_t D,
+                            int64_t NK) {
+    const int64_t D2 = (D + 1) / 2;
+    int64_t j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16) {
+      for (int64_t p0 = 0; p0 < D2; p0 += 16) {
+        const int c = D - 2 * p0 < 32 ? int(D - 2 * p0) : 32;
+        R r[16];
+        for (int x = 0; x < 16; ++x) r[x] = V::load_bf16x32(src + (j0 + x) * stride + 2 * p0, c);
+        V::transpose16(r);
+        const int np = (c + 1) / 2;
+        for (int x = 0; x < np; ++x)
+          V::store(reinterpret_cast<float*>(dst + (p0 + x) * NK + j0), r[x]);
+      }
+    }
+    for (int64_t j = j0; j < n; ++j) {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(src + j * stride);
+      for (int64_t q = 0; q < D2; ++q) {
+        const uint32_t lo = p[2 * q], hi = 2 * q + 1 < D ? p[2 * q + 1] : 0;
+        dst[q * NK + j] = lo | (hi << 16);
+      }
+    }
+  }
+  // dst[jp * ldd + d] = (v_{2jp}[d], v_{2jp+1}[d]) for jp < (n + 1) / 2 (a missing key: 0),
+  // d < padded(D) (zeros past D).
+  static void pack_v_pairs(uint32_t* dst, int64_t ldd, const bf16_t* src, int64_t stride, int64_t n,
+                           int64_t D) {
+    for (int64_t jp = 0; jp < (n + 1) / 2; ++jp) {
+      const bf16_t* a = src + 2 * jp * stride;
+      const bf16_t* b = 2 * jp + 1 < n ? a + stride : nullptr;
+      for (int64_t d0 = 0; d0 < D; d0 += 16)
+        V::interleave16(dst + jp * ldd + d0, a + d0, b ? b + d0 : nullptr,
+                        D - d0 < 16 ? int(D - d0) : 16);
+    }
+  }
+
+  // ---------------------------------------------------------------- packing
+  // dst[r * ldd + d] = mul * src_row(r)[d], d < D (opmath), for n rows at src + r * stride.
+  template <class T>
+  static void pack_rows(Acc* dst, int64_t ldd, const T* src, int64_t stride, int64_t n, int64_t D,
+                        Acc mul) {
+    const R s = V::set1(mul);
+    for (int64_t r = 0; r < n; ++r) {
+      const T* p = src + r * stride;
+      Acc* o = dst + r * ldd;
+      int64_t d = 0;
+      for (; d + W <= D; d += W) V::store(o + d, V::mul(V::load(p + d), s));
+      if (d < D) V::storen(o + d, V::mul(V::loadn(p + d, int(D - d)), s), int(D - d));
+    }
+  }
+  // Transposed: dst[d * NK + j] = src_row(j)[d] for j < n keys.
+  template <class T>
+  static void pack_t(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D, int64_t NK) {
+    int64_t j0 = 0;
+    if constexpr (requires { V::kTranspose16; }) {
+      for (; j0 + 16 <= n; j0 += 16) {
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+          const int c = D - d0 < 16 ? int(D - d0) : 16;
+          R r[16];
+          for (int x = 0; x < 16; ++x)
+            r[x] = c == 16 ? V::load(src + (j0 + x) * stride + d0)
+                           : V::loadn(src + (j0 + x) * stride + d0, c);
+          V::transpose16(r);
+          for (int x = 0; x < c; ++x) V::store(dst + (d0 + x) * NK + j0, r[x]);
+        }
+      }
+    }
+    for (int64_t j = j0; j < n; ++j) {
+      const T* p = src + j * stride;
+      for (int64_t d = 0; d < D; ++d) dst[d * NK + j] = Acc(attn_elem(p + d));
+    }
+  }
+
+  // ---------------------------------------------------------------- score-tile helpers
+  // s[0, n) += mask row (m: the row's start, stride along keys ms).
+  template <class TM>
+  static void add_mask(Acc* s, const TM* m, int64_t ms, int64_t n) {
+    if (ms == 1) {
+      for (int64_t j = 0; j < n; j += W) {
+        const int c = n - j < W ? int(n - j) : W;
+        V::store(s + j, V::add(V::load(s + j), V::loadn(m + j, c)));
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] += Acc(attn_elem(m + j * ms));
+    }
+  }
+  // Causal: keys j >= first_hidden (relative to the tile) get -inf.
+  static void causal_cut(Acc* s, int64_t first_hidden, int64_t n) {
+    for (int64_t j = first_hidden < 0 ? 0 : first_hidden; j < n; ++j) s[j] = Acc(-__builtin_inf());
+  }
+  // Scores of tile row (b, h, i) for keys [jb, jb + n): mask and causal limit applied.
+  template <class TM>
+  static void finish_scores(const AttnArgs& a, Acc* s, int64_t b, int64_t h, int64_t i, int64_t jb,
+                            int64_t n) {
+    if constexpr (!AttnSame<TM, NoMask>::value) {
+      const TM* m = static_cast<const TM*>(a.mask) + b * a.mask_str[0] + h * a.mask_str[1] +
+                    i * a.mask_str[2] + jb * a.mask_str[3];
+      add_mask(s, m, a.mask_str[3], n);
+    }
+    if (a.causal && i + a.causal_offset - jb < n - 1)
+      causal_cut(s, i + a.causal_offset - jb + 1, n);
+  }
+  static inline uint32_t drop_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i) {
+    return attn_mix32(uint32_t(uint64_t((b * a.H + h) * a.Sq + i)) ^ a.seed0);
+  }
+  static inline bool keep(const AttnArgs& a, uint32_t row_hash, int64_t j) {
+    return (attn_mix32(row_hash ^ uint32_t(uint64_t(j) + a.seed1)) >> 8) >= a.thr;
+  }
+
+  // ---------------------------------------------------------------- forward
+  static constexpr int64_t NF = kFwdKeyBlock;
+  // bf16 pair path: Q (unscaled, as given), K^T, P and V as bf16 pairs; scale applied to S.
+  template <class T>
+  static constexpr bool dot_for() {
+    return kDot && AttnSame<T, bf16_t>::value;
+  }
+
+  // One key block [jb, jb + n) of kv head (b, hkv) in the layout fwd reads: K^T (opmath, NF keys
+  // per row of D), or with bf16 pairs K^T pairs (D2 rows of NF) then V pairs (NF / 2 rows of Dp).
+  template <class T>
+  static void pack_block(const AttnArgs& a, int64_t b, int64_t hkv, int64_t jb, int64_t n,
+                         Acc* dst) {
+    const int64_t D = a.D, D2 = (D + 1) / 2;
+    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1] + jb * a.k_str[2];
+    if constexpr (dot_for<T>()) {
+      const T* vp =
+          static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1] + jb * a.v_str[2];
+      uint32_t* kt = reinterpret_cast<uint32_t*>(dst);
+      pack_kt_pairs(kt, kp, a.k_str[2], n, D, NF);
+      pack_v_pairs(kt + D2 * NF, padded(D), vp, a.v_str[2], n, D);
+    } else {
+      pack_t(dst, kp, a.k_str[2], n, D, NF);
+    }
+  }
+  // Key block kbi of (b, hkv) into dst (kFwdKeyBlock * padded(D) opmath values).
+  template <class T>
+  static void pack_kv(const AttnArgs& a, int64_t b, int64_t hkv, int64_t kbi, void* dst) {
+    const int64_t jb = kbi * NF, n = a.Sk - jb < NF ? a.Sk - jb : NF;
+    pack_block<T>(a, b, hkv, jb, n, static_cast<Acc*>(dst));
+  }
+
+  template <class T, class TM>
+  static void fwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, int64_t j0,
+                  int64_t j1, const void* packed, void* part_v, void* scratch) {
+    constexpr bool dot = dot_for<T>();
+    const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D, Dp = padded(D);
+    const int64_t D2 = (D + 1) / 2, rp = padded(rows);
+    Acc* Qs = aligned(scratch);
+    Acc* O = Qs + rows * Dp;
+    Acc* KT = O + rows * Dp;  // one packed block (pack_block), when not given packed
+    Acc* S = KT + Dp * NF;
+    Acc* mx = S + rows * NF;  // running max, sum; this block's max, rescale factor
+    Acc* sm = mx + rp;
+    Acc* bm = sm + rp;
+    Acc* al = bm + rp;
+    uint32_t* Pb = reinterpret_cast<uint32_t*>(al + rp);
+    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
+    const Acc* pk = static_cast<const Acc*>(packed);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qp = static_cast<const T*>(a.q) + b * a.q_str[0] + (hkv * G + g) * a.q_str[1] +
+                    i0 * a.q_str[2];
+      if constexpr (dot)
+        pack_rows_bf16(reinterpret_cast<uint16_t*>(Qs) + g * mq * 2 * D2, 2 * D2, qp, a.q_str[2],
+                       mq, D);
+      else
+        pack_rows(Qs + g * mq * Dp, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t d = 0; d < Dp; d += W) V::store(O + r * Dp + d, V::zero());
+      mx[r] = Acc(-__builtin_inf());
+      sm[r] = 0;
+    }
+    int64_t jend = j1;
+    if (a.causal && i1 - 1 + a.causal_offset + 1 < jend) jend = i1 + a.causal_offset;
+    const R ninfv = ninf(), sc = V::set1(Acc(a.scale));
+    for (int64_t jb = j0; jb < jend; jb += NF) {
+      const int64_t n = jend - jb < NF ? jend - jb : NF;
+      const Acc* kt = KT;
+      if (pk != nullptr)
+        kt = pk + (jb / NF) * (Dp * NF);
+      else
+        pack_block<T>(a, b, hkv, jb, n, KT);
+      if constexpr (dot)
+        gemm_dot(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2, 1,
+                 reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
+      else
+        gemm(rows, n, D, Qs, Dp, 1, kt, NF, S, NF, false);
+      // Scores and the block max of each row.
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
+        Acc* s = S + r * NF;
+        if constexpr (dot)
+          for (int64_t j = 0; j < n; j += W) V::store(s + j, V::mul(V::load(s + j), sc));
+        finish_scores<TM>(a, s, b, h, i, jb, n);
+        R vm = ninfv;
+        for (int64_t j = 0; j < n; j += W)
+          vm = V::max(vm, load_pad(s + j, n - j < W ? int(n - j) : W, ninfv));
+        bm[r] = V::hmax(vm);
+      }
+      // New maxima and rescale factors, W rows at a time (no visible key yet: factor 1).
+      for (int64_t r = 0; r < rows; r += W) {
+        const R mo = V::load(mx + r), mn = V::max(V::load(bm + r), mo);
+        const R f = vexp<V>(V::sub(mo, mn));
+        V::store(al + r, V::where(V::eq(mn, ninfv), V::set1(Acc(1)), f));
+        V::store(mx + r, mn);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        Acc* s = S + r * NF;
+        const Acc mnew = mx[r];
+        if (mnew == Acc(-__builtin_inf())) {  // nothing visible yet in this row
+          for (int64_t j = 0; j < n; j += W) V::store(s + j, V::zero());
+          continue;
+        }
+        const R mv = V::set1(mnew);
+        R vs = V::zero();
+        for (int64_t j = 0; j < n; j += W) {
+          const R p = vexp<V>(V::sub(load_pad(s + j, n - j < W ? int(n - j) : W, ninfv), mv));
+          vs = V::add(vs, p);
+          V::store(s + j, p);
+        }
+        const Acc alpha = al[r];
+        sm[r] = sm[r] * alpha + V::hsum(vs);
+        if (alpha != Acc(1)) {
+          const R av = V::set1(alpha);
+          for (int64_t d = 0; d < Dp; d += W)
+            V::store(O + r * Dp + d, V::mul(V::load(O + r * Dp + d), av));
+        }
+        if (a.dropout) {
+          const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
+          const uint32_t rh = drop_row(a, b, h, i);
+          const Acc ds = Acc(a.drop_scale);
+          for (int64_t j = 0; j < n; ++j) s[j] = keep(a, rh, jb + j) ? s[j] * ds : Acc(0);
+        }
+      }
+      if constexpr (dot) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < n; j += 32)
+            V::to_bf16x32(reinterpret_cast<uint16_t*>(Pb + r * (NF / 2)) + j, S + r * NF + j,
+                          n - j < 32 ? int(n - j) : 32);
+        gemm_dot(rows, D, (n + 1) / 2, Pb, NF / 2, 1,
+                 reinterpret_cast<const uint32_t*>(kt) + D2 * NF, Dp, O, Dp, true);
+      } else {
+        gemm(rows, D, n, S, NF, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
+      }
+    }
+    if (part_v != nullptr) {
+      Acc* part = static_cast<Acc*>(part_v);
+      for (int64_t r = 0; r < rows; ++r) {
+        Acc* p = part + r * (D + 2);
+        p[0] = mx[r];
+        p[1] = sm[r];
+        for (int64_t d = 0; d < D; ++d) p[2 + d] = O[r * Dp + d];
+      }
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
+      const int64_t row = (b * a.H + h) * a.Sq + i;
+      write_row<T>(a, row, O + r * Dp, mx[r], sm[r], Acc(1));
+    }
+  }
+
+  // out row = o * (mul / l), lse = m + log(l); l == 0 (no visible key): 0 and -inf.
+  template <class T>
+  static void write_row(const AttnArgs& a, int64_t row, const Acc* o, Acc m, Acc l, Acc mul) {
+    const int64_t D = a.D;
+    T* out = static_cast<T*>(a.out) + row * D;
+    const bool dead = !(l > Acc(0));
+    const R sc = V::set1(dead ? Acc(0) : mul / l);
+    int64_t d = 0;
+    for (; d + W <= D; d += W) V::store(out + d, V::mul(V::load(o + d), sc));
+    if (d < D) V::storen(out + d, V::mul(V::loadn(o + d, int(D - d)), sc), int(D - d));
+    static_cast<Acc*>(a.lse)[row] =
+        dead ? Acc(-__builtin_inf()) : Acc(double(m) + __builtin_log(double(l)));
+  }
+
+  template <class T>
+  static void merge(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1,
+                    const void* part_v, int64_t nsplit, int64_t pstride) {
+    const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D;
+    const Acc* part = static_cast<const Acc*>(part_v);
+    Acc o[256 + 16];
+    for (int64_t r = 0; r < rows; ++r) {
+      Acc m = Acc(-__builtin_inf());
+      for (int64_t c = 0; c < nsplit; ++c) {
+        const Acc mc = part[c * pstride + r * (D + 2)];
+        m = mc > m ? mc : m;
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] = 0;
+      Acc l = 0;
+      if (m != Acc(-__builtin_inf())) {
+        for (int64_t c = 0; c < nsplit; ++c) {
+          const Acc* p = part + c * pstride + r * (D + 2);
+          if (p[0] == Acc(-__builtin_inf())) continue;
+          const Acc w = Acc(__builtin_exp(double(p[0] - m)));
+          l += p[1] * w;
+          for (int64_t d = 0; d < D; ++d) o[d] += p[2 + d] * w;
+        }
+      }
+      const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
+      write_row<T>(a, (b * a.H + h) * a.Sq + i, o, m, l, Acc(1));
+    }
+  }
+
+  // ---------------------------------------------------------------- backward
+  template <class T>
+  static void delta(const AttnArgs& a, int64_t r0, int64_t r1) {
+    const int64_t D = a.D;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % a.Sq, bh = r / a.Sq, h = bh % a.H, b = bh / a.H;
+      const T* g =
+          static_cast<const T*>(a.dout) + b * a.do_str[0] + h * a.do_str[1] + i * a.do_str[2];
+      const T* o = static_cast<const T*>(a.o) + b * a.o_str[0] + h * a.o_str[1] + i * a.o_str[2];
+      R acc = V::zero();
+      int64_t d = 0;
+      for (; d + W <= D; d += W) acc = V::fma(V::load(g + d), V::load(o + d), acc);
+      if (d < D) acc = V::fma(V::loadn(g + d, int(D - d)), V::loadn(o + d, int(D - d)), acc);
+      static_cast<Acc*>(a.delta)[r] = V::hsum(acc);
+    }
+  }
+
+  // bf16 rows r0, r0 + 1 of a (rows, NK) bf16 tile interleaved into pairs along rows:
+  // dst[ip * ldd + j] = (src[2ip][j], src[2ip + 1][j]) for j < n (a missing row: 0).
+  static void pair_rows(uint32_t* dst, int64_t ldd, const uint16_t* src, int64_t lds, int64_t rows,
+                        int64_t n) {
+    for (int64_t ip = 0; ip < (rows + 1) / 2; ++ip) {
+      const bf16_t* x = reinterpret_cast<const bf16_t*>(src + 2 * ip * lds);
+      const bf16_t* y = 2 * ip + 1 < rows ? x + lds : nullptr;
+      for (int64_t j = 0; j < n; j += 16)
+        V::interleave16(dst + ip * ldd + j, x + j, y ? y + j : nullptr,
+                        n - j < 16 ? int(n - j) : 16);
+    }
+  }
+
+  template <class T, class TM>
+  static void bwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t j0, int64_t j1, void* dq_acc_v,
+                  void* scratch) {
+    // bf16 pairs: S = Q K^T and dP = dO V^T over pairs along head_dim (K^T, V^T packed so);
+    // dV += P^T dO and dK += dS^T Q over pairs along query rows; dq += dS K over pairs along keys.
+    constexpr bool dot = dot_for<T>();
+    const int64_t G = a.H / a.Hkv, D = a.D, Dp = padded(D), D2 = (D + 1) / 2;
+    Acc* Qs = aligned(scratch);
+    Acc* dOs = Qs + MQB * Dp;
+    Acc* KT = dOs + MQB * Dp;
+    Acc* VT = KT + Dp * NK;
+    Acc* S = VT + Dp * NK;
+    Acc* dP = S + MQB * NK;
+    Acc* dK = dP + MQB * NK;
+    Acc* dV = dK + NK * Dp;
+    // dot only: carved out of the regions above, and the tiles after dV.
+    uint32_t* Qb = reinterpret_cast<uint32_t*>(Qs);  // Q pairs along d (MQB x D2)
+    uint32_t* Qi = Qb + MQB * Dp / 2;                // Q pairs along rows (MQB/2 x Dp)
+    uint32_t* dOb = reinterpret_cast<uint32_t*>(dOs);
+    uint32_t* dOi = dOb + MQB * Dp / 2;
+    uint32_t* KTp = reinterpret_cast<uint32_t*>(KT);  // K^T pairs along d (D2 x NK)
+    uint32_t* Kj = KTp + Dp * NK / 2;                 // K pairs along keys (NK/2 x Dp)
+    uint32_t* VTp = reinterpret_cast<uint32_t*>(VT);
+    uint32_t* P16 = reinterpret_cast<uint32_t*>(dV + NK * Dp);  // P rows, bf16 (MQB x NK/2)
+    uint32_t* dS16 = P16 + MQB * NK / 2;
+    uint32_t* PT = dS16 + MQB * NK / 2;  // P pairs along rows (MQB/2 x NK)
+    uint32_t* dST = PT + MQB * NK / 2;
+    Acc* dq_acc = static_cast<Acc*>(dq_acc_v);
+    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
+    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
+    const Acc* lse = static_cast<const Acc*>(a.lse_in);
+    const Acc* dlt = static_cast<const Acc*>(a.delta);
+    const Acc dsc = Acc(a.drop_scale);
+    for (int64_t kb = j0; kb < j1; kb += NK) {
+      const int64_t n = j1 - kb < NK ? j1 - kb : NK;
+      if constexpr (dot) {
+        pack_kt_pairs(KTp, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
+        pack_kt_pairs(VTp, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
+        pack_v_pairs(Kj, Dp, kp + kb * a.k_str[2], a.k_str[2], n, D);
+      } else {
+        pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
+        pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
+      }
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < Dp; d += W) {
+          V::store(dK + j * Dp + d, V::zero());
+          V::store(dV + j * Dp + d, V::zero());
+        }
+      int64_t istart = 0;
+      if (a.causal && kb - a.causal_offset > 0) istart = kb - a.causal_offset;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hkv * G + g;
+        for (int64_t ib = istart; ib < a.Sq; ib += MQB) {
+          const int64_t mq = a.Sq - ib < MQB ? a.Sq - ib : MQB, mq2 = (mq + 1) / 2;
+          const T* qp =
+              static_cast<const T*>(a.q) + b * a.q_str[0] + h * a.q_str[1] + ib * a.q_str[2];
+          const T* gp =
+              static_cast<const T*>(a.dout) + b * a.do_str[0] + h * a.do_str[1] + ib * a.do_str[2];
+          if constexpr (dot) {
+            pack_rows_bf16(reinterpret_cast<uint16_t*>(Qb), 2 * D2, qp, a.q_str[2], mq, D);
+            pack_rows_bf16(reinterpret_cast<uint16_t*>(dOb), 2 * D2, gp, a.do_str[2], mq, D);
+            gemm_dot(mq, n, D2, Qb, D2, 1, KTp, NK, S, NK, false);
+            gemm_dot(mq, n, D2, dOb, D2, 1, VTp, NK, dP, NK, false);
+            const R sc = V::set1(Acc(a.scale));
+            for (int64_t r = 0; r < mq; ++r)
+              for (int64_t j = 0; j < n; j += W)
+                V::store(S + r * NK + j, V::mul(V::load(S + r * NK + j), sc));
+          } else {
+            pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
+            pack_rows(dOs, Dp, gp, a.do_str[2], mq, D, Acc(1));
+            gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
+            gemm(mq, n, D, dOs, Dp, 1, VT, NK, dP, NK, false);
+          }
+          for (int64_t r = 0; r < mq; ++r) {
+            const int64_t i = ib + r, row = (b * a.H + h) * a.Sq + i;
+            Acc* s = S + r * NK;
+            Acc* dp = dP + r * NK;
+            const Acc l = lse[row];
+            if (l == Acc(-__builtin_inf())) {  // no visible key: P = 0, dS = 0
+              for (int64_t j = 0; j < n; j += W) {
+                V::store(s + j, V::zero());
+                V::store(dp + j, V::zero());
+              }
+            } else {
+              finish_scores<TM>(a, s, b, h, i, kb, n);
+              const R lv = V::set1(l), dv = V::set1(dlt[row]);
+              if (!a.dropout) {
+                for (int64_t j = 0; j < n; j += W) {
+                  const R p =
+                      vexp<V>(V::sub(load_pad(s + j, n - j < W ? int(n - j) : W, ninf()), lv));
+                  V::store(s + j, p);
+                  V::store(dp + j, V::mul(p, V::sub(V::load(dp + j), dv)));
+                }
+              } else {
+                for (int64_t j = 0; j < n; j += W)
+                  V::store(s + j, vexp<V>(V::sub(
+                                      load_pad(s + j, n - j < W ? int(n - j) : W, ninf()), lv)));
+                const uint32_t rh = drop_row(a, b, h, i);
+                const Acc di = dlt[row];
+                for (int64_t j = 0; j < n; ++j) {
+                  const bool kp_ = keep(a, rh, kb + j);
+                  const Acc p = s[j];
+                  const Acc dpj = kp_ ? dp[j] * dsc : Acc(0);
+                  dp[j] = p * (dpj - di);
+                  s[j] = kp_ ? p * dsc : Acc(0);
+                }
+              }
+            }
+            if (a.dmask != nullptr) {
+              float* dm = a.dmask + row * a.Sk + kb;
+              for (int64_t j = 0; j < n; ++j) dm[j] = float(dp[j]);
+            }
+          }
+          if constexpr (dot) {
+            for (int64_t r = 0; r < mq; ++r)
+              for (int64_t j = 0; j < n; j += 32) {
+                const int c = n - j < 32 ? int(n - j) : 32;
+                V::to_bf16x32(reinterpret_cast<uint16_t*>(P16 + r * (NK / 2)) + j, S + r * NK + j,
+                              c);
+                V::to_bf16x32(reinterpret_cast<uint16_t*>(dS16 + r * (NK / 2)) + j, dP + r * NK + j,
+                              c);
+              }
+            pair_rows(PT, NK, reinterpret_cast<const uint16_t*>(P16), NK, mq, n);
+            pair_rows(dST, NK, reinterpret_cast<const uint16_t*>(dS16), NK, mq, n);
+            pair_rows(Qi, Dp, reinterpret_cast<const uint16_t*>(Qb), 2 * D2, mq, D);
+            pair_rows(dOi, Dp, reinterpret_cast<const uint16_t*>(dOb), 2 * D2, mq, D);
+            gemm_dot(n, D, mq2, PT, 1, NK, dOi, Dp, dV, Dp, true);
+            gemm_dot(n, D, mq2, dST, 1, NK, Qi, Dp, dK, Dp, true);
+            gemm_dot(mq, D, (n + 1) / 2, dS16, NK / 2, 1, Kj, Dp,
+                     dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
+          } else {
+            // dV += Pd^T dO, dK += dS^T (scale Q), dq_acc += dS K.
+            gemm(n, D, mq, S, 1, NK, dOs, Dp, dV, Dp, true);
+            gemm(n, D, mq, dP, 1, NK, Qs, Dp, dK, Dp, true);
+            gemm(mq, D, n, dP, NK, 1, kp + kb * a.k_str[2], a.k_str[2],
+                 dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
+          }
+        }
+      }
+      T* dkp = static_cast<T*>(a.dk) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
+      T* dvp = static_cast<T*>(a.dv) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
+      const R ks = V::set1(dot ? Acc(a.scale) : Acc(1));  // dot: dS^T Q was unscaled
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t d = 0;
+        for (; d + W <= D; d += W) {
+          V::store(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks));
+          V::store(dvp + j * D + d, V::load(dV + j * Dp + d));
+        }
+        if (d < D) {
+          V::storen(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks), int(D - d));
+          V::storen(dvp + j * D + d, V::load(dV + j * Dp + d), int(D - d));
+        }
+      }
+    }
+  }
+
+  template <class T>
+  static void dq(const AttnArgs& a, const void* acc_v, int64_t nchunks, int64_t cstride, int64_t r0,
+                 int64_t r1) {
+    const int64_t D = a.D;
+    const Acc* acc = static_cast<const Acc*>(acc_v);
+    const R sc = V::set1(Acc(a.scale));
+    for (int64_t r = r0; r < r1; ++r) {
+      T* out = static_cast<T*>(a.dq) + r * D;
+      for (int64_t d = 0; d < D; d += W) {
+        const int c = D - d < W ? int(D - d) : W;
+        R s = V::loadn(acc + r * D + d, c);
+        for (int64_t k = 1; k < nchunks; ++k)
+          s = V::add(s, V::loadn(acc + k * cstride + r * D + d, c));
+        s = V::mul(s, sc);
+        if (c == W)
+          V::store(out + d, s);
+        else
+          V::storen(out + d, s, c);
+      }
+    }
+  }
+
+  template <class T, class TM>
+  static AttnKernels make() {
+    return AttnKernels{&fwd<T, TM>, &merge<T>, &pack_kv<T>, &delta<T>, &bwd<T, TM>, &dq<T>};
+  }
+  // The table for data type T (DType x) and the mask's dtype.
+  template <class T>
+  static AttnKernels table(DType x, bool has_mask, DType mask) {
+    if (!has_mask) return make<T, NoMask>();
+    if (mask == DType::kBool) return make<T, uint8_t>();
+    if (mask == DType::kFloat32) return make<T, float>();
+    if (mask == x) return make<T, T>();
+    return AttnKernels{};
+  }
+};
