@@ -194,14 +194,16 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   Tensor part;
   if (nsplit > 1) part = at::empty({units * nsplit * pstride}, q.options().dtype(lse_dt));
   char* part_base = nsplit > 1 ? static_cast<char*>(part.data_ptr()) : nullptr;
-  // K/V blocks are packed once up front when several query blocks read them; otherwise (decode)
-  // each item packs the blocks it reads.
+  // K/V blocks are packed once when several query blocks read them; otherwise (decode) each item
+  // packs the blocks it reads. Packing goes one (batch, kv head) pair at a time, whose query
+  // blocks then keep the team busy, so the packed copy is one head's K and V, not all of them
+  // (peak memory: about that of F.scaled_dot_product_attention).
   const int64_t nkb = (Sk + NF - 1) / NF, block_bytes = cpu::attn_fwd_block_bytes(D, elem);
+  const int64_t pairs = B * Hkv, wave = nqb > 1 ? 1 : pairs;
   Tensor packed;
-  if (nqb > 1) packed = at::empty({B * Hkv * nkb * block_bytes}, q.options().dtype(at::kByte));
+  if (nqb > 1) packed = at::empty({wave * nkb * block_bytes}, q.options().dtype(at::kByte));
   char* pk = nqb > 1 ? static_cast<char*>(packed.data_ptr()) : nullptr;
   const int64_t scratch_bytes = cpu::attn_fwd_scratch_bytes(rows, D, elem);
-  const int64_t tasks = units * nsplit;
   // Item t: unit u (batch, kv head, query block; the causal ones with the most keys first) and
   // key chunk c.
   auto unit_of = [&](int64_t u, int64_t& b, int64_t& hkv, int64_t& i0, int64_t& i1) {
@@ -213,20 +215,24 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   };
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    if (pk != nullptr) {
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < B * Hkv * nkb; ++t)
-        kern.fwd_pack(a, t / nkb / Hkv, t / nkb % Hkv, t % nkb, pk + t * block_bytes);
-    }
     Scratch scratch(scratch_bytes);
+    for (int64_t w0 = 0; w0 < pairs; w0 += wave) {  // every thread runs every wave
+      const int64_t w1 = std::min(pairs, w0 + wave);
+      if (pk != nullptr) {
+#pragma omp for schedule(static)
+        for (int64_t t = w0 * nkb; t < w1 * nkb; ++t)
+          kern.fwd_pack(a, t / nkb / Hkv, t / nkb % Hkv, t % nkb,
+                        pk + (t - w0 * nkb) * block_bytes);
+      }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t u = t / nsplit, c = t % nsplit;
-      int64_t b, hkv, i0, i1;
-      unit_of(u, b, hkv, i0, i1);
-      void* p = part_base ? part_base + (u * nsplit + c) * pstride * elem : nullptr;
-      const void* kv = pk ? pk + (b * Hkv + hkv) * nkb * block_bytes : nullptr;
-      kern.fwd(a, b, hkv, i0, i1, c * chunk, std::min(Sk, (c + 1) * chunk), kv, p, scratch.get());
+      for (int64_t t = w0 * nqb * nsplit; t < w1 * nqb * nsplit; ++t) {
+        const int64_t u = t / nsplit, c = t % nsplit;
+        int64_t b, hkv, i0, i1;
+        unit_of(u, b, hkv, i0, i1);
+        void* p = part_base ? part_base + (u * nsplit + c) * pstride * elem : nullptr;
+        const void* kv = pk ? pk + (b * Hkv + hkv - w0) * nkb * block_bytes : nullptr;
+        kern.fwd(a, b, hkv, i0, i1, c * chunk, std::min(Sk, (c + 1) * chunk), kv, p, scratch.get());
+      }  // the barrier here keeps the next wave's packing off blocks still being read
     }
     if (nsplit > 1) {
 #pragma omp for schedule(static)
