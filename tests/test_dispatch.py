@@ -167,3 +167,32 @@ def test_norm_streaming_stores_match_reference(path):
     if nobf16:
         env["FASTATTN_CPU_AVX512BF16"] = "0"
     _check_in_fresh_process(STREAM_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
+
+
+# The attention kernels have a path per ISA (and, for bf16, one with vdpbf16ps and one without):
+# the main suite runs the best; each other one is checked here with test_attention's own checks.
+ATTN_ISA_CHECK = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from test_attention import check, make_qkv, mask_of
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        # GQA with odd lengths and a non-power-of-two head dim; a padded, masked batch; dropout;
+        # a decode row against many keys; a head dim of 256.
+        check("cpu", *make_qkv(2, 4, 2, 37, 70, 40, dtype), causal=True)
+        check("cpu", *make_qkv(2, 4, 1, 33, 65, 64, dtype), mask_of("key_padding", 2, 4, 33, 65))
+        check("cpu", *make_qkv(1, 4, 4, 20, 50, 32, dtype), mask_of("float_grad", 1, 4, 20, 50),
+              dropout_p=0.2)
+        check("cpu", *make_qkv(1, 8, 2, 1, 700, 128, dtype))
+        check("cpu", *make_qkv(1, 2, 2, 9, 17, 256, dtype), causal=True)
+    print("OK")
+    """
+)
+
+
+@pytest.mark.parametrize("path", [*_supported_isas(), *[p for p in _stream_paths() if "-" in p]])
+def test_every_cpu_isa_path_of_attention_matches_reference(path):
+    isa, _, nobf16 = path.partition("-")
+    env = {"FASTATTN_CPU_ISA": isa} | ({"FASTATTN_CPU_AVX512BF16": "0"} if nobf16 else {})
+    _check_in_fresh_process(ATTN_ISA_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
