@@ -173,9 +173,11 @@ def test_norm_streaming_stores_match_reference(path):
 # the main suite runs the best; each other one is checked here with test_attention's own checks.
 ATTN_ISA_CHECK = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
     sys.path.insert(0, sys.argv[1])
     from test_attention import check, make_qkv, mask_of
+    from fastattn import _extension
+    assert _extension.build_info()["cpu_isa"] == os.environ["FASTATTN_CPU_ISA"]
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         # GQA with odd lengths and a non-power-of-two head dim; a padded, masked batch; dropout;
