@@ -21,7 +21,7 @@
 
 #include "checks.h"
 #include "cpu/attention_kernels.h"
-#include "cpu_isa.h"
+#include "cpu_dispatch.h"
 
 namespace fastattn {
 namespace {
@@ -34,6 +34,17 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr const char* kFwd = "fastattn::attention";
 constexpr const char* kBwd = "fastattn::attention_backward";
+
+// The kernel table of the best ISA path in use; float64 always takes the scalar (fp64 math) path.
+AttnKernels kernels_for(const char* op, DType x, bool has_mask, DType mask) {
+  static constexpr AttnKernels (*kGet[4])(DType, bool, DType) = {
+      cpu::attention_kernels_scalar, cpu::attention_kernels_avx2, cpu::attention_kernels_avx512,
+      cpu::attention_kernels_avx512bf16};
+  const auto serves = [](const AttnKernels& t) { return t.fwd != nullptr; };
+  const AttnKernels k = best_kernels(kGet, x == DType::kFloat64, serves, x, has_mask, mask);
+  TORCH_CHECK(k.fwd != nullptr, op, ": no CPU kernel for this input/mask dtype pair");
+  return k;
+}
 
 // Query rows (over all heads of a kv group) per forward work item.
 constexpr int64_t kFwdRows = 64;
@@ -57,43 +68,6 @@ Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   if (poison != nullptr && std::strcmp(poison, "1") == 0 && t.numel() > 0)
     t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
-}
-
-DType dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kDouble:
-      return DType::kFloat64;
-    case at::kBool:
-      return DType::kBool;
-    default:
-      TORCH_CHECK(false, "fastattn::attention: unsupported dtype ", st);
-  }
-  return DType::kFloat32;
-}
-
-// The table of the best ISA path in use; float64 always takes the scalar (fp64 math) path.
-AttnKernels kernels_for(const char* op, DType x, bool has_mask, DType mask) {
-  AttnKernels k{};
-  if (x != DType::kFloat64) {
-    switch (cpu::isa()) {
-      case cpu::Isa::kAvx512:
-        k = cpu::attention_kernels_avx512bf16(x, has_mask, mask);
-        if (k.fwd == nullptr) k = cpu::attention_kernels_avx512(x, has_mask, mask);
-        break;
-      case cpu::Isa::kAvx2:
-        k = cpu::attention_kernels_avx2(x, has_mask, mask);
-        break;
-      case cpu::Isa::kScalar:
-        break;
-    }
-  }
-  if (k.fwd == nullptr) k = cpu::attention_kernels_scalar(x, has_mask, mask);
-  TORCH_CHECK(k.fwd != nullptr, op, ": no CPU kernel for this input/mask dtype pair");
-  return k;
 }
 
 // A 64-byte aligned scratch buffer owned by the calling (OpenMP) thread for one call.
@@ -136,7 +110,7 @@ Tensor setup_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v
   if (mask.has_value()) {
     m = *mask;
     a.mask = m.data_ptr();
-    a.mask_dtype = dtype_of(m.scalar_type());
+    a.mask_dtype = dtype_of(kFwd, m.scalar_type());
     for (int d = 0; d < 4; ++d) a.mask_str[d] = m.size(d) == 1 ? 0 : m.stride(d);
   }
   a.dropout = dropout_p > 0.0;
@@ -173,7 +147,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
-  const DType xdt = dtype_of(q.scalar_type());
+  const DType xdt = dtype_of(kFwd, q.scalar_type());
   const AttnKernels kern =
       kernels_for(kFwd, xdt, mask.has_value(), mask.has_value() ? a.mask_dtype : xdt);
 
@@ -286,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   a.dk = dk.data_ptr();
   a.dv = dv.data_ptr();
   a.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
-  const DType xdt = dtype_of(q.scalar_type());
+  const DType xdt = dtype_of(kFwd, q.scalar_type());
   const AttnKernels kern =
       kernels_for(kBwd, xdt, mask.has_value(), mask.has_value() ? a.mask_dtype : xdt);
 

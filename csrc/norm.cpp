@@ -19,13 +19,23 @@
 
 #include "checks.h"
 #include "cpu/norm_kernels.h"
-#include "cpu_isa.h"
+#include "cpu_dispatch.h"
 
 namespace fastattn {
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+// The widest supported ISA's kernels for this dtype (float64: the scalar path's).
+cpu::NormKernels kernels_for(at::ScalarType st, cpu::NormVariant v) {
+  static constexpr cpu::NormKernels (*kGet[4])(cpu::DType, cpu::NormVariant) = {
+      cpu::norm_kernels_scalar, cpu::norm_kernels_avx2, cpu::norm_kernels_avx512,
+      cpu::norm_kernels_avx512bf16};
+  const cpu::DType dt = dtype_of("fastattn::norm", st);
+  const auto serves = [](const cpu::NormKernels& t) { return t.fwd != nullptr; };
+  return best_kernels(kGet, dt == cpu::DType::kFloat64, serves, dt, v);
+}
 
 // Below this many elements per thread, waking another thread costs more than it saves.
 constexpr int64_t kGrainElems = int64_t{1} << 15;
@@ -83,38 +93,6 @@ size_t stream_min_bytes() {
 int64_t rows_of(const Tensor& t) {
   const int64_t n = t.size(-1);
   return n == 0 ? 0 : t.numel() / n;
-}
-
-cpu::DType dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat:
-      return cpu::DType::kFloat32;
-    case at::kBFloat16:
-      return cpu::DType::kBFloat16;
-    case at::kHalf:
-      return cpu::DType::kFloat16;
-    default:
-      TORCH_CHECK(st == at::kDouble, "fastattn::norm: unsupported dtype ", st);
-  }
-  return cpu::DType::kFloat64;
-}
-
-// The widest supported ISA's kernels for this dtype (float64: the scalar path's).
-cpu::NormKernels kernels_for(at::ScalarType st, cpu::NormVariant v) {
-  const cpu::DType dt = dtype_of(st);
-  cpu::NormKernels k{};
-  switch (cpu::isa()) {
-    case cpu::Isa::kAvx512:
-      k = cpu::norm_kernels_avx512bf16(dt, v);  // bf16 on CPUs with AVX512_BF16
-      if (k.fwd == nullptr) k = cpu::norm_kernels_avx512(dt, v);
-      break;
-    case cpu::Isa::kAvx2:
-      k = cpu::norm_kernels_avx2(dt, v);
-      break;
-    case cpu::Isa::kScalar:
-      break;
-  }
-  return k.fwd != nullptr ? k : cpu::norm_kernels_scalar(dt, v);
 }
 
 // Threads for `work` elements split into at most `parts` pieces (torch's setting, which OpenMP

@@ -16,7 +16,7 @@
 
 #include "checks.h"
 #include "cpu/softmax_kernels.h"
-#include "cpu_isa.h"
+#include "cpu_dispatch.h"
 
 namespace fastattn {
 namespace {
@@ -24,6 +24,20 @@ namespace {
 using cpu::DType;
 using cpu::RowStats;
 using cpu::SoftmaxKernels;
+
+constexpr const char* kFwd = "fastattn::softmax";
+constexpr const char* kBwd = "fastattn::softmax_backward";
+
+// The kernel table of the best ISA path in use; float64 always takes the scalar (fp64 math) path.
+SoftmaxKernels kernels_for(const char* op, DType x, DType mask, bool per_column) {
+  static constexpr SoftmaxKernels (*kGet[4])(DType, DType, bool) = {
+      cpu::softmax_kernels_scalar, cpu::softmax_kernels_avx2, cpu::softmax_kernels_avx512,
+      cpu::softmax_kernels_avx512bf16};
+  const auto serves = [](const SoftmaxKernels& t) { return t.fwd_rows != nullptr; };
+  const SoftmaxKernels k = best_kernels(kGet, x == DType::kFloat64, serves, x, mask, per_column);
+  TORCH_CHECK(k.fwd_rows != nullptr, op, ": no CPU kernel for this input/mask dtype pair");
+  return k;
+}
 
 constexpr int64_t kSerialBelow = 16384;   // elements: smaller inputs are not worth a thread team
 constexpr int64_t kBlockElems = 32768;    // causal rows go to threads in blocks of >= this
@@ -36,44 +50,6 @@ int64_t stream_min_bytes() {
     return e ? std::atoll(e) : int64_t(16) << 20;
   }();
   return v;
-}
-
-DType dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kDouble:
-      return DType::kFloat64;
-    case at::kBool:
-      return DType::kBool;
-    default:
-      TORCH_CHECK(false, "fastattn: unsupported dtype ", st);
-  }
-}
-
-// The table of the best ISA path in use; float64 always takes the scalar (fp64 math) path.
-SoftmaxKernels kernels_for(const char* op, DType x, DType mask, bool per_column) {
-  SoftmaxKernels k{};
-  if (x != DType::kFloat64) {
-    switch (cpu::isa()) {
-      case cpu::Isa::kAvx512:
-        k = cpu::softmax_kernels_avx512bf16(x, mask, per_column);
-        if (k.fwd_rows == nullptr) k = cpu::softmax_kernels_avx512(x, mask, per_column);
-        break;
-      case cpu::Isa::kAvx2:
-        k = cpu::softmax_kernels_avx2(x, mask, per_column);
-        break;
-      case cpu::Isa::kScalar:
-        break;
-    }
-  }
-  if (k.fwd_rows == nullptr) k = cpu::softmax_kernels_scalar(x, mask, per_column);
-  TORCH_CHECK(k.fwd_rows != nullptr, op, ": no CPU kernel for this input/mask dtype pair");
-  return k;
 }
 
 // A 64-byte aligned per-thread scratch of cpu::kScratchBytes, allocated once per thread (the
@@ -121,7 +97,7 @@ at::Tensor setup_mask(cpu::SoftmaxFwdArgs& a, at::Tensor mask, const at::Tensor&
     return setup_mask(a, mask.expand(x.sizes()).contiguous(), x);
   }
   a.mask = mask.data_ptr();
-  a.mask_dtype = dtype_of(mask.scalar_type());
+  a.mask_dtype = dtype_of(kFwd, mask.scalar_type());
   a.mask_per_column = st[nd - 1] == 1;
   a.mask_ndim = static_cast<int>(sizes.size());
   for (size_t k = 0; k < sizes.size(); ++k) {  // outermost first for the kernels
@@ -166,9 +142,6 @@ RowStats merge(const RowStats* s, int n) {
   return m;
 }
 
-constexpr const char* kFwd = "fastattn::softmax";
-constexpr const char* kBwd = "fastattn::softmax_backward";
-
 at::Tensor softmax_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
                        double scale, bool causal, bool log) {
   check_min_dim(kFwd, "x", x_in, 1);
@@ -190,7 +163,7 @@ at::Tensor softmax_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   a.causal_rows = x.dim() >= 2 ? x.size(-2) : 1;
   at::Tensor mask;  // keeps the tensor the kernels read alive
   if (mask_in.has_value()) mask = setup_mask(a, *mask_in, x);
-  const DType xdt = dtype_of(x.scalar_type());
+  const DType xdt = dtype_of(kFwd, x.scalar_type());
   const SoftmaxKernels k = kernels_for(kFwd, xdt, a.mask ? a.mask_dtype : xdt, a.mask_per_column);
 
   const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
@@ -232,7 +205,7 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out
                               scale,
                               log,
                               int64_t(dx.nbytes()) >= stream_min_bytes()};
-  const DType dt = dtype_of(y.scalar_type());
+  const DType dt = dtype_of(kBwd, y.scalar_type());
   const SoftmaxKernels k = kernels_for(kBwd, dt, dt, false);
 
   const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
