@@ -62,9 +62,15 @@ struct Attn {
   }
 
   // ---------------------------------------------------------------- micro-kernel and driver
-  template <int MR, int NV, bool TAIL, class TB>
-  static inline void mk(int64_t K, const Acc* A, int64_t lda, int64_t ask, const TB* B, int64_t ldb,
+  // C (MR x NV*W, the last vector `ntail` lanes when TAIL) = or += A B over K steps. fp32 path
+  // (TA = Acc): A[r * lda + k * ask] broadcast, B row k at B + k * ldb (TB elements, the tail
+  // vector read partially), FMA. bf16 pair path (TA = uint32_t, kDot only): A and the rows of B
+  // hold 32-bit bf16 pairs, K counts pairs, B rows are padded scratch (always readable in full
+  // vectors), vdpbf16ps.
+  template <int MR, int NV, bool TAIL, class TA, class TB>
+  static inline void mk(int64_t K, const TA* A, int64_t lda, int64_t ask, const TB* B, int64_t ldb,
                         Acc* C, int64_t ldc, bool accum, int ntail) {
+    constexpr bool kPairs = std::is_same_v<TA, uint32_t>;
     R c[MR][NV];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
@@ -81,14 +87,24 @@ struct Attn {
       const TB* bp = B + k * ldb;
       R bv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
-        bv[v] = (TAIL && v == NV - 1) ? V::loadn(bp + v * W, ntail) : V::load(bp + v * W);
-      const Acc* ap = A + k * ask;
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (kPairs)
+          bv[v] = V::load32(bp + v * W);
+        else
+          bv[v] = (TAIL && v == NV - 1) ? V::loadn(bp + v * W, ntail) : V::load(bp + v * W);
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const R av = V::set1(ap[r * lda]);
+        const TA* ap = A + r * lda + k * ask;
+        if constexpr (kPairs) {
+          const R av = V::bcast32(ap);
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) c[r][v] = V::fma(av, bv[v], c[r][v]);
+          for (int v = 0; v < NV; ++v) c[r][v] = V::dot2(c[r][v], av, bv[v]);
+        } else {
+          const R av = V::set1(*ap);
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) c[r][v] = V::fma(av, bv[v], c[r][v]);
+        }
       }
     }
 #pragma GCC unroll 8
@@ -102,8 +118,8 @@ struct Attn {
       }
   }
 
-  template <int MR, class TB>
-  static inline void mk_cols(int nv, bool tail, int64_t K, const Acc* A, int64_t lda, int64_t ask,
+  template <int MR, class TA, class TB>
+  static inline void mk_cols(int nv, bool tail, int64_t K, const TA* A, int64_t lda, int64_t ask,
                              const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum, int ntail) {
     switch (nv * 2 + (tail ? 1 : 0)) {
       case 2:
@@ -125,9 +141,10 @@ struct Attn {
     }
   }
 
-  // C (M x N, ldc) = or += A (M x K; A[m * lda + k * ask]) B (K x N; row k at B + k * ldb).
-  template <class TB>
-  static void gemm(int64_t M, int64_t N, int64_t K, const Acc* A, int64_t lda, int64_t ask,
+  // C (M x N, ldc) = or += A (M x K; A[m * lda + k * ask]) B (K x N; row k at B + k * ldb), in
+  // register blocks of up to 6 rows x 4 vectors; A and B as in mk (fp32, or bf16 pairs).
+  template <class TA, class TB>
+  static void gemm(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, int64_t ask,
                    const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
     constexpr int64_t NB = 4 * W;
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
@@ -144,95 +161,6 @@ struct Attn {
         mk_cols<2>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
       for (; m < M; ++m)
         mk_cols<1>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
-    }
-  }
-
-  // bf16 pair version (kDot only): A[m * lda + k] and the rows of B are 32-bit bf16 pairs, K
-  // counts pairs; B rows are padded scratch, always readable in full vectors.
-  template <int MR, int NV, bool TAIL>
-  static inline void mk_dot(int64_t K, const uint32_t* A, int64_t lda, int64_t ask,
-                            const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum,
-                            int ntail) {
-    R c[MR][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        if (!accum)
-          c[r][v] = V::zero();
-        else if (TAIL && v == NV - 1)
-          c[r][v] = V::loadn(C + r * ldc + v * W, ntail);
-        else
-          c[r][v] = V::load(C + r * ldc + v * W);
-      }
-    for (int64_t k = 0; k < K; ++k) {
-      const uint32_t* bp = B + k * ldb;
-      R bv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = V::load32(bp + v * W);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const R av = V::bcast32(A + r * lda + k * ask);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) c[r][v] = V::dot2(c[r][v], av, bv[v]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        if (TAIL && v == NV - 1)
-          V::storen(C + r * ldc + v * W, c[r][v], ntail);
-        else
-          V::store(C + r * ldc + v * W, c[r][v]);
-      }
-  }
-
-  template <int MR>
-  static inline void mk_dot_cols(int nv, bool tail, int64_t K, const uint32_t* A, int64_t lda,
-                                 int64_t ask, const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc,
-                                 bool accum, int ntail) {
-    switch (nv * 2 + (tail ? 1 : 0)) {
-      case 2:
-        return mk_dot<MR, 1, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 3:
-        return mk_dot<MR, 1, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 4:
-        return mk_dot<MR, 2, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 5:
-        return mk_dot<MR, 2, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 6:
-        return mk_dot<MR, 3, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 7:
-        return mk_dot<MR, 3, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 8:
-        return mk_dot<MR, 4, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      default:
-        return mk_dot<MR, 4, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-    }
-  }
-
-  static void gemm_dot(int64_t M, int64_t N, int64_t K, const uint32_t* A, int64_t lda, int64_t ask,
-                       const uint32_t* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
-    constexpr int64_t NB = 4 * W;
-    for (int64_t n0 = 0; n0 < N; n0 += NB) {
-      const int64_t nn = N - n0 < NB ? N - n0 : NB;
-      const int nv = int((nn + W - 1) / W), ntail = int(nn - (nv - 1) * W);
-      const bool tail = ntail != W;
-      const uint32_t* b = B + n0;
-      int64_t m = 0;
-      for (; m + 6 <= M; m += 6)
-        mk_dot_cols<6>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
-                       ntail);
-      for (; m + 4 <= M; m += 4)
-        mk_dot_cols<4>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
-                       ntail);
-      for (; m + 2 <= M; m += 2)
-        mk_dot_cols<2>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
-                       ntail);
-      for (; m < M; ++m)
-        mk_dot_cols<1>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
-                       ntail);
     }
   }
 
@@ -429,8 +357,8 @@ struct Attn {
       else
         pack_block<T>(a, b, hkv, jb, n, KT);
       if constexpr (dot)
-        gemm_dot(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2, 1,
-                 reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
+        gemm(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2, 1,
+             reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
       else
         gemm(rows, n, D, Qs, Dp, 1, kt, NF, S, NF, false);
       // Scores and the block max of each row.
@@ -485,8 +413,8 @@ struct Attn {
           for (int64_t j = 0; j < n; j += 32)
             V::to_bf16x32(reinterpret_cast<uint16_t*>(Pb + r * (NF / 2)) + j, S + r * NF + j,
                           n - j < 32 ? int(n - j) : 32);
-        gemm_dot(rows, D, (n + 1) / 2, Pb, NF / 2, 1,
-                 reinterpret_cast<const uint32_t*>(kt) + D2 * NF, Dp, O, Dp, true);
+        gemm(rows, D, (n + 1) / 2, Pb, NF / 2, 1, reinterpret_cast<const uint32_t*>(kt) + D2 * NF,
+             Dp, O, Dp, true);
       } else {
         gemm(rows, D, n, S, NF, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
       }
@@ -641,8 +569,8 @@ struct Attn {
           if constexpr (dot) {
             pack_rows_bf16(reinterpret_cast<uint16_t*>(Qb), 2 * D2, qp, a.q_str[2], mq, D);
             pack_rows_bf16(reinterpret_cast<uint16_t*>(dOb), 2 * D2, gp, a.do_str[2], mq, D);
-            gemm_dot(mq, n, D2, Qb, D2, 1, KTp, NK, S, NK, false);
-            gemm_dot(mq, n, D2, dOb, D2, 1, VTp, NK, dP, NK, false);
+            gemm(mq, n, D2, Qb, D2, 1, KTp, NK, S, NK, false);
+            gemm(mq, n, D2, dOb, D2, 1, VTp, NK, dP, NK, false);
             const R sc = V::set1(Acc(a.scale));
             for (int64_t r = 0; r < mq; ++r)
               for (int64_t j = 0; j < n; j += W)
@@ -706,10 +634,10 @@ struct Attn {
             pair_rows(dST, NK, reinterpret_cast<const uint16_t*>(dS16), NK, mq, n);
             pair_rows(Qi, Dp, reinterpret_cast<const uint16_t*>(Qb), 2 * D2, mq, D);
             pair_rows(dOi, Dp, reinterpret_cast<const uint16_t*>(dOb), 2 * D2, mq, D);
-            gemm_dot(n, D, mq2, PT, 1, NK, dOi, Dp, dV, Dp, true);
-            gemm_dot(n, D, mq2, dST, 1, NK, Qi, Dp, dK, Dp, true);
-            gemm_dot(mq, D, (n + 1) / 2, dS16, NK / 2, 1, Kj, Dp,
-                     dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
+            gemm(n, D, mq2, PT, 1, NK, dOi, Dp, dV, Dp, true);
+            gemm(n, D, mq2, dST, 1, NK, Qi, Dp, dK, Dp, true);
+            gemm(mq, D, (n + 1) / 2, dS16, NK / 2, 1, Kj, Dp,
+                 dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
           } else {
             // dV += Pd^T dO, dK += dS^T (scale Q), dq_acc += dS K.
             gemm(n, D, mq, S, 1, NK, dOs, Dp, dV, Dp, true);

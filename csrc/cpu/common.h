@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // Target regions: `FASTATTN_BEGIN_<ISA>` ... `FASTATTN_END_ISA`. Every function defined in between
 // (including template instantiations of templates defined there) is compiled for that ISA only.
