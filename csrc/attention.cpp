@@ -22,6 +22,7 @@
 #include "checks.h"
 #include "cpu/attention_kernels.h"
 #include "cpu_dispatch.h"
+#include "output_pool.h"
 
 namespace fastattn {
 namespace {
@@ -59,16 +60,6 @@ constexpr int64_t kMinSplitKeys = 2 * cpu::kFwdKeyBlock;
 // so the dq sums (added over chunks in a fixed order) are bitwise reproducible across runs and
 // torch.set_num_threads settings.
 constexpr int64_t kBwdMinItems = 8;
-
-// An uninitialised output, NaN-filled under FASTATTN_POISON_OUTPUTS=1 (the tests set it), as
-// dispatch.new_output does for the Python paths: an element a kernel fails to write shows up.
-Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  Tensor t = at::empty(shape, opts);
-  const char* poison = std::getenv("FASTATTN_POISON_OUTPUTS");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0 && t.numel() > 0)
-    t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
 
 // A 64-byte aligned scratch buffer owned by the calling (OpenMP) thread for one call.
 struct Scratch {

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu_isa.h"
+#include "output_pool.h"
 
 #ifndef FASTATTN_VERSION
 #define FASTATTN_VERSION "unknown"
@@ -28,4 +29,16 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa"] = fastattn::cpu::isa_name(fastattn::cpu::isa());
     return d;
   });
+  m.def("cpu_cache_info", [] {
+    const fastattn::OutputPoolStats s = fastattn::output_pool_stats();
+    py::dict d;
+    d["limit_bytes"] = s.limit_bytes;
+    d["cached_bytes"] = s.cached_bytes;
+    d["cached_blocks"] = s.cached_blocks;
+    d["live_bytes"] = s.live_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  });
+  m.def("empty_cpu_cache", [] { return fastattn::output_pool_release(); });
 }

@@ -6,7 +6,6 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <omp.h>
-#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,6 +19,7 @@
 #include "checks.h"
 #include "cpu/norm_kernels.h"
 #include "cpu_dispatch.h"
+#include "output_pool.h"
 
 namespace fastattn {
 namespace {
@@ -51,36 +51,6 @@ constexpr int64_t kMaxPartialBytes = int64_t{16} << 20;
 // to a third of the memory traffic. FASTATTN_CPU_STREAM_BYTES (bytes, read once; 0: always)
 // overrides it, as for softmax, so that tests can reach that path with small inputs.
 constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
-// Outputs of at least this size are backed by 2 MiB pages where possible (see new_output).
-constexpr size_t kHugeOutputBytes = size_t{32} << 20;
-
-// An uninitialised output, NaN-filled under FASTATTN_POISON_OUTPUTS=1 (the tests set it), as
-// dispatch.new_output does for the Python paths: an element a kernel fails to write shows up.
-//
-// glibc serves every block of 32 MiB or more with a fresh mmap and unmaps it on free, so each
-// call pays one page fault per 4 KiB it writes: at 2048x4096 fp32, 8192 faults, more time than
-// the kernel itself. Where transparent huge pages are on "madvise" (a common default), advising
-// the 2 MiB-aligned interior first cuts the faults 512-fold; the buffer is about to be written
-// in full, so no memory is wasted, and the advice dies with the mapping. (torch does the same
-// for all its allocations under THP_MEM_ALLOC_ENABLE=1.)
-Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  Tensor t = at::empty(shape, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = t.nbytes();
-  if (bytes >= kHugeOutputBytes) {
-    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (lo + kHuge - 1) & ~(kHuge - 1), last = (lo + bytes) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  const char* poison = std::getenv("FASTATTN_POISON_OUTPUTS");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
-    t.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  return t;
-}
-
 size_t stream_min_bytes() {
   static const size_t v = [] {
     const char* e = std::getenv("FASTATTN_CPU_STREAM_BYTES");
@@ -235,8 +205,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward_cpu(const Tensor& grad_out,
   int64_t chunk_rows = std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
   chunk_rows = std::max(chunk_rows, rows * per_row_bytes / kMaxPartialBytes);
   const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
-  const Tensor dw_part = at::zeros({chunks, n}, mt);
-  const Tensor db_part = has_bias ? at::zeros({chunks, n}, mt) : Tensor();
+  const Tensor dw_part = new_output({chunks, n}, mt).zero_();
+  const Tensor db_part = has_bias ? new_output({chunks, n}, mt).zero_() : Tensor();
 
   const cpu::NormVariant v{rms, false, 0, dh.has_value(), has_bias};
   const cpu::NormBwdFn bwd = kernels_for(h.scalar_type(), v).bwd;

@@ -17,6 +17,7 @@
 #include "checks.h"
 #include "cpu/softmax_kernels.h"
 #include "cpu_dispatch.h"
+#include "output_pool.h"
 
 namespace fastattn {
 namespace {
@@ -148,7 +149,7 @@ at::Tensor softmax_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   check_floating(kFwd, "x", x_in);
   if (mask_in.has_value()) check_mask(kFwd, *mask_in, x_in);
   const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = new_output(x.sizes(), x.options());
   const int64_t cols = x.size(-1), rows = cols == 0 ? 0 : x.numel() / cols;
   if (rows == 0) return y;
 
@@ -194,7 +195,7 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out
   check_same_shape(kBwd, "grad_out", grad_in, out_in);
   check_same_dtype(kBwd, "grad_out", grad_in, out_in);
   const at::Tensor g = grad_in.contiguous(), y = out_in.contiguous();
-  at::Tensor dx = at::empty(y.sizes(), y.options());
+  at::Tensor dx = new_output(y.sizes(), y.options());
   const int64_t cols = y.size(-1), rows = cols == 0 ? 0 : y.numel() / cols;
   if (rows == 0) return dx;
 

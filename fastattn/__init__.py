@@ -5,6 +5,7 @@ Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"`` (def
 """
 
 from fastattn import nn
+from fastattn._extension import cpu_cache_info, empty_cpu_cache
 from fastattn._version import __version__
 from fastattn.dispatch import backends
 from fastattn.ops.attention import attention, scaled_dot_product_attention
@@ -17,6 +18,8 @@ __all__ = [
     "__version__",
     "attention",
     "backends",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "layer_norm",
     "nn",
     "patch",

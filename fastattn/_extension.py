@@ -46,3 +46,20 @@ def build_info() -> dict[str, Any]:
     """Build facts reported by the extension (empty when it is missing)."""
     mod = load()
     return dict(mod.build_info()) if mod is not None else {}
+
+
+def cpu_cache_info() -> dict[str, int]:
+    """The CPU ops' cache of freed output blocks: ``limit_bytes`` (``FASTATTN_CPU_CACHE_BYTES``,
+    default 256 MiB; 0 turns it off), ``cached_bytes`` / ``cached_blocks`` (kept for reuse),
+    ``live_bytes`` (held by tensors now), ``hits`` / ``misses`` (outputs served from the cache /
+    from fresh memory). Outputs of 1 MiB or more come from it; reusing a block spares the page
+    faults and zeroing of fresh memory on every call. Empty without the extension."""
+    mod = load()
+    return dict(mod.cpu_cache_info()) if mod is not None else {}
+
+
+def empty_cpu_cache() -> int:
+    """Returns the cached output blocks of the CPU ops to the OS (as ``torch.cuda.empty_cache``
+    does for CUDA); the bytes released. Tensors alive now are not affected."""
+    mod = load()
+    return int(mod.empty_cpu_cache()) if mod is not None else 0
