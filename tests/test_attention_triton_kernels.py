@@ -17,6 +17,7 @@ import torch
 from fastattn import reference
 from fastattn._triton import HAS_TRITON
 from fastattn.ops import _attention_triton as A
+from fastattn.ops import _attention_triton_bwd as AB
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -92,7 +93,7 @@ def _run(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, causal=False, off=0, mask=No
     do = g.to(dtype)
     if transposed:  # grad_out in (B, S, H, D) storage too
         do = do.transpose(1, 2).contiguous().transpose(1, 2)
-    dq, dk, dv, dm = A.triton_backward(do, q, k, v, out, lse, mk_full, rng, scale, causal, off, p,
+    dq, dk, dv, dm = AB.triton_backward(do, q, k, v, out, lse, mk_full, rng, scale, causal, off, p,
                                        deterministic, mask_grad)  # fmt: skip
     for name, fast, ref, e in (("dq", dq, qr, eager[0]), ("dk", dk, kr, eager[1]),
                                ("dv", dv, vr, eager[2])):  # fmt: skip
@@ -156,7 +157,7 @@ def test_fp16_and_auto_split():
 
 def test_deterministic_is_bitwise_reproducible():
     q, k, v, m, out, lse, do, grads = _run(1, 4, 2, 45, 70, 40, mask="bool", p=0.1)
-    again = A.triton_backward(do, q, k, v, out, lse, m, RNG, 40**-0.5, False, 0, 0.1, True, False)
+    again = AB.triton_backward(do, q, k, v, out, lse, m, RNG, 40**-0.5, False, 0, 0.1, True, False)
     for a, b in zip(grads, again[:3], strict=True):
         assert torch.equal(a, b)
 
@@ -171,7 +172,7 @@ def test_zero_size(shape):
     assert out.shape == q.shape and lse.shape == (B, H, Sq)
     assert (out == 0).all() and (lse == float("-inf")).all()
     do = torch.randn_like(out)
-    dq, dk, dv, dm = A.triton_backward(do, q, k, v, out, lse, None, None, 0.25, True, 0, 0.0,
+    dq, dk, dv, dm = AB.triton_backward(do, q, k, v, out, lse, None, None, 0.25, True, 0, 0.0,
                                        True, False)  # fmt: skip
     assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all() and dm.numel() == 0
 

@@ -1,5 +1,7 @@
-"""Triton kernels of exact attention (FlashAttention-2 style), forward and backward, and their
-launchers ``triton_forward`` / ``triton_backward`` (see docs/attention.md for the contract).
+"""Triton kernels of exact attention (FlashAttention-2 style): the shared tile helpers, the
+forward kernels and their launcher ``triton_forward``, the launch configurations, and the AOT
+spec list of every attention kernel; the backward kernels and ``triton_backward`` live in
+``_attention_triton_bwd.py`` (see docs/attention.md for the contract).
 
 Forward: one program per (query block, batch*head[, key split]); online softmax in fp32 in the
 log2 domain (exp2); GQA by index; causal key blocks beyond the diagonal are not visited. Decode
@@ -160,162 +162,6 @@ def _combine_kernel(OP, LP, Out, LSE, n_splits, s_os, s_ls, D,
     tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
     lse = m_ref + tl.log(tl.where(total == 0.0, 1.0, total))
     tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), lse))
-
-
-@jit
-def _bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DELTA = rowsum(dO * O) in fp32."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (rows < Sq)[:, None] & (offs_d < D)[None, :]
-    op = Out + (bh.to(tl.int64) * Sq + rows)[:, None] * D + offs_d[None, :]
-    o = tl.load(op, mask=ok, other=0.0)
-    dop = DO + (bh // H).to(tl.int64) * s_db + (bh % H) * s_dh
-    do = tl.load(dop + rows[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Sq + rows, delta, mask=rows < Sq)
-
-
-@jit
-def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, causal_offset,
-              qk_scale, drop_scale, drop_thr, s_mm, s_mn,
-              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-              DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N)."""
-    s = _scores(q, kt, M, mb + rows * s_mm, rows, rows < Sq, cols, Sk, causal_offset, qk_scale,
-                s_mn, HAS_MASK, MASK_BOOL, CAUSAL, PREC)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead row: s is -inf
-    p = tl.exp2(s - lse2[:, None])
-    dp = tl.dot(do, vt, input_precision=PREC)
-    if DROPOUT:
-        keep = _keep(RNG, bh.to(tl.int64) * Sq + rows, cols, drop_thr)
-        pd = tl.where(keep, p * drop_scale, 0.0)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-    else:
-        pd = p
-    return pd, p * (dp - delta[:, None])
-
-
-@jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_scale,
-                     drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                     s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
-                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                     DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    Hkv = H // GROUP
-    b = (bhk // Hkv).to(tl.int64)
-    hk = (bhk % Hkv).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
-    kt = tl.load(K + b * s_kb + hk * s_kh + cols[None, :] * s_kn + offs_d[:, None], mask=kv_ok,
-                 other=0.0)
-    vt = tl.load(V + b * s_vb + hk * s_vh + cols[None, :] * s_vn + offs_d[:, None], mask=kv_ok,
-                 other=0.0)
-    if UPCAST:
-        kt = kt.to(tl.float32)
-        vt = vt.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = 0
-    if CAUSAL:  # query blocks whose rows see none of these keys are skipped
-        lo = (tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M) * BLOCK_M
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        qp = Q + b * s_qb + h * s_qh + offs_d[None, :]
-        dop = DO + b * s_db + h * s_dh + offs_d[None, :]
-        for start in range(lo, Sq, BLOCK_M):
-            rows = start + offs_m
-            r_ok = rows < Sq
-            ok = r_ok[:, None] & d_ok[None, :]
-            q = tl.load(qp + rows[:, None] * s_qm, mask=ok, other=0.0)
-            do = tl.load(dop + rows[:, None] * s_dm, mask=ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + bh * Sq + rows, mask=r_ok, other=0.0)
-            delta = tl.load(DELTA + bh * Sq + rows, mask=r_ok, other=0.0)
-            pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows,
-                               cols, Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr,
-                               s_mm, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
-            if MASK_GRAD:
-                tl.store(DM + (bh * Sq + rows)[:, None] * Sk + cols[None, :], ds,
-                         mask=r_ok[:, None] & (cols < Sk)[None, :])
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-            if ATOMIC_DQ:
-                dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-                tl.atomic_add(DQ + (bh * Sq + rows)[:, None] * D + offs_d[None, :], dq * scale,
-                              mask=ok)
-    dk = dk * scale
-    if RNE_BF16:
-        dk = round_to_bf16(dk)
-        dv = round_to_bf16(dv)
-    out_off = (bhk.to(tl.int64) * Sk + cols)[:, None] * D + offs_d[None, :]
-    ok = (cols < Sk)[:, None] & d_ok[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
-
-
-@jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_scale, drop_thr,
-                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
-                   s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
-                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    ok = (rows < Sq)[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :], mask=ok,
-                other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + offs_d[None, :], mask=ok,
-                 other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    row_off = bh.to(tl.int64) * Sq + rows
-    lse = tl.load(LSE + row_off, mask=rows < Sq, other=0.0)
-    delta = tl.load(DELTA + row_off, mask=rows < Sq, other=0.0)
-    kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
-    vp = V + b * s_vb + hk * s_vh + offs_d[:, None]
-    hi = Sk
-    if CAUSAL:
-        hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M + causal_offset)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, hi, BLOCK_N):
-        cols = start + offs_n
-        kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
-        kt = tl.load(kp + cols[None, :] * s_kn, mask=kv_ok, other=0.0)
-        vt = tl.load(vp + cols[None, :] * s_vn, mask=kv_ok, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows, cols,
-                           Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr, s_mm, s_mn,
-                           HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-    dq = dq * scale
-    if RNE_BF16:
-        dq = round_to_bf16(dq)
-    tl.store(DQ + row_off[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok)
 # fmt: on
 
 
@@ -501,73 +347,6 @@ def triton_forward(
     return out, lse
 
 
-def triton_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    mask: torch.Tensor | None,
-    rng: torch.Tensor | None,
-    scale: float,
-    causal: bool,
-    causal_offset: int,
-    dropout_p: float,
-    deterministic: bool,
-    mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dmask) of exact attention; dmask is dS in fp32, or empty(0)."""
-    B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    dq, dk, dv = dispatch.new_output(q), dispatch.new_output(k), dispatch.new_output(v)
-    shape = (B, H, Sq, Sk) if mask_grad else (0,)
-    # Zero-filled: entries of skipped (causal) blocks are never written and are 0.
-    dmask = torch.zeros(shape, dtype=torch.float32, device=q.device)
-    if B * H * Sq == 0 or Sk == 0 or D == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
-    out, lse = out.contiguous(), lse.contiguous()
-    block_d = _block_d(D)
-    tier = _tier(block_d)
-    m_arg, m_strides, flags = _mask_args(mask, q)
-    r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
-    flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
-                 PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
-    do_strides = list(grad_out.stride()[:3])
-    qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
-    sizes = (H, H // Hkv, Sq, Sk, D, causal_offset)
-    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    atomic = not deterministic
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
-    dm_arg = dmask if mask_grad else delta
-    with device_guard(q):
-        _bwd_pre_kernel[(triton.cdiv(Sq, 64), B * H)](
-            out, grad_out, delta, *do_strides, H, Sq, D, BLOCK_M=64, BLOCK_D=block_d, num_warps=4
-        )
-        _launch(
-            _bwd_dkdv_kernel, bwd_configs(q.dtype, tier),
-            lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv),
-            q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, scale,
-            scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes,
-            **flags, MASK_GRAD=mask_grad, ATOMIC_DQ=atomic, RNE_BF16=needs_bf16_rounding(dk),
-            reset=["DQ"] if atomic else None,
-        )  # fmt: skip
-        if atomic:
-            if dq_acc.dtype == dq.dtype:
-                dq = dq_acc
-            else:
-                dq.copy_(dq_acc)
-        else:
-            _launch(
-                _bwd_dq_kernel, bwd_configs(q.dtype, tier),
-                lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H),
-                q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, scale, scale * LOG2E,
-                drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes, **flags,
-                RNE_BF16=needs_bf16_rounding(dq),
-            )  # fmt: skip
-    return dq, dk, dv, dmask
-
-
 # ------------------------------------------------------------------------------- AOT specs
 _FLOATS = {"scale", "qk_scale", "drop_scale"}
 
@@ -607,6 +386,8 @@ def aot_specs() -> Any:
     shared memory and the tensor-core path are those checked here. BLOCK_D 16 and 32 use the
     64-tier tiles with less memory.
     """
+    from fastattn.ops._attention_triton_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_pre_kernel
+
     for tier in (64, 128, 256):
         block_d = tier
         pre = {"Out": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}

@@ -16,6 +16,7 @@ import torch
 
 from fastattn import _checks, dispatch, reference
 from fastattn.ops import _attention_triton as _tri
+from fastattn.ops import _attention_triton_bwd as _tri_bwd
 
 MAX_HEAD_DIM = 256
 OP = "attention"
@@ -57,7 +58,7 @@ def attention_triton_backward(
     deterministic: bool,
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _tri.triton_backward(
+    return _tri_bwd.triton_backward(
         grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset, dropout_p,
         deterministic, mask_grad,
     )  # fmt: skip
