@@ -192,6 +192,13 @@ def test_autotuned_launch(monkeypatch):
     _run(1, 2, 1, 20, 70, 16, torch.float16, mask="float", deterministic=False)
     _run(1, 2, 1, 20, 70, 16, torch.float16, causal=True, off=50, deterministic=True)
     assert {name for name, _ in A._TUNED} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    # Sequence lengths join the key by powers of two: 20 -> 80 queries tunes again, 70 -> 90 keys
+    # reuses that config, 300 keys tunes again (80 queries: no decode split-K, which is pinned).
+    fwd = next(t for (name, _), t in A._TUNED.items() if name == "_fwd_kernel")
+    tuned = len(fwd.cache)
+    for sk, new in ((70, 1), (90, 1), (300, 2)):
+        _run(1, 2, 1, 80, sk, 16, torch.float16, mask="float", deterministic=False)
+        assert len(fwd.cache) == tuned + new
 
 
 def test_aot_specs_cover_every_config():

@@ -73,7 +73,7 @@ def _scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_mn,
 @jit
 def _fwd_kernel(Q, K, V, Out, LSE, M, RNG, qk_scale, drop_scale, drop_thr,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_mh, s_mm, s_mn,
-                H, GROUP, NH, Sq, Sk, D, causal_offset, keys_per_split, s_os, s_ls,
+                H, GROUP, NH, Sq, Sk, D, causal_offset, keys_per_split, s_os, s_ls, seq_class,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                 DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -249,10 +249,18 @@ def _launch(kernel: Any, cfgs: list[Cfg], grid: Any, *args: Any, reset: Any = No
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in cfgs
         ]
-        # The dtypes of the tensor arguments join the key (Triton adds them).
-        keys = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"]
+        # The dtypes of the tensor arguments join the key (Triton adds them); seq_class stands
+        # for the sequence lengths, by powers of two, so that one shape does not pick the
+        # config of every other (exact lengths would re-tune at every new length).
+        keys = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "seq_class"]
         _TUNED[key] = triton.autotune(configs, key=keys, reset_to_zero=reset)(kernel)
     _TUNED[key][grid](*args, **kw)
+
+
+def seq_class(sq: int, sk: int) -> int:
+    """The autotune bucket of (seqlen_q, seqlen_k): their ceil(log2), packed in one int (an
+    argument the kernels take and ignore, for the autotune key)."""
+    return (max(sq, 1) - 1).bit_length() * 64 + (max(sk, 1) - 1).bit_length()
 
 
 def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -325,7 +333,7 @@ def triton_forward(
     with device_guard(q):
         if splits == 1:
             args = (q, k, v, out, lse, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
-                    H, group, 1, Sq, Sk, D, causal_offset, Sk, 0, 0)  # fmt: skip
+                    H, group, 1, Sq, Sk, D, causal_offset, Sk, 0, 0, seq_class(Sq, Sk))  # fmt: skip
             grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H, 1)
             _launch(_fwd_kernel, fwd_configs(q.dtype, tier), grid, *args, **flags,
                     RNE_BF16=needs_bf16_rounding(out))  # fmt: skip
@@ -336,7 +344,8 @@ def triton_forward(
         l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
         _fwd_kernel[(m_tiles, B * Hkv, splits)](
             q, k, v, o_part, l_part, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
-            H, group, group, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq, **flags,
+            H, group, group, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq,
+            seq_class(Sq, Sk), **flags,
             RNE_BF16=False, BLOCK_M=split_m, BLOCK_N=split_n, num_warps=split_w,
             num_stages=split_s,
         )  # fmt: skip

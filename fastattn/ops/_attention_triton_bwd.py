@@ -20,6 +20,7 @@ from fastattn.ops._attention_triton import (
     _scores,
     _tier,
     bwd_configs,
+    seq_class,
 )
 
 
@@ -65,6 +66,7 @@ def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, cau
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_scale,
                      drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                      s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
+                     seq_class,
                      HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                      DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                      UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
@@ -132,7 +134,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_
 @jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_scale, drop_thr,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
-                   s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
+                   s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset, seq_class,
                    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -217,7 +219,7 @@ def triton_backward(
                  PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
     do_strides = list(grad_out.stride()[:3])
     qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
-    sizes = (H, H // Hkv, Sq, Sk, D, causal_offset)
+    sizes = (H, H // Hkv, Sq, Sk, D, causal_offset, seq_class(Sq, Sk))
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
