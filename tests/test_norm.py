@@ -93,6 +93,32 @@ def test_huge_rows_cpu(rms):
     check("cpu", *make_case("affine_residual", (2,), 262144, torch.bfloat16, rms), rms)
 
 
+# Rows whose mean dwarfs their spread, where a one-pass E[x^2] - E[x]^2 variance cancels: the CPU
+# kernel takes it in one pass about a shift (the row's first element) and falls back to the exact
+# second pass when the first element is far from the mean.
+ROW_STATS = {
+    "offset": lambda x: 3000 + x,  # mean 3000, std 1: the shift absorbs the offset
+    "tiny_spread": lambda x: 1e4 + 1e-2 * x,  # std near fp32's resolution at 1e4
+    "first_outlier": lambda x: torch.cat([x[..., :1] + 80, x[..., 1:]], -1),  # 80 std: fallback
+    "residual_offset": lambda x: x - 500,  # with the residual's +500 below: h's mean is near 0
+}
+
+
+@pytest.mark.parametrize("hidden", [7, 768, 5120])
+@pytest.mark.parametrize("rows", list(ROW_STATS))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layer_norm_rows_far_from_zero(backend, rows, hidden):
+    x = ROW_STATS[rows](torch.randn(9, hidden, dtype=torch.float64)).float()
+    r = torch.full_like(x, 500.0) if rows == "residual_offset" else None
+    out = fastattn.layer_norm(x, hidden, None, None, 1e-5, residual=r, backend=backend)
+    y = out[0] if r is not None else out
+    h = x + r if r is not None else x
+    ref = torch.nn.functional.layer_norm(h.double(), (hidden,), eps=1e-5)
+    # fp32 itself errs here (x - mean loses the low bits of x): judged against eager fp32's error
+    eager = torch.nn.functional.layer_norm(h, (hidden,), eps=1e-5)
+    assert_parity(y, ref, eager, f"layer_norm {rows}")
+
+
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_noncontiguous_and_multidim_normalized_shape(backend, rms):

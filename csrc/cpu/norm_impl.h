@@ -4,9 +4,9 @@
 // function here is compiled for that ISA only. Raw pointers, no std:: or torch templates.
 //
 // Memory traffic: each row is read from memory once. Forward pass 1 loads x (+ res), writes h
-// and sums; the LayerNorm variance pass and the output pass re-read the row from L1/L2 (h or x;
-// an fp32 copy of h when h is streamed). While a row is written from cache, the next one is
-// prefetched, so memory never idles between rows. Large outputs bypass the caches
+// and sums; the output pass (and the LayerNorm variance pass, where one is needed) re-read the row
+// from L1/L2 (h or x; an fp32 copy of h when h is streamed). While a row is written from cache, the
+// next one is prefetched, so memory never idles between rows. Large outputs bypass the caches
 // (non-temporal stores). The backward pass reads dy and h twice the same way.
 
 // Row sums are taken in blocks of kNormBlock elements in fp32 lanes, and the blocks are added in
@@ -77,17 +77,20 @@ inline bool stream_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (V::W * sizeof(T)) == 0;
 }
 
-// Pass 1 of a row: returns sum(h) (LayerNorm) or sum(h^2) (RMSNorm), where h = x, or
-// h = T(x + res) written to h_out. With buf (h streamed: it will not be in cache), the rounded
-// h is also kept in buf as fp32 for the later passes; otherwise they re-read h_out.
+// Pass 1 of a row, where h = x, or h = T(x + res) written to h_out. RMSNorm: s[0] = sum(h^2).
+// LayerNorm: s[0] = sum(h - shift), s[1] = sum((h - shift)^2), shift = x[0] (+ res[0]), so that
+// the variance can usually be had without a second pass (see row_stats).
+// With buf (h streamed: it will not be in cache), the rounded h is also kept in buf as fp32 for
+// the later passes; otherwise they re-read h_out.
 // stream_round(p, v) (norm_<isa>.cpp) streams v as T and returns it rounded to T.
 template <class V, class T, bool RMS, bool RES>
-inline double first_pass(const T* x, const T* res, T* h, typename V::Acc* buf, int64_t n) {
+inline void first_pass(const T* x, const T* res, T* h, typename V::Acc* buf, int64_t n,
+                       double shift, double* s) {
   using R = typename V::R;
   constexpr int W = V::W;
   const bool nt = buf != nullptr && stream_aligned<V>(h);
-  double s;
-  row_sums<V, 1>(
+  const R vk = V::set1(typename V::Acc(shift));
+  row_sums<V, RMS ? 1 : 2>(
       n,
       [&](int64_t j, int k, R* acc) FASTATTN_NORM_INLINE {
         R v = load_k<V>(x + j, k);
@@ -102,10 +105,16 @@ inline double first_pass(const T* x, const T* res, T* h, typename V::Acc* buf, i
           }
           if (buf != nullptr) store_k<V>(buf + j, v, k);
         }
-        acc[0] = RMS ? V::fma(v, v, acc[0]) : V::add(acc[0], v);
+        if constexpr (RMS) {
+          acc[0] = V::fma(v, v, acc[0]);
+        } else {
+          R d = V::sub(v, vk);
+          if (k < W) d = V::where(V::first(k), d, V::zero());  // tail lanes add 0
+          acc[0] = V::add(acc[0], d);
+          acc[1] = V::fma(d, d, acc[1]);
+        }
       },
-      &s);
-  return s;
+      s);
 }
 
 // Pass 2 (LayerNorm): sum((h - mean)^2), h read from src (T, or the fp32 copy).
@@ -177,13 +186,26 @@ void fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
     const T* res = RES ? static_cast<const T*>(a.res) + r * n : nullptr;
     T* h = RES ? static_cast<T*>(a.h) + r * n : nullptr;
     T* y = static_cast<T*>(a.y) + r * n;
-    const double s = first_pass<V, T, RMS, RES>(x, res, h, buf, n);
-    double mean = 0, var = s / double(n);
+    double s[2];
+    double shift = 0;  // x[0] (+ res[0]), exactly (the other lanes load as 0)
     if constexpr (!RMS) {
-      mean = s / double(n);
-      var = (buf != nullptr ? centred_squares<V>(buf, n, mean)
-                            : centred_squares<V>(RES ? h : x, n, mean)) /
-            double(n);
+      shift = double(V::hsum(load_k<V>(x, 1)));
+      if constexpr (RES) shift += double(V::hsum(load_k<V>(res, 1)));
+    }
+    first_pass<V, T, RMS, RES>(x, res, h, buf, n, shift, s);
+    double mean = 0, var = s[0] / double(n);
+    if constexpr (!RMS) {
+      // var = E[(h - shift)^2] - E[h - shift]^2 in one pass, unless the subtraction cancels
+      // (the mean is more than ~4 standard deviations from the shift): its rounding error is
+      // then above a few fp32 ulps of var, so the exact second pass runs instead.
+      const double m1 = s[0] / double(n), m2 = s[1] / double(n);
+      mean = shift + m1;
+      var = m2 - m1 * m1;
+      if (!(var > m2 * (1.0 / 16))) {
+        var = (buf != nullptr ? centred_squares<V>(buf, n, mean)
+                              : centred_squares<V>(RES ? h : x, n, mean)) /
+              double(n);
+      }
     }
     const Acc rstd = Acc(1.0 / __builtin_sqrt(var + a.eps));
     if constexpr (!RMS) a.mean[r] = float(mean);
