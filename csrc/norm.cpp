@@ -205,8 +205,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward_cpu(const Tensor& grad_out,
   int64_t chunk_rows = std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
   chunk_rows = std::max(chunk_rows, rows * per_row_bytes / kMaxPartialBytes);
   const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
-  const Tensor dw_part = new_output({chunks, n}, mt).zero_();
-  const Tensor db_part = has_bias ? new_output({chunks, n}, mt).zero_() : Tensor();
+  const Tensor dw_part = new_output({chunks, n}, mt);  // each chunk writes its own row
+  const Tensor db_part = has_bias ? new_output({chunks, n}, mt) : Tensor();
 
   const cpu::NormVariant v{rms, false, 0, dh.has_value(), has_bias};
   const cpu::NormBwdFn bwd = kernels_for(h.scalar_type(), v).bwd;

@@ -223,7 +223,12 @@ void fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
   if (a.stream) V::fence();  // the non-temporal stores are visible before the op returns
 }
 
-// Whole rows [r0, r1) of the backward pass; dw_part/db_part: this chunk's partial sums.
+// Rows whose dweight/dbias shares are added to the chunk's partial sums together (one read and
+// write of the partials per group instead of per row: stores are the scarce resource).
+constexpr int kBwdGroup = 4;
+
+// Whole rows [r0, r1) of the backward pass; dw_part/db_part: this chunk's partial sums, which
+// the first group writes and later groups add to.
 template <class V, class T, bool RMS, bool DH, bool BIAS>
 void bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, void* dw_part, void* db_part) {
   using R = typename V::R;
@@ -232,55 +237,78 @@ void bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, void* dw_part, void*
   const Acc* w = static_cast<const Acc*>(a.w);
   Acc* pw = static_cast<Acc*>(dw_part);
   Acc* pb = static_cast<Acc*>(db_part);
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* dy = static_cast<const T*>(a.dy) + r * n;
-    const T* h = static_cast<const T*>(a.h) + r * n;
-    double mean = RMS ? 0.0 : double(a.mean[r]);
-    if constexpr (!RMS && sizeof(Acc) == 8) {
-      // float64 data: the saved fp32 mean would cost h - mean its low bits (ruinous for rows
-      // whose spread is tiny next to their mean). Recompute it exactly as the forward pass did.
-      row_sums<V, 1>(
+  for (int64_t r = r0; r < r1; r += kBwdGroup) {
+    const int rows = int(nmin(kBwdGroup, r1 - r));
+    R vm[kBwdGroup], vr[kBwdGroup];
+    for (int i = 0; i < rows; ++i) {
+      const T* dy = static_cast<const T*>(a.dy) + (r + i) * n;
+      const T* h = static_cast<const T*>(a.h) + (r + i) * n;
+      double mean = RMS ? 0.0 : double(a.mean[r + i]);
+      if constexpr (!RMS && sizeof(Acc) == 8) {
+        // float64 data: the saved fp32 mean would cost h - mean its low bits (ruinous for rows
+        // whose spread is tiny next to their mean). Recompute it in double.
+        row_sums<V, 1>(
+            n,
+            [&](int64_t j, int k, R* acc)
+                FASTATTN_NORM_INLINE { acc[0] = V::add(acc[0], load_k<V>(h + j, k)); },
+            &mean);
+        mean /= double(n);
+      }
+      vm[i] = V::set1(Acc(mean));
+      vr[i] = V::set1(Acc(a.rstd[r + i]));
+      const R m = vm[i], rs = vr[i];
+      auto xhat_at = [&](int64_t j, int k) FASTATTN_NORM_INLINE {
+        const R v = load_k<V>(h + j, k);
+        return RMS ? V::mul(v, rs) : V::mul(V::sub(v, m), rs);
+      };
+      // Pass 1: c1 = mean(xhat * g), c2 = mean(g). Tail lanes: dy and w load as 0, so g = 0.
+      double c[2];
+      row_sums<V, 2>(
           n,
-          [&](int64_t j, int k, R* acc)
-              FASTATTN_NORM_INLINE { acc[0] = V::add(acc[0], load_k<V>(h + j, k)); },
-          &mean);
-      mean /= double(n);
-    }
-    const R vm = V::set1(Acc(mean)), vr = V::set1(Acc(a.rstd[r]));
-    auto xhat_at = [&](int64_t j, int k) FASTATTN_NORM_INLINE {
-      const R v = load_k<V>(h + j, k);
-      return RMS ? V::mul(v, vr) : V::mul(V::sub(v, vm), vr);
-    };
-    // Pass 1: c1 = mean(xhat * g), c2 = mean(g). Tail lanes: dy and w load as 0, so g = 0.
-    double c[2];
-    row_sums<V, 2>(
-        n,
-        [&](int64_t j, int k, R* acc) FASTATTN_NORM_INLINE {
-          const R g = opaque(V::mul(load_k<V>(dy + j, k), load_k<V>(w + j, k)));
-          acc[0] = V::fma(xhat_at(j, k), g, acc[0]);
-          if (!RMS) acc[1] = V::add(acc[1], g);
-        },
-        c);
-    const R neg_c1 = V::set1(Acc(-c[0] / double(n))), c2 = V::set1(Acc(c[1] / double(n)));
+          [&](int64_t j, int k, R* acc) FASTATTN_NORM_INLINE {
+            const R g = opaque(V::mul(load_k<V>(dy + j, k), load_k<V>(w + j, k)));
+            acc[0] = V::fma(xhat_at(j, k), g, acc[0]);
+            if (!RMS) acc[1] = V::add(acc[1], g);
+          },
+          c);
+      const R neg_c1 = V::set1(Acc(-c[0] / double(n))), c2 = V::set1(Acc(c[1] / double(n)));
 
-    // Pass 2: dx, and this row's share of dw/db.
-    T* dx = static_cast<T*>(a.dx) + r * n;
-    const T* dh = DH ? static_cast<const T*>(a.dh) + r * n : nullptr;
-    const bool pf = r + 1 < r1 && n * int64_t(sizeof(T)) <= kPrefetchRowBytes;
-    auto out = [&](int64_t j, int k) FASTATTN_NORM_INLINE {
-      if (pf) __builtin_prefetch(dy + n + j), __builtin_prefetch(h + n + j);  // the next row
-      const R d = load_k<V>(dy + j, k), xh = xhat_at(j, k);
-      // g as rounded in pass 1, so that g - c2 cancels exactly where it should (n = 1: dx = 0).
-      const R g = opaque(V::mul(d, load_k<V>(w + j, k)));
-      // (g - c2) - xhat * c1 rounded once: near-total cancellation is common (n = 1; RMSNorm
-      // rows with h^2 >> eps), so every rounding saved shows in the result.
-      R o = V::mul(V::fma(xh, neg_c1, RMS ? g : V::sub(g, c2)), vr);
-      if constexpr (DH) o = V::add(o, load_k<V>(dh + j, k));
-      store_k<V>(pw + j, V::fma(d, xh, load_k<V>(pw + j, k)), k);
-      if constexpr (BIAS) store_k<V>(pb + j, V::add(load_k<V>(pb + j, k), d), k);
-      return o;
-    };
-    emit_row<V>(dx, n, a.stream, out);
+      // Pass 2: dx.
+      T* dx = static_cast<T*>(a.dx) + (r + i) * n;
+      const T* dh = DH ? static_cast<const T*>(a.dh) + (r + i) * n : nullptr;
+      // The next row, while this one is in cache (short rows; the prefetcher follows long ones).
+      const bool pf = r + i + 1 < r1 && n * int64_t(sizeof(T)) <= kPrefetchRowBytes;
+      auto out = [&](int64_t j, int k) FASTATTN_NORM_INLINE {
+        if (pf) __builtin_prefetch(dy + n + j), __builtin_prefetch(h + n + j);
+        const R d = load_k<V>(dy + j, k), xh = xhat_at(j, k);
+        // g as rounded in pass 1, so that g - c2 cancels exactly where it should (n = 1: dx = 0).
+        const R g = opaque(V::mul(d, load_k<V>(w + j, k)));
+        // (g - c2) - xhat * c1 rounded once: near-total cancellation is common (n = 1; RMSNorm
+        // rows with h^2 >> eps), so every rounding saved shows in the result.
+        R o = V::mul(V::fma(xh, neg_c1, RMS ? g : V::sub(g, c2)), rs);
+        if constexpr (DH) o = V::add(o, load_k<V>(dh + j, k));
+        return o;
+      };
+      emit_row<V>(dx, n, a.stream, out);
+    }
+    // This group's share of dw (sum of dy * xhat) and db (sum of dy), rows re-read from cache.
+    const T* dy0 = static_cast<const T*>(a.dy) + r * n;
+    const T* h0 = static_cast<const T*>(a.h) + r * n;
+    const bool first = r == r0;
+    constexpr int W = V::W;
+    for (int64_t j = 0; j < n; j += W) {
+      const int k = int(nmin(W, n - j));
+      R sw = first ? V::zero() : load_k<V>(pw + j, k);
+      R sb = first || !BIAS ? V::zero() : load_k<V>(pb + j, k);
+      for (int i = 0; i < rows; ++i) {
+        const R d = load_k<V>(dy0 + i * n + j, k), v = load_k<V>(h0 + i * n + j, k);
+        const R xh = RMS ? V::mul(v, vr[i]) : V::mul(V::sub(v, vm[i]), vr[i]);
+        sw = V::fma(d, xh, sw);
+        if constexpr (BIAS) sb = V::add(sb, d);
+      }
+      store_k<V>(pw + j, sw, k);
+      if constexpr (BIAS) store_k<V>(pb + j, sb, k);
+    }
   }
   if (a.stream) V::fence();
 }
