@@ -8,6 +8,7 @@ named explicitly that cannot serve the call raises a ``RuntimeError`` saying why
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -99,8 +100,15 @@ def select(
         if why is not None:
             raise RuntimeError(f"fastattn.{op}: backend {requested!r} cannot run this call: {why}")
         return requested
-    for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        if unavailable_reason(name, device, dtype, cpp) is None:
+    return _auto(device.type, dtype, cpp)
+
+
+@functools.lru_cache(maxsize=64)
+def _auto(device_type: str, dtype: torch.dtype, cpp: frozenset[str]) -> str:
+    """The first backend of the auto order that can serve the call: a function of the device
+    type, the dtype and facts fixed at import only, so worked out once (calls are hot)."""
+    for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        if unavailable_reason(name, torch.device(device_type), dtype, cpp) is None:
             return name
     return "reference"
 
@@ -141,6 +149,22 @@ def new_output(like: torch.Tensor) -> torch.Tensor:
     if os.environ.get("FASTATTN_POISON_OUTPUTS") == "1":
         out.fill_(float("nan"))
     return out
+
+
+def call(op: Any, *args: Any) -> Any:
+    """``op(*args)`` for a fastattn op registered with :func:`register_op`.
+
+    When autograd has nothing to record (grad mode off, or no input requires grad) the call
+    goes straight to the backend kernel: the op's autograd kernel would do just that, after a
+    detour through Python that costs more than a small kernel itself (a decode step's attention
+    and norms). Under ``torch.compile`` the op is called as is, for Dynamo to trace.
+    """
+    if torch.compiler.is_dynamo_compiling() or (
+        torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+    ):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def register_op(

@@ -7,6 +7,9 @@ the same parameters with the same names, so they load each other's ``state_dict`
     model = Transformer(cfg, kernels="fastattn")
     logits, loss = model(tokens, targets)          # tokens (batch, seqlen) int64
     out = model.generate(prompt, max_new_tokens=32)  # greedy, with a KV cache
+
+All three kernel sets share the rest of the code (the KV cache, rotary tables, projections), so a
+comparison between them measures the attention and norm kernels only.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from torch import nn
 import fastattn
 import fastattn.nn as fnn
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 # eager: matmul/softmax/matmul and torch's norms (the oracle); sdpa: torch's fused attention;
-# fastattn: fastattn's attention and norms (the residual add fused into the second norm).
+# fastattn: fastattn's attention and norms (each residual add fused into the norm after it).
 KERNELS = ("eager", "sdpa", "fastattn")
 
 
@@ -54,15 +56,67 @@ def _norm(cfg: TransformerConfig, fast: bool, fused_add: bool = False) -> nn.Mod
     return (fnn.RMSNorm if rms else fnn.LayerNorm)(cfg.dim, eps=cfg.norm_eps)
 
 
-def rotary(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
-    """Rotary position embedding of ``x`` ``(batch, heads, seqlen, head_dim)`` at positions
-    ``start, start + 1, ...`` (pairs (i, i + head_dim/2) rotated, in fp32)."""
-    T, D = x.shape[-2], x.shape[-1]
-    inv = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = torch.arange(start, start + T, device=x.device, dtype=torch.float32)[:, None] * inv
-    cos, sin = ang.cos(), ang.sin()  # (T, D/2)
+def rope_tables(start: int, T: int, head_dim: int, theta: float, device: torch.device):
+    """``(cos, sin)`` of the rotary angles at positions ``start ... start + T - 1``, ``(T,
+    head_dim/2)`` fp32; computed once per forward pass and shared by every layer."""
+    inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv
+    return ang.cos(), ang.sin()
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``(batch, heads, seqlen, head_dim)`` with the tables of
+    :func:`rope_tables` (pairs (i, i + head_dim/2) rotated, in fp32)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for decoding (inference only).
+
+    Each layer's keys and values live in a buffer ``(batch, kv_heads, capacity, head_dim)``
+    allocated on the layer's first call; every call writes its new tokens in place and gets back
+    views of the filled part (any strides but a unit last one, which every kernel takes). A call
+    past ``capacity`` moves the layer to a buffer twice as large, so the capacity is only a hint:
+    ``generate`` passes prompt + new tokens, and then nothing is ever copied twice.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lens: list[int] = []
+
+    def __len__(self) -> int:  # layers that have cached tokens
+        return len(self.lens)
+
+    def seqlen(self, layer: int = 0) -> int:
+        return self.lens[layer] if layer < len(self.lens) else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Appends ``k``, ``v`` ``(batch, kv_heads, T, head_dim)`` to ``layer``'s cache; returns
+        all of that layer's keys and values so far."""
+        if layer > len(self.lens):
+            raise ValueError(f"KVCache: layer {layer} updated before layer {len(self.lens)}")
+        n, T = self.seqlen(layer), k.shape[2]
+        if layer == len(self.lens):  # the layer's first call
+            self.k.append(_empty(k, max(self.capacity, T)))
+            self.v.append(_empty(v, max(self.capacity, T)))
+            self.lens.append(0)
+        elif n + T > self.k[layer].shape[2]:  # full: move to buffers twice as large
+            size = max(2 * self.k[layer].shape[2], n + T)
+            for bufs in (self.k, self.v):
+                old, bufs[layer] = bufs[layer], _empty(bufs[layer], size)
+                bufs[layer][:, :, :n] = old[:, :, :n]
+        self.k[layer][:, :, n : n + T] = k
+        self.v[layer][:, :, n : n + T] = v
+        self.lens[layer] = n + T
+        return self.k[layer][:, :, : n + T], self.v[layer][:, :, : n + T]
+
+
+def _empty(like: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """An uninitialised ``(batch, heads, seqlen, head_dim)`` buffer of ``like``'s kind."""
+    return like.new_empty((like.shape[0], like.shape[1], seqlen, like.shape[3]))
 
 
 class Attention(nn.Module):
@@ -78,20 +132,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None, layer: int):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int):  # fmt: skip
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.cfg.pos == "rope":
-            q, k = rotary(q, start, self.cfg.rope_theta), rotary(k, start, self.cfg.rope_theta)
+        if rope is not None:
+            q, k = rotary(q, *rope), rotary(k, *rope)
         if cache is not None:  # decode: append this step's keys/values to the layer's cache
-            if layer < len(cache):
-                k = torch.cat([cache[layer][0], k], dim=2)
-                v = torch.cat([cache[layer][1], v], dim=2)
-                cache[layer] = (k, v)
-            else:
-                cache.append((k, v))
+            k, v = cache.update(layer, k, v)
         p = self.cfg.dropout if self.training else 0.0
         # Causal, bottom-right aligned: the T new queries follow the cached keys.
         if self.kernels == "fastattn":
@@ -110,14 +160,18 @@ def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     Tq, Tk = q.shape[2], k.shape[2]
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    hide = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
-    a = torch.softmax(s.masked_fill(hide, float("-inf")), dim=-1)
-    return F.dropout(a, p) @ v
+    if Tq > 1:  # (one query, the last position, sees every key)
+        hide = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
+        s = s.masked_fill(hide, float("-inf"))
+    return F.dropout(torch.softmax(s, dim=-1), p) @ v
 
 
 def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-    """torch's fused SDPA (its causal flag is top-left aligned, so decode steps pass a mask)."""
+    """torch's fused SDPA (its causal flag is top-left aligned, so chunked prefill passes a mask;
+    a one-query decode step sees every key and needs none)."""
     Tq, Tk = q.shape[2], k.shape[2]
+    if Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=True)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
                                               enable_gqa=True)  # fmt: skip
@@ -125,28 +179,45 @@ def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, enable_gqa=True)
 
 
-class Block(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)). With fastattn kernels the
-    second residual add is fused into norm2 (one pass writes both the sum and its norm)."""
+_FUSED_ADD = (fnn.FusedAddRMSNorm, fnn.FusedAddLayerNorm)
 
-    def __init__(self, cfg: TransformerConfig, kernels: str) -> None:
+
+def add_norm(norm: nn.Module, x: torch.Tensor, a: torch.Tensor | None):
+    """``(norm(x + a), x + a)``: the residual add and the norm after it, in one pass with
+    fastattn's fused norms; ``a`` None: ``(norm(x), x)``."""
+    if a is None:
+        return norm(x), x
+    if isinstance(norm, _FUSED_ADD):
+        return norm(a, x)
+    x = x + a
+    return norm(x), x
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)). Each branch's output is added
+    to the residual stream ``x`` by the norm after it (norm2, or the next block's norm1, or the
+    final norm), so that with fastattn kernels every residual add is fused into its norm (one
+    pass writes both the sum and its norm)."""
+
+    def __init__(self, cfg: TransformerConfig, kernels: str, first: bool = False) -> None:
         super().__init__()
-        self.fast = fast = kernels == "fastattn"
-        self.norm1 = _norm(cfg, fast)
+        fast = kernels == "fastattn"
+        self.norm1 = _norm(cfg, fast, fused_add=not first)  # the first block has nothing to add
         self.attn = Attention(cfg, kernels)
         self.norm2 = _norm(cfg, fast, fused_add=True)
         hidden = cfg.mlp_hidden or 4 * cfg.dim
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, start: int = 0, cache: KVCache | None = None, layer: int = 0):
-        a = self.drop(self.attn(self.norm1(x), start, cache, layer))
-        if self.fast:
-            h, x = self.norm2(a, x)  # (norm2(x + a), x + a)
-        else:
-            x = x + a
-            h = self.norm2(x)
-        return x + self.drop(self.mlp(h))
+    def forward(self, x: torch.Tensor, m: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0):  # fmt: skip
+        """``x`` the residual stream and ``m`` the previous block's output, not yet added to it
+        (None in the first block); returns that pair after this block."""
+        h, x = add_norm(self.norm1, x, m)
+        a = self.drop(self.attn(h, rope, cache, layer))
+        h, x = add_norm(self.norm2, x, a)
+        return x, self.drop(self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -160,8 +231,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_layers))
-        self.norm = _norm(cfg, kernels == "fastattn")
+        self.blocks = nn.ModuleList(Block(cfg, kernels, i == 0) for i in range(cfg.n_layers))
+        self.norm = _norm(cfg, kernels == "fastattn", fused_add=cfg.n_layers > 0)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied output head
         self.apply(self._init)
@@ -178,14 +249,21 @@ class Transformer(nn.Module):
         """Logits ``(batch, seqlen, vocab)`` of tokens ``idx`` at positions ``start...``, and the
         cross-entropy loss when ``targets`` is given (else None)."""
         T = idx.shape[1]
-        if start + T > self.cfg.max_seq_len:
+        cfg = self.cfg
+        if start + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len")
+        if cache is not None and cache.seqlen() != start:
+            raise ValueError(f"start {start} but the cache holds {cache.seqlen()} tokens")
         x = self.tok(idx)
         if self.pos is not None:
             x = x + self.pos(torch.arange(start, start + T, device=idx.device))
+        rope = None
+        if cfg.pos == "rope":
+            rope = rope_tables(start, T, cfg.dim // cfg.n_heads, cfg.rope_theta, idx.device)
+        m = None
         for i, block in enumerate(self.blocks):
-            x = block(x, start, cache, i)
-        logits = self.head(self.norm(x))
+            x, m = block(x, m, rope, cache, i)
+        logits = self.head(add_norm(self.norm, x, m)[0])
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -195,16 +273,19 @@ class Transformer(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True):
         """Greedy continuation of ``idx`` ``(batch, seqlen)``: one prefill over the prompt, then
         one-token decode steps against the KV cache (or full recomputation without it)."""
-        cache: KVCache | None = [] if use_cache else None
+        B, T = idx.shape
+        cache = KVCache(T + max_new_tokens) if use_cache else None
+        out = idx.new_empty(B, T + max_new_tokens)
+        out[:, :T] = idx
         logits, _ = self(idx, cache=cache)
-        out = idx
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            out = torch.cat([out, nxt], dim=1)
-            if use_cache:
-                logits, _ = self(nxt, start=out.shape[1] - 1, cache=cache)
+        for t in range(T, T + max_new_tokens):
+            out[:, t] = logits[:, -1].argmax(-1)
+            if t + 1 == T + max_new_tokens:
+                break  # (the last token's logits are not needed)
+            if cache is not None:
+                logits, _ = self(out[:, t : t + 1], start=t, cache=cache)
             else:
-                logits, _ = self(out)
+                logits, _ = self(out[:, : t + 1])
         return out
 
 

@@ -198,3 +198,20 @@ def test_every_cpu_isa_path_of_attention_matches_reference(path):
     isa, _, nobf16 = path.partition("-")
     env = {"FASTATTN_CPU_ISA": isa} | ({"FASTATTN_CPU_AVX512BF16": "0"} if nobf16 else {})
     _check_in_fresh_process(ATTN_ISA_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_call_skips_autograd_only_when_it_has_nothing_to_record(grad):
+    # dispatch.call goes straight to the kernel when no gradient can flow; same result either way.
+    q, k, v = (torch.randn(1, 2, 3, 8, requires_grad=True) for _ in range(3))
+    x, w = torch.randn(3, 8), torch.rand(8, requires_grad=True)
+    with torch.set_grad_enabled(grad):
+        out = fastattn.attention(q, k, v, causal=True)
+        y = fastattn.rms_norm(x, 8, w)
+    assert (out.grad_fn is not None) == grad and (y.grad_fn is not None) == grad
+    ref = fastattn.attention(q, k, v, causal=True, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, fastattn.rms_norm(x, 8, w, backend="reference"))
+    if grad:
+        (out.sum() + y.sum()).backward()
+        assert q.grad is not None and w.grad is not None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_parity
 
-from fastattn.models import Transformer, TransformerConfig, tiny_corpus
+from fastattn.models import KVCache, Transformer, TransformerConfig, tiny_corpus
 
 # MHA + RMSNorm + rotary; GQA + LayerNorm + learned positions.
 CONFIGS = [
@@ -87,10 +87,26 @@ def test_generation_with_kv_cache(cfg):
     assert torch.equal(got, sdpa.generate(prompt, 12))
     # Chunked prefill: 4 queries against 9 cached keys (bottom-right causal) == the full pass.
     for model in (eager, sdpa, fast):
-        cache: list = []
+        cache = KVCache()
         model(prompt[:, :5], cache=cache)
         chunk, _ = model(prompt[:, 5:], start=5, cache=cache)
         torch.testing.assert_close(chunk, model(prompt)[0][:, 5:], rtol=1e-4, atol=1e-5)
+
+
+def test_kv_cache_grows_and_checks_positions():
+    cfg = CONFIGS[1]
+    _, fast = pair(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        want, _ = fast(prompt)
+        cache = KVCache(capacity=2)  # too small: every layer's buffers move (twice) as it fills
+        got = [fast(prompt[:, :3], cache=cache)[0]]
+        got += [fast(prompt[:, t : t + 1], start=t, cache=cache)[0] for t in range(3, 9)]
+    assert cache.seqlen() == 9 and len(cache) == cfg.n_layers
+    assert cache.k[0].shape[2] >= 9
+    torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="the cache holds 9 tokens"):
+        fast(prompt[:, :1], start=3, cache=cache)
 
 
 def test_bad_config_is_rejected():

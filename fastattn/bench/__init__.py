@@ -140,7 +140,7 @@ def run_case(
         rows.append(row)
         try:
             out, row.first_call_ms = timing.call_once(functools.partial(impl.fn, inputs), device)
-            chk = C.compare(out, ref, case.dtype)
+            chk = (case.check or C.compare)(out, ref, case.dtype)
             del out
         except Exception as e:  # report any failure of an implementation as a row
             row.error = f"{type(e).__name__}: {e}"

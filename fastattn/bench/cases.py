@@ -84,6 +84,8 @@ class Case:
     peak_gflops: float = math.nan  # the machine's peak for this dtype
     memory: bool = False  # also measure each impl's peak extra memory (one more, untimed call)
     tokens: int = 0  # tokens one call processes (model cases): tokens/s reported
+    # Replaces ``compare`` as the check of each result (e.g. greedy tokens in low precision).
+    check: Callable[[Out, Out, torch.dtype], Check] | None = None
 
     @property
     def shape_str(self) -> str:

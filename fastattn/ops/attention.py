@@ -117,6 +117,9 @@ if _CPP:
 # ---------------------------------------------------------------------------------- checks
 def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -> None:
     """Shapes, dtypes and devices of an attention call, before anything is allocated."""
+    if _plain(q, k, v) and attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
+        if scale is None or type(scale) is float:
+            return  # the common call, accepted by one expression (hot in decode steps)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.floating_tensor(OP, name, t)
         if t.dim() != 4:
@@ -154,6 +157,28 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
         raise ValueError(f"fastattn.attention: dropout_p must be in [0, 1), got {dropout_p}")
     if attn_mask is not None:
         _checks.mask(OP, attn_mask, q.new_empty(()).expand(*q.shape[:-1], k.shape[2]))
+
+
+def _plain(q: Any, k: Any, v: Any) -> bool:
+    """q, k, v are tensors that the checks below accept: what most calls pass."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
+        return False
+    qs, ks = q.shape, k.shape
+    return (
+        isinstance(v, torch.Tensor)
+        and len(qs) == 4
+        and v.shape == ks
+        and len(ks) == 4
+        and ks[0] == qs[0]
+        and ks[3] == qs[3] <= MAX_HEAD_DIM
+        and ks[1] > 0
+        and qs[1] % ks[1] == 0
+        and q.is_floating_point()
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and k.device == q.device
+        and v.device == q.device
+    )
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
@@ -217,12 +242,13 @@ def attention(
         out, lse = reference.attention(q, k, v, mask, scale_f, causal, offset, dropout_p, rng)
         lse = lse.detach()
     else:
-        q, k, v = (_contiguous_last(t) for t in (q, k, v))
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
         args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p))
         if name == "triton":
-            out, lse = torch.ops.fastattn.attention_triton(*args, deterministic)
+            out, lse = dispatch.call(torch.ops.fastattn.attention_triton, *args, deterministic)
         else:
-            out, lse = torch.ops.fastattn.attention(*args)
+            out, lse = dispatch.call(torch.ops.fastattn.attention, *args)
     return (out, lse) if return_lse else out
 
 

@@ -313,21 +313,19 @@ if _CPP:
 _KERNELS = {"triton": "norm_triton", "cpu": "norm", "cuda": "norm"}
 
 
-# ------------------------------------------------------------------------------ public API
-def _normalize(
+def _check(
     op: str,
     x: Any,
-    normalized_shape: int | Sequence[int],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    shape: tuple[int, ...],
+    weight: Any,
+    bias: Any,
     eps: Any,
-    residual: torch.Tensor | None,
-    backend: str,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    residual: Any,
+) -> None:
+    """The arguments of a norm call, before anything is allocated."""
     x = _checks.floating_tensor(op, "x", x)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
-    if k == 0 or k > x.dim() or tuple(x.shape[x.dim() - k :]) != shape:
+    if k == 0 or k > x.dim() or x.shape[x.dim() - k :] != shape:
         raise ValueError(
             f"fastattn.{op}: normalized_shape {list(shape)} does not match the trailing "
             f"dimensions of x of shape {tuple(x.shape)}"
@@ -337,7 +335,7 @@ def _normalize(
         if t is not None:
             _checks.floating_tensor(op, name, t)
             _checks.same_device(op, name, t, x)
-            if tuple(t.shape) != shape:
+            if t.shape != shape:
                 raise ValueError(
                     f"fastattn.{op}: {name} has shape {tuple(t.shape)} but normalized_shape is "
                     f"{list(shape)}"
@@ -350,22 +348,57 @@ def _normalize(
                 f"fastattn.{op}: residual ({tuple(residual.shape)}, {residual.dtype}) must have "
                 f"x's shape and dtype ({tuple(x.shape)}, {x.dtype})"
             )
+
+
+# ------------------------------------------------------------------------------ public API
+def _normalize(
+    op: str,
+    x: Any,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: Any,
+    residual: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    # The common call (tensors that agree with each other) is accepted by one expression, inline
+    # as calls are hot (decode steps); any other goes through _check, which accepts it as well or
+    # raises the error that names the problem.
+    if not (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and len(shape) == 1
+        and x.shape[-1:] == shape
+        and (eps is None or type(eps) is float)
+        and isinstance(weight, torch.Tensor)
+        and weight.shape == shape
+        and weight.is_floating_point()
+        and (bias is None or isinstance(bias, torch.Tensor) and bias.shape == shape)
+        and (bias is None or bias.is_floating_point() and bias.device == weight.device)
+        and (residual is None or isinstance(residual, torch.Tensor) and residual.shape == x.shape)
+        and (residual is None or residual.dtype == x.dtype and residual.device == x.device)
+        and weight.device == x.device
+    ):
+        _check(op, x, shape, weight, bias, eps, residual)
+    k = len(shape)
     rms = op == "rms_norm"
     eps_f = float(eps) if eps is not None else torch.finfo(x.dtype).eps
     n = math.prod(shape)
     x2 = x.reshape(-1, n)  # (rows, N): the normalised dims flattened into one
     r2 = residual.reshape(-1, n) if residual is not None else None
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
+    w = weight.reshape(n) if weight is not None and k > 1 else weight
+    b = bias.reshape(n) if bias is not None and k > 1 else bias
     name = dispatch.select(backend, x.device, x.dtype, op, _CPP)
     if name == "reference":
         y, h = reference.norm(x2, w, b, eps_f, rms, r2)
     else:
-        y, h, _, _ = getattr(torch.ops.fastattn, _KERNELS[name])(x2, r2, w, b, eps_f, rms)
+        kernel = getattr(torch.ops.fastattn, _KERNELS[name])
+        y, h, _, _ = dispatch.call(kernel, x2, r2, w, b, eps_f, rms)
     if residual is None:
-        return y.view(x.shape)
+        return y.view_as(x)
     assert h is not None
-    return y.view(x.shape), h.view(x.shape)
+    return y.view_as(x), h.view_as(x)
 
 
 def layer_norm(

@@ -373,5 +373,6 @@ def softmax(
     if name == "reference":
         y = reference.softmax(xt, mask, scale_f, causal, log)
     else:
-        y = getattr(torch.ops.fastattn, _KERNELS[name])(xt, mask, scale_f, causal, log)
+        kernel = getattr(torch.ops.fastattn, _KERNELS[name])
+        y = dispatch.call(kernel, xt, mask, scale_f, causal, log)
     return y.movedim(last, d) if d != last else y
