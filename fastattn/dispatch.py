@@ -159,6 +159,8 @@ def call(op: Any, *args: Any) -> Any:
     detour through Python that costs more than a small kernel itself (a decode step's attention
     and norms). Under ``torch.compile`` the op is called as is, for Dynamo to trace.
     """
+    # The overload itself: a packet (torch.ops.fastattn.norm) resolves it on every call.
+    op = getattr(op, "default", op)
     if torch.compiler.is_dynamo_compiling() or (
         torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
     ):
