@@ -384,11 +384,13 @@ def _normalize(
     k = len(shape)
     rms = op == "rms_norm"
     eps_f = float(eps) if eps is not None else torch.finfo(x.dtype).eps
-    n = math.prod(shape)
-    x2 = x.reshape(-1, n)  # (rows, N): the normalised dims flattened into one
-    r2 = residual.reshape(-1, n) if residual is not None else None
-    w = weight.reshape(n) if weight is not None and k > 1 else weight
-    b = bias.reshape(n) if bias is not None and k > 1 else bias
+    x2, r2, w, b = x, residual, weight, bias  # every kernel takes (..., N) rows as they are
+    if k > 1:  # (rows, N): the normalised dims flattened into one
+        n = math.prod(shape)
+        x2 = x.reshape(-1, n)
+        r2 = residual.reshape(-1, n) if residual is not None else None
+        w = weight.reshape(n) if weight is not None else None
+        b = bias.reshape(n) if bias is not None else None
     name = dispatch.select(backend, x.device, x.dtype, op, _CPP)
     if name == "reference":
         y, h = reference.norm(x2, w, b, eps_f, rms, r2)
@@ -396,9 +398,9 @@ def _normalize(
         kernel = getattr(torch.ops.fastattn, _KERNELS[name])
         y, h, _, _ = dispatch.call(kernel, x2, r2, w, b, eps_f, rms)
     if residual is None:
-        return y.view_as(x)
+        return y.view_as(x) if k > 1 else y
     assert h is not None
-    return y.view_as(x), h.view_as(x)
+    return (y.view_as(x), h.view_as(x)) if k > 1 else (y, h)
 
 
 def layer_norm(
