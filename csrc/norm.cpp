@@ -11,8 +11,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#include <limits>
 #include <optional>
 #include <tuple>
 

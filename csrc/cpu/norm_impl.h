@@ -79,7 +79,7 @@ inline bool stream_aligned(const T* p) {
 
 // Pass 1 of a row, where h = x, or h = T(x + res) written to h_out. RMSNorm: s[0] = sum(h^2).
 // LayerNorm: s[0] = sum(h - shift), s[1] = sum((h - shift)^2), shift = x[0] (+ res[0]), so that
-// the variance can usually be had without a second pass (see row_stats).
+// the variance can usually be had without a second pass (see fwd_rows).
 // With buf (h streamed: it will not be in cache), the rounded h is also kept in buf as fp32 for
 // the later passes; otherwise they re-read h_out.
 // stream_round(p, v) (norm_<isa>.cpp) streams v as T and returns it rounded to T.
@@ -223,6 +223,13 @@ void fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
   if (a.stream) V::fence();  // the non-temporal stores are visible before the op returns
 }
 
+// The backward pass's normalised input: (h - mean) * rstd, or h * rstd (RMSNorm).
+template <class V, bool RMS>
+inline FASTATTN_NORM_INLINE typename V::R xhat(typename V::R h, typename V::R mean,
+                                               typename V::R rstd) {
+  return RMS ? V::mul(h, rstd) : V::mul(V::sub(h, mean), rstd);
+}
+
 // Rows whose dweight/dbias shares are added to the chunk's partial sums together (one read and
 // write of the partials per group instead of per row: stores are the scarce resource).
 constexpr int kBwdGroup = 4;
@@ -257,10 +264,8 @@ void bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, void* dw_part, void*
       vm[i] = V::set1(Acc(mean));
       vr[i] = V::set1(Acc(a.rstd[r + i]));
       const R m = vm[i], rs = vr[i];
-      auto xhat_at = [&](int64_t j, int k) FASTATTN_NORM_INLINE {
-        const R v = load_k<V>(h + j, k);
-        return RMS ? V::mul(v, rs) : V::mul(V::sub(v, m), rs);
-      };
+      auto xhat_at = [&](int64_t j, int k)
+                         FASTATTN_NORM_INLINE { return xhat<V, RMS>(load_k<V>(h + j, k), m, rs); };
       // Pass 1: c1 = mean(xhat * g), c2 = mean(g). Tail lanes: dy and w load as 0, so g = 0.
       double c[2];
       row_sums<V, 2>(
@@ -301,8 +306,8 @@ void bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, void* dw_part, void*
       R sw = first ? V::zero() : load_k<V>(pw + j, k);
       R sb = first || !BIAS ? V::zero() : load_k<V>(pb + j, k);
       for (int i = 0; i < rows; ++i) {
-        const R d = load_k<V>(dy0 + i * n + j, k), v = load_k<V>(h0 + i * n + j, k);
-        const R xh = RMS ? V::mul(v, vr[i]) : V::mul(V::sub(v, vm[i]), vr[i]);
+        const R d = load_k<V>(dy0 + i * n + j, k);
+        const R xh = xhat<V, RMS>(load_k<V>(h0 + i * n + j, k), vm[i], vr[i]);
         sw = V::fma(d, xh, sw);
         if constexpr (BIAS) sb = V::add(sb, d);
       }
