@@ -46,8 +46,6 @@ AttnKernels kernels_for(const char* op, DType x, bool has_mask, DType mask) {
   return k;
 }
 
-// Query rows (over all heads of a kv group) per forward work item.
-constexpr int64_t kFwdRows = 64;
 // Below this many multiply-adds (Sq * Sk * D summed over heads) the call stays on one thread.
 constexpr int64_t kSerialBelow = int64_t{1} << 18;
 // Forward split-K: split the key axis when there are fewer than kFwdItemsPerThread work items per
@@ -142,7 +140,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
       kernels_for(kFwd, xdt, mask.has_value(), mask.has_value() ? a.mask_dtype : xdt);
 
   const int64_t G = H / Hkv;
-  const int64_t mq = std::min(Sq, std::max<int64_t>(1, (kFwdRows + G - 1) / G));
+  const int64_t mq = std::min(Sq, std::max<int64_t>(1, (kern.fwd_rows + G - 1) / G));
   const int64_t rows = G * mq, nqb = (Sq + mq - 1) / mq, units = B * Hkv * nqb;
   const int64_t elem = q.scalar_type() == at::kDouble ? 8 : 4;
   const int nt = team_size(B * H * Sq * Sk * D);

@@ -118,50 +118,66 @@ struct Attn {
       }
   }
 
-  template <int MR, class TA, class TB>
-  static inline void mk_cols(int nv, bool tail, int64_t K, const TA* A, int64_t lda, int64_t ask,
-                             const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum, int ntail) {
-    switch (nv * 2 + (tail ? 1 : 0)) {
-      case 2:
-        return mk<MR, 1, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 3:
-        return mk<MR, 1, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 4:
-        return mk<MR, 2, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 5:
-        return mk<MR, 2, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 6:
-        return mk<MR, 3, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 7:
-        return mk<MR, 3, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      case 8:
-        return mk<MR, 4, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
-      default:
-        return mk<MR, 4, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+  // Register blocking: MR rows x NV vectors of C accumulate in registers, with NV vectors of B
+  // and one broadcast of A beside them, so MR * NV + NV + 1 must fit the ISA's vector registers:
+  // 6 x 4 (29 of AVX-512's 32 zmm), 6 x 2 (15 of AVX2's 16 ymm; 6 x 4 spills there).
+  static constexpr int kRegs = [] {
+    if constexpr (requires { V::kRegs; })
+      return V::kRegs;
+    else
+      return 16;
+  }();
+  static constexpr int NVB = kRegs >= 32 ? 4 : 2;
+
+  template <int MR, int NV, class TA, class TB>
+  static inline void mk_nv(int nv, bool tail, int64_t K, const TA* A, int64_t lda, int64_t ask,
+                           const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum, int ntail) {
+    if constexpr (NV > 1) {
+      if (nv < NV) return mk_nv<MR, NV - 1>(nv, tail, K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
     }
+    if (tail) return mk<MR, NV, true>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
+    return mk<MR, NV, false>(K, A, lda, ask, B, ldb, C, ldc, accum, ntail);
   }
 
-  // C (M x N, ldc) = or += A (M x K; A[m * lda + k * ask]) B (K x N; row k at B + k * ldb), in
-  // register blocks of up to 6 rows x 4 vectors; A and B as in mk (fp32, or bf16 pairs).
+  static constexpr int64_t NB = NVB * W;  // columns of C per register block
+
+  // C (M x N, ldc) = or += A (M x K; A[m * lda + k * ask]) B (K x N), in register blocks of up to
+  // 6 rows x NB columns; A and B as in mk (fp32, or bf16 pairs). B's columns [p * NB, p * NB + NB)
+  // start at B + p * bpanel, rows ldb apart: row-major B is bpanel = NB (gemm), panel-major
+  // (pack_*_panels) ldb = NB (gemm_panels).
   template <class TA, class TB>
-  static void gemm(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, int64_t ask,
-                   const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
-    constexpr int64_t NB = 4 * W;
+  static void gemm_impl(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, int64_t ask,
+                        const TB* B, int64_t ldb, int64_t bpanel, Acc* C, int64_t ldc, bool accum) {
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
       const int64_t nn = N - n0 < NB ? N - n0 : NB;
       const int nv = int((nn + W - 1) / W), ntail = int(nn - (nv - 1) * W);
       const bool tail = ntail != W;
-      const TB* b = B + n0;
+      const TB* b = B + (n0 / NB) * bpanel;
       int64_t m = 0;
       for (; m + 6 <= M; m += 6)
-        mk_cols<6>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_nv<6, NVB>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                      ntail);
       for (; m + 4 <= M; m += 4)
-        mk_cols<4>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_nv<4, NVB>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                      ntail);
       for (; m + 2 <= M; m += 2)
-        mk_cols<2>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_nv<2, NVB>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                      ntail);
       for (; m < M; ++m)
-        mk_cols<1>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum, ntail);
+        mk_nv<1, NVB>(nv, tail, K, A + m * lda, lda, ask, b, ldb, C + m * ldc + n0, ldc, accum,
+                      ntail);
     }
+  }
+  // B row-major: row k at B + k * ldb.
+  template <class TA, class TB>
+  static void gemm(int64_t M, int64_t N, int64_t K, const TA* A, int64_t lda, int64_t ask,
+                   const TB* B, int64_t ldb, Acc* C, int64_t ldc, bool accum) {
+    gemm_impl(M, N, K, A, lda, ask, B, ldb, NB, C, ldc, accum);
+  }
+  // B panel-major (pack_kt_panels / pack_v_panels): panel p at B + p * bpanel.
+  static void gemm_panels(int64_t M, int64_t N, int64_t K, const Acc* A, int64_t lda, int64_t ask,
+                          const Acc* B, int64_t bpanel, Acc* C, int64_t ldc, bool accum) {
+    gemm_impl(M, N, K, A, lda, ask, B, NB, bpanel, C, ldc, accum);
   }
 
   // bf16 pair packings (kDot only). Rows of n bf16 values (D each) copied with a zero pad to an
@@ -183,7 +199,7 @@ struct Attn {
         const int c = D - 2 * p0 < 32 ? int(D - 2 * p0) : 32;
         R r[16];
         for (int x = 0; x < 16; ++x) r[x] = V::load_bf16x32(src + (j0 + x) * stride + 2 * p0, c);
-        V::transpose16(r);
+        V::transpose(r);
         const int np = (c + 1) / 2;
         for (int x = 0; x < np; ++x)
           V::store(reinterpret_cast<float*>(dst + (p0 + x) * NK + j0), r[x]);
@@ -224,19 +240,20 @@ struct Attn {
       if (d < D) V::storen(o + d, V::mul(V::loadn(p + d, int(D - d)), s), int(D - d));
     }
   }
-  // Transposed: dst[d * NK + j] = src_row(j)[d] for j < n keys.
+  // Transposed: dst[d * NK + j] = src_row(j)[d] for j < n keys, W x W blocks transposed in
+  // registers where the ISA offers it (V::transpose).
   template <class T>
   static void pack_t(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D, int64_t NK) {
     int64_t j0 = 0;
-    if constexpr (requires { V::kTranspose16; }) {
-      for (; j0 + 16 <= n; j0 += 16) {
-        for (int64_t d0 = 0; d0 < D; d0 += 16) {
-          const int c = D - d0 < 16 ? int(D - d0) : 16;
-          R r[16];
-          for (int x = 0; x < 16; ++x)
-            r[x] = c == 16 ? V::load(src + (j0 + x) * stride + d0)
-                           : V::loadn(src + (j0 + x) * stride + d0, c);
-          V::transpose16(r);
+    if constexpr (requires { V::kTranspose; }) {
+      for (; j0 + W <= n; j0 += W) {
+        for (int64_t d0 = 0; d0 < D; d0 += W) {
+          const int c = D - d0 < W ? int(D - d0) : W;
+          R r[W];
+          for (int x = 0; x < W; ++x)
+            r[x] = c == W ? V::load(src + (j0 + x) * stride + d0)
+                          : V::loadn(src + (j0 + x) * stride + d0, c);
+          V::transpose(r);
           for (int x = 0; x < c; ++x) V::store(dst + (d0 + x) * NK + j0, r[x]);
         }
       }
@@ -244,6 +261,28 @@ struct Attn {
     for (int64_t j = j0; j < n; ++j) {
       const T* p = src + j * stride;
       for (int64_t d = 0; d < D; ++d) dst[d * NK + j] = Acc(attn_elem(p + d));
+    }
+  }
+  // Panel-major copies for gemm_panels, panels of NB = NVB * W columns, rows NB values apart and
+  // read front to back (no power-of-two row stride to thrash a cache set). K^T of n keys:
+  // dst[(j / NB) * D * NB + d * NB + j % NB] = k_j[d]. V of n keys: dst[(d / NB) * pstride +
+  // j * NB + d % NB] = v_j[d], zeros for d in [D, round_up(D, NB)).
+  template <class T>
+  static void pack_kt_panels(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D) {
+    for (int64_t j0 = 0; j0 < n; j0 += NB)
+      pack_t(dst + (j0 / NB) * D * NB, src + j0 * stride, stride, n - j0 < NB ? n - j0 : NB, D, NB);
+  }
+  template <class T>
+  static void pack_v_panels(Acc* dst, int64_t pstride, const T* src, int64_t stride, int64_t n,
+                            int64_t D) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* p = src + j * stride;
+      for (int64_t d = 0; d < D; d += W) {
+        Acc* o = dst + (d / NB) * pstride + j * NB + d % NB;
+        V::store(o, D - d < W ? V::loadn(p + d, int(D - d)) : V::load(p + d));
+      }
+      for (int64_t d = (D + W - 1) / W * W; d % NB != 0; d += W)
+        V::store(dst + (d / NB) * pstride + j * NB + d % NB, V::zero());
     }
   }
 
@@ -291,24 +330,25 @@ struct Attn {
     return kDot && AttnSame<T, bf16_t>::value;
   }
 
-  // One key block [jb, jb + n) of kv head (b, hkv) in the layout fwd reads: K^T (opmath, NF keys
-  // per row of D), or with bf16 pairs K^T pairs (D2 rows of NF) then V pairs (NF / 2 rows of Dp).
+  // One key block [jb, jb + n) of kv head (b, hkv) in the layout fwd reads: K^T panels (D * NF
+  // opmath values) then V panels (round_up(D, NB) * NF), or with bf16 pairs K^T pairs (D2 rows of
+  // NF) then V pairs (NF / 2 rows of Dp).
   template <class T>
   static void pack_block(const AttnArgs& a, int64_t b, int64_t hkv, int64_t jb, int64_t n,
                          Acc* dst) {
     const int64_t D = a.D, D2 = (D + 1) / 2;
     const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1] + jb * a.k_str[2];
+    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1] + jb * a.v_str[2];
     if constexpr (dot_for<T>()) {
-      const T* vp =
-          static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1] + jb * a.v_str[2];
       uint32_t* kt = reinterpret_cast<uint32_t*>(dst);
       pack_kt_pairs(kt, kp, a.k_str[2], n, D, NF);
       pack_v_pairs(kt + D2 * NF, padded(D), vp, a.v_str[2], n, D);
     } else {
-      pack_t(dst, kp, a.k_str[2], n, D, NF);
+      pack_kt_panels(dst, kp, a.k_str[2], n, D);
+      pack_v_panels(dst + D * NF, NF * NB, vp, a.v_str[2], n, D);
     }
   }
-  // Key block kbi of (b, hkv) into dst (kFwdKeyBlock * padded(D) opmath values).
+  // Key block kbi of (b, hkv) into dst (attn_fwd_block_elems(D) opmath values).
   template <class T>
   static void pack_kv(const AttnArgs& a, int64_t b, int64_t hkv, int64_t kbi, void* dst) {
     const int64_t jb = kbi * NF, n = a.Sk - jb < NF ? a.Sk - jb : NF;
@@ -324,13 +364,12 @@ struct Attn {
     Acc* Qs = aligned(scratch);
     Acc* O = Qs + rows * Dp;
     Acc* KT = O + rows * Dp;  // one packed block (pack_block), when not given packed
-    Acc* S = KT + Dp * NF;
+    Acc* S = KT + attn_fwd_block_elems(D);
     Acc* mx = S + rows * NF;  // running max, sum; this block's max, rescale factor
     Acc* sm = mx + rp;
     Acc* bm = sm + rp;
     Acc* al = bm + rp;
     uint32_t* Pb = reinterpret_cast<uint32_t*>(al + rp);
-    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
     const Acc* pk = static_cast<const Acc*>(packed);
     for (int64_t g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + b * a.q_str[0] + (hkv * G + g) * a.q_str[1] +
@@ -353,14 +392,14 @@ struct Attn {
       const int64_t n = jend - jb < NF ? jend - jb : NF;
       const Acc* kt = KT;
       if (pk != nullptr)
-        kt = pk + (jb / NF) * (Dp * NF);
+        kt = pk + (jb / NF) * attn_fwd_block_elems(D);
       else
         pack_block<T>(a, b, hkv, jb, n, KT);
       if constexpr (dot)
         gemm(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2, 1,
              reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
       else
-        gemm(rows, n, D, Qs, Dp, 1, kt, NF, S, NF, false);
+        gemm_panels(rows, n, D, Qs, Dp, 1, kt, D * NB, S, NF, false);
       // Scores and the block max of each row.
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
@@ -416,7 +455,7 @@ struct Attn {
         gemm(rows, D, (n + 1) / 2, Pb, NF / 2, 1, reinterpret_cast<const uint32_t*>(kt) + D2 * NF,
              Dp, O, Dp, true);
       } else {
-        gemm(rows, D, n, S, NF, 1, vp + jb * a.v_str[2], a.v_str[2], O, Dp, true);
+        gemm_panels(rows, D, n, S, NF, 1, kt + D * NF, NF * NB, O, Dp, true);
       }
     }
     if (part_v != nullptr) {
@@ -688,7 +727,11 @@ struct Attn {
 
   template <class T, class TM>
   static AttnKernels make() {
-    return AttnKernels{&fwd<T, TM>, &merge<T>, &pack_kv<T>, &delta<T>, &bwd<T, TM>, &dq<T>};
+    // Query rows per forward item, measured per tier: 64 with AVX-512's 32 registers and larger
+    // caches (Zen 5); 24 with AVX2 (Zen 3), whose 32 KiB L1 then holds the Q, S and O tiles
+    // (6, 12, 6 KiB) beside the K^T / V panels a micro-kernel streams (64 rows: 1.35x slower).
+    constexpr int64_t rows = kRegs >= 32 ? 64 : 24;
+    return AttnKernels{&fwd<T, TM>, &merge<T>, &pack_kv<T>, &delta<T>, &bwd<T, TM>, &dq<T>, rows};
   }
   // The table for data type T (DType x) and the mask's dtype.
   template <class T>

@@ -87,16 +87,21 @@ struct AttnKernels {
   AttnDeltaFn bwd_delta;
   AttnBwdFn bwd;
   AttnDqFn bwd_dq;
+  int64_t fwd_rows;  // query rows (over all heads of a kv group) per forward work item
 };
 
 // Scratch bytes one thread needs for fwd (rows = query rows per call, all heads of the group)
 // or bwd, in opmath elements of `elem` bytes, plus alignment slack.
+// A packed forward key block, in opmath elements: K^T then V panels (their columns rounded up to
+// the widest register block, 64) on every path; the bf16 pair layout needs less.
+inline int64_t attn_fwd_block_elems(int64_t D) { return (D + (D + 63) / 64 * 64) * kFwdKeyBlock; }
 inline int64_t attn_fwd_block_bytes(int64_t D, int64_t elem) {
-  return (D + 15) / 16 * 16 * kFwdKeyBlock * elem;
+  return attn_fwd_block_elems(D) * elem;
 }
 inline int64_t attn_fwd_scratch_bytes(int64_t rows, int64_t D, int64_t elem) {
   const int64_t Dp = (D + 15) / 16 * 16, rp = (rows + 15) / 16 * 16;
-  return (rows * Dp * 2 + Dp * kFwdKeyBlock + rows * kFwdKeyBlock * 2 + rp * 4 + 64) * elem + 256;
+  return (rows * Dp * 2 + attn_fwd_block_elems(D) + rows * kFwdKeyBlock * 2 + rp * 4 + 64) * elem +
+         256;
 }
 inline int64_t attn_bwd_scratch_bytes(int64_t D, int64_t elem) {
   const int64_t Dp = (D + 15) / 16 * 16;

@@ -7,7 +7,7 @@
 template <class Base, bool Dot>
 struct AttnVec512 : Base {
   using R = typename Base::R;
-  static constexpr bool kTranspose16 = true;
+  static constexpr bool kTranspose = true;  // transpose: W x W in registers
   static constexpr bool kDotBf16 = Dot;
 
   // c + a.b over bf16 pairs: lane l gets a[2l] * b[2l] + a[2l+1] * b[2l+1] (fp32 accumulation).
@@ -39,7 +39,7 @@ struct AttnVec512 : Base {
     _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(idx, both));
   }
   // r[i] (row i, 16 lanes) becomes column i.
-  static inline void transpose16(R* r) {
+  static inline void transpose(R* r) {
     R t[16];
     for (int i = 0; i < 8; ++i) {
       t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);

@@ -14,6 +14,7 @@ struct Vec {
   using Mask = __m256;  // all-ones lanes where true
   using Acc = float;
   static constexpr int W = 8;
+  static constexpr int kRegs = 16;  // ymm0-15
   static constexpr bool kScalef = false;
   static constexpr bool kLibmExp = false;
 
@@ -93,6 +94,25 @@ struct Vec {
   static inline void stream(bf16_t* p, R v) { _mm_stream_si128((__m128i*)p, to_bf16(v)); }
   static inline void stream(f16_t* p, R v) { _mm_stream_si128((__m128i*)p, to_f16(v)); }
   static inline void fence() { _mm_sfence(); }
+  // r[i] (row i, 8 lanes) becomes column i (pack_t's K^T blocks).
+  static constexpr bool kTranspose = true;
+  static inline void transpose(R* r) {
+    R t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+      r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+  }
   template <class T>
   static inline void storen(T* p, R v, int n) {
     T tmp[W];

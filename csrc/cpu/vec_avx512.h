@@ -25,6 +25,7 @@ struct Vec {
   using Mask = __mmask16;
   using Acc = float;
   static constexpr int W = 16;
+  static constexpr int kRegs = 32;  // zmm0-31
   static constexpr bool kLibmExp = false;
   static constexpr bool kScalef = true;
 
