@@ -165,9 +165,11 @@ def _bandwidth_gbps(nbytes: int) -> tuple[float, float]:
     return 2 * nbytes / copy_s / 1e9, nbytes / read_s / 1e9
 
 
-def measure(threads: int | None = None, matmul_n: int = MATMUL_N) -> Limits:
-    """Measure the limits now at ``threads`` (default: torch's current count)."""
+def measure(threads: int | None = None, matmul_n: int | None = None) -> Limits:
+    """Measure the limits now at ``threads`` (default: torch's current count), with
+    ``matmul_n`` (default :data:`MATMUL_N`) and buffers of at least :data:`MIN_BUFFER_BYTES`."""
     t_start = time.perf_counter()
+    matmul_n = matmul_n or MATMUL_N
     prev = torch.get_num_threads()
     threads = threads or prev
     torch.set_num_threads(threads)

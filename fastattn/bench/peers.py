@@ -54,7 +54,7 @@ def _module(name: str) -> ModuleType | None:
             _MODULES[name] = importlib.import_module(name)
         except ImportError as e:  # optional: `pip install fastattn[bench]`
             _MODULES[name] = None
-            _note(f"{name} peers skipped: {type(e).__name__}: {e}")
+            _note(f"{name} not importable ({type(e).__name__}: {e}): its peers are skipped")
     return _MODULES[name]
 
 
