@@ -12,15 +12,28 @@ import torch
 
 from fastattn import bench
 from fastattn.bench import cases as C
-from fastattn.bench import timing
+from fastattn.bench import limits, timing
 
 # One thread: OpenMP barriers stall when other processes share the cores, which slows tiny runs.
 FAST = ["--quick", "--dtype", "fp32", "--min-time", "0.002", "--threads", "1"]
 
 
+@pytest.fixture(scope="module")
+def _limits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _own_limits_cache(_limits_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's machine limits go to a cache of this module (measured once per thread count),
+    not the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_limits_cache))
+
+
 def test_quick_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "res" / "bench.json"
-    argv = ["softmax", *FAST, "--shape", "16x512,2x20000", "--no-compile", "--markdown"]
+    argv = ["softmax", *FAST, "--shape", "16x512,2x20000", "--no-compile", "--no-runtimes"]
+    argv += ["--markdown"]
     assert bench.main([*argv, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["agreement"] == {"ok": True, "failures": []}
@@ -140,6 +153,7 @@ NORM_OPS = ["layernorm", "rmsnorm", "add-layernorm", "add-rmsnorm"]
 def test_norm_ops_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "norm.json"
     argv = [*NORM_OPS, *FAST, "--dtype", "fp32,bf16", "--shape", "16x200", "--no-compile"]
+    argv += ["--no-runtimes"]
     assert bench.main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["op"] for r in rows} == set(NORM_OPS)
@@ -245,6 +259,7 @@ def _subject_inexact(cases: list[C.Case]) -> list[C.Case]:
 def test_attention_quick_run_reports_flops_and_memory(tmp_path: Path) -> None:
     out = tmp_path / "attn.json"
     argv = ["attention", *FAST, "--shape", "1x2x48x16,1x4x2x1x96x16", "--no-compile"]
+    argv += ["--no-runtimes"]
     assert bench.main([*argv, "--peak", "fp32=2", "--markdown", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     variants = {r["variant"] for r in rows}
@@ -298,3 +313,134 @@ def test_model_quick_run_reports_tokens_per_second(tmp_path: Path) -> None:
     for r in rows:
         assert r["check_ok"] and r["error"] is None and r["tokens"] > 0 and r["mem_bytes"] >= 0, r
     assert "model" not in C.DEFAULT_OPS
+
+
+def test_machine_limits_are_measured_then_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(limits, "MATMUL_N", 512)  # a quick measurement for the test
+    measured = []
+    real = limits.measure
+    monkeypatch.setattr(limits, "measure", lambda *a: measured.append(a) or real(*a))
+    first = limits.get(1)
+    assert not first.cached and measured == [(1,)]
+    assert first.matmul_gflops["fp32"] > 0 and first.copy_gbps > 0 and first.read_gbps > 0
+    assert first.buffer_mib >= 256 and first.threads == 1 and first.matmul_n == 512
+    assert Path(limits.cache_path()).is_relative_to(tmp_path)
+    again = limits.get(1)
+    assert again.cached and again == first and len(measured) == 1  # read back, not measured
+    assert not limits.get(1, remeasure=True).cached and len(measured) == 2
+    assert len(json.loads(Path(limits.cache_path()).read_text())) == 1  # one key: one entry
+    peak = first.peak_gflops()
+    assert peak["fp32"] == first.matmul_gflops["fp32"] and set(peak) == {"fp32", "bf16", "fp16"}
+
+
+def test_header_and_json_name_the_machine_and_its_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fastattn
+
+    out = tmp_path / "b.json"
+    argv = ["softmax", *FAST, "--shape", "8x512", "-k=-softmax-", "--no-compile"]
+    assert bench.main([*argv, "--no-runtimes", "--markdown", "--json", str(out)]) == 0
+    m = json.loads(out.read_text())["machine"]
+    isa = fastattn.backends()["extension"].get("cpu_isa", "none")
+    assert m["cpu"] == limits.cpu_model() != "" and m["cpu_isa"].startswith(isa)
+    assert m["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    lim = m["limits"]
+    assert lim["threads"] == 1 and lim["copy_gbps"] > 0 and lim["peak_gflops"]["fp32"] > 0
+    text = capsys.readouterr().out
+    head, _, table = text.partition("| op |")
+    line = f"cpu: {m['cpu']}; fastattn CPU ISA: {m['cpu_isa']}; ATen CPU capability: "
+    assert line in head.split("\n\n")[0] and f"*{line}" in head  # text header, Markdown lead
+    assert f"copy {lim['copy_gbps']:.1f} GB/s" in head and "% BW |" in table
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        assert r["bw_pct"] == pytest.approx(100 * r["gbps"] / lim["copy_gbps"])
+
+
+def _peer_run(ops: list[str], shape: str, keyword: str, tmp_path: Path, dtype: str) -> dict:
+    out = tmp_path / "peers.json"
+    argv = [*ops, *FAST, "--dtype", dtype, "--shape", shape, "--no-compile", "-k", keyword]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+# family -> (ops, shape, a keyword selecting the cases with peers: forward, plain and log softmax)
+PEER_FAMILIES = {
+    "attention": (["attention"], "1x2x32x16,1x4x2x1x64x16", "fwd"),
+    "softmax": (["softmax"], "8x256", "softmax-8x256"),
+    "norm": (NORM_OPS, "8x256", "fwd"),
+}
+EXPECTED_PEERS = {
+    "onnxruntime": {
+        "attention": {"ORT MultiHeadAttention", "ORT GroupQueryAttention"},
+        "softmax": {"ORT Softmax", "ORT LogSoftmax"},
+        "norm": {"ORT LayerNormalization", "ORT RMSNormalization", "ORT SkipLayerNormalization",
+                 "ORT SkipSimplifiedLN"},
+    },
+    "openvino": {
+        "attention": {"OV SDPA", "OV SDPA (K/V broadcast)"},
+        "softmax": {"OV softmax", "OV log_softmax"},
+        "norm": {"OV mvn+affine", "OV RMS graph", "OV add+mvn+affine", "OV add+RMS graph"},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", PEER_FAMILIES)
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_peers_run_and_agree(runtime: str, family: str, tmp_path: Path) -> None:
+    pytest.importorskip(runtime, reason=f"{runtime} not installed (pip install fastattn[bench])")
+    ops, shape, keyword = PEER_FAMILIES[family]
+    # bf16 for the norms: OpenVINO converts it at the graph's boundary, ORT has no bf16 kernels
+    dtype = "fp32,bf16" if family == "norm" else "fp32"
+    doc = _peer_run(ops, shape, keyword, tmp_path, dtype)
+    prefix = "ORT " if runtime == "onnxruntime" else "OV "
+    peer_rows = [r for r in doc["rows"] if r["impl"].startswith(prefix)]
+    assert {r["impl"] for r in peer_rows} == EXPECTED_PEERS[runtime][family]
+    for r in peer_rows:
+        assert r["check_ok"] and r["error"] is None and r["median_ms"] > 0, r
+        assert "bwd" not in r["variant"] and r["speedup"] > 0
+    if runtime == "onnxruntime" and family == "norm":
+        assert not any(r["dtype"] == "bf16" for r in peer_rows)
+    if runtime == "openvino" and family == "norm":
+        assert {r["dtype"] for r in peer_rows} == {"fp32", "bf16"}
+    if runtime == "onnxruntime" and family == "norm":  # no bf16 kernels: absent, with a note
+        assert "onnxruntime peers: none for bf16" in " ".join(doc["machine"]["peer_notes"])
+    if family == "attention":  # GQA only in the decode case; MHA only where heads match
+        gqa = {r["impl"] for r in peer_rows if "GQA" in r["variant"]}
+        assert gqa & {"ORT MultiHeadAttention", "OV SDPA"} == set()
+
+
+def test_runtime_peer_that_disagrees_is_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from fastattn.bench import peers
+
+    def cases(opts: C.Options) -> list[C.Case]:
+        [case] = [c for c in C.softmax_cases(opts) if c.variant == "scale+bias(1,C)"]
+        # a plain Softmax ignores the scale and the bias: its check must fail
+        case.impls = [case.impls[0], *peers.softmax_peers(False, torch.float32, "cpu")[:1]]
+        return [case]
+
+    monkeypatch.setitem(C.REGISTRY, "wrong-peer", cases)
+    out = tmp_path / "b.json"
+    argv = ["wrong-peer", *FAST, "--shape", "8x256", "--no-compile", "--json", str(out)]
+    assert bench.main(argv) == 1
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert not rows["ORT Softmax"]["check_ok"] and rows["ORT Softmax"]["error"] is None
+    assert "MISMATCH" in rows["ORT Softmax"]["check"]
+
+
+def test_cli_runs_without_the_peer_runtimes() -> None:
+    hide = "import sys; sys.modules.update(onnxruntime=None, onnx=None, openvino=None); "
+    run = "from fastattn import bench; sys.exit(bench.main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", hide + run, "layernorm", *FAST, "--shape", "8x256"]
+    res = subprocess.run([*argv, "--no-compile", "-k", "fwd"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "peer note: onnxruntime not importable (ModuleNotFoundError" in res.stdout
+    assert "peer note: openvino not importable (ModuleNotFoundError" in res.stdout
+    assert "F.layer_norm" in res.stdout and "ORT " not in res.stdout and "OV " not in res.stdout

@@ -1,6 +1,7 @@
 """``fastattn-bench``: time fastattn's ops against their PyTorch peers on the same inputs.
 
-For every case (op, shape, dtype, variant) each implementation runs once and is checked against
+For every case (op, shape, dtype, variant) each implementation (fastattn; eager PyTorch,
+torch.compile, and onnxruntime and OpenVINO when installed) runs once and is checked against
 a float64 oracle; a disagreement is reported and makes the exit code 1. Then each is warmed up
 and timed call by call (median and IQR). Cases are defined in :mod:`fastattn.bench.cases`.
 
@@ -11,6 +12,8 @@ Examples::
     fastattn-bench softmax --shape 8192x4096 --dtype fp32 --alloc reuse -k bias
     fastattn-bench add-rmsnorm -k fwd+bwd       # fused residual add + RMSNorm, with backward
     fastattn-bench attention --shape 1x8x2048x64,1x32x8x1x8192x128 --peak fp32=524,bf16=971
+    fastattn-bench layernorm --no-runtimes      # without the onnxruntime / OpenVINO peers
+    fastattn-bench softmax --remeasure          # measure the machine's limits again
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from fastattn.bench import cases as C
-from fastattn.bench import report, timing
+from fastattn.bench import limits, report, timing
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -58,6 +61,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-compile", dest="compile", action="store_false", help="skip torch.compile peers"
     )
+    p.add_argument(
+        "--no-runtimes",
+        dest="runtimes",
+        action="store_false",
+        help="skip the onnxruntime and OpenVINO peers",
+    )
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per impl")
     p.add_argument(
         "-k", dest="keyword", action="append", default=[], help="only case ids containing this"
@@ -66,7 +75,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--peak",
         metavar="DT=GFLOPS",
         help="the machine's peak GFLOP/s per dtype for the %% peak column, e.g. fp32=524,bf16=971"
-        " (default: this machine's, see cases.PEAK_GFLOPS)",
+        " (default: the measured matmul GFLOP/s, see --remeasure)",
+    )
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure this machine's limits (matmul GFLOP/s, copy and read GB/s) again instead "
+        f"of reading them from {limits.cache_path()}",
     )
     p.add_argument("--json", metavar="PATH", help="write every row and the machine facts to PATH")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
@@ -119,9 +134,14 @@ def _parse_peak(spec: str | None) -> dict[str, float]:
 
 
 def run_case(
-    case: C.Case, device: torch.device, budget: timing.Budget, flush: bool
+    case: C.Case,
+    device: torch.device,
+    budget: timing.Budget,
+    flush: bool,
+    copy_gbps: float = math.nan,
 ) -> list[report.Row]:
-    """Check every implementation of ``case`` against the oracle, then time each that ran."""
+    """Check every implementation of ``case`` against the oracle, then time each that ran;
+    ``copy_gbps``: the machine's copy bandwidth, for the % BW column."""
     inputs = case.make_inputs(device)
     ref = case.reference(inputs)
     rows: list[report.Row] = []
@@ -163,6 +183,7 @@ def run_case(
         row.median_ms, row.q25_ms, row.q75_ms = st.median_ms, st.q25_ms, st.q75_ms
         row.min_ms, row.reps = st.min_ms, st.reps
         row.gbps = timing.gbps(case.nbytes, st.median_ms) if case.nbytes else math.nan
+        row.bw_pct = 100 * row.gbps / copy_gbps
         if case.flops:
             row.gflops = case.flops / (st.median_ms * 1e-3) / 1e9
             row.peak_pct = 100 * row.gflops / case.peak_gflops
@@ -190,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             shapes=_parse_shapes(args.shape),
             compile=args.compile,
+            runtimes=args.runtimes,
             peak_gflops=_parse_peak(args.peak),
         )
         case_list = C.build(args.ops, opts)
@@ -219,7 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = timing.Budget.quick() if args.quick else timing.Budget()
     if args.min_time is not None:
         budget.min_time_s = args.min_time
-    info = report.machine_info(argv, device, threads)
+    # CPU limits only: on CUDA the % columns stay empty unless --peak is given
+    lim = limits.get(threads, args.remeasure) if device.type == "cpu" else None
+    peak = {**(lim.peak_gflops() if lim else {}), **opts.peak_gflops}
+    for case in case_list:
+        if case.flops:
+            case.peak_gflops = peak.get(case.dtype_str, math.nan)
+    info = report.machine_info(argv, device, threads, lim)
     compute = any(c.flops or c.tokens for c in case_list)
     for line in report.header_lines(info, alloc, args.flush, timer, compute):
         print(line)
@@ -228,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[report.Row] = []
     for case in case_list:
-        case_rows = run_case(case, device, budget, args.flush)
+        case_rows = run_case(case, device, budget, args.flush, lim.copy_gbps if lim else math.nan)
         rows += case_rows
         print(report.table_rows(case_rows, compute), flush=True)
         for r in case_rows:
@@ -237,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [r for r in rows if not r.check_ok and not r.tolerated]
     if args.markdown:
         print()
-        print(report.markdown(rows))
+        print(report.markdown(rows, info))
     if args.json:
         doc = {
             "machine": info,

@@ -54,7 +54,9 @@ class Options:
     backend: str = "auto"
     shapes: tuple[tuple[int, ...], ...] | None = None  # overrides the builder's shapes
     compile: bool = True  # include torch.compile peers
-    # GFLOP/s of this machine per dtype name, for the "% peak" column (default: PEAK_GFLOPS)
+    runtimes: bool = True  # include the onnxruntime / OpenVINO peers (forward only; peers.py)
+    # GFLOP/s of this machine per dtype name, for the "% peak" column (the CLI measures it,
+    # limits.py; --peak overrides it); without a figure the column is empty
     peak_gflops: dict[str, float] = field(default_factory=dict)
 
 
@@ -311,6 +313,12 @@ def softmax_cases(opts: Options) -> list[Case]:
 
     be = opts.backend
     cases: list[Case] = []
+
+    def runtime_peers(log: bool, dt: torch.dtype) -> list[Impl]:
+        from fastattn.bench import peers
+
+        return peers.softmax_peers(log, dt, opts.device) if opts.runtimes else []
+
     for shape in opts.shapes or (SOFTMAX_QUICK_SHAPES if opts.quick else SOFTMAX_SHAPES):
         rows, cols = math.prod(shape[:-1]), shape[-1]
         n = rows * cols
@@ -339,11 +347,12 @@ def softmax_cases(opts: Options) -> list[Case]:
 
                 return Impl(fa, fn, subject=True)
 
-            plain = [fast(), Impl("torch.softmax", _softmax_x)]
+            plain = [fast(), Impl("torch.softmax", _softmax_x), *runtime_peers(False, dt)]
             case("softmax", shape, _x_inputs, _ref_softmax, 2 * n * es, plain)
             lg = [
                 fast(log=True),
                 Impl("torch.log_softmax", lambda i: torch.log_softmax(i["x"], -1)),
+                *runtime_peers(True, dt),
             ]
             case("log_softmax", shape, _x_inputs, _ref_log_softmax, 2 * n * es, lg)
             bias = [
@@ -480,6 +489,11 @@ def _norm_cases(opts: Options, op: str) -> list[Case]:
     upstream = ("g", "gh") if residual else ("g",)
     be = opts.backend
 
+    def runtime_peers(dt: torch.dtype) -> list[Impl]:
+        from fastattn.bench import peers
+
+        return peers.norm_peers(op, eps, dt, opts.device) if opts.runtimes else []
+
     def fast(i: Inputs) -> Out:
         x, r = i["x"], i.get("r")
         if rms:
@@ -514,7 +528,7 @@ def _norm_cases(opts: Options, op: str) -> list[Case]:
                 if not rms and dt != torch.float32 and opts.device == "cpu":
                     timed[1].inexact = TORCH_LN_GRAD_NOTE  # the eager F.layer_norm peer
                 case = Case(op, variant, shape, dt, make, oracle(ref, wrt, upstream), nbytes)
-                case.impls = timed if bwd else list(impls)
+                case.impls = timed if bwd else [*impls, *runtime_peers(dt)]
                 cases.append(case)
     return cases
 
@@ -552,11 +566,6 @@ ATTN_SHAPES: tuple[tuple[int, ...], ...] = (
     (1, 32, 8, 1, 8192, 128),
 )
 ATTN_QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((1, 2, 128, 32), (1, 4, 2, 1, 512, 32))
-# Peak arithmetic of this machine (2-core AMD EPYC, AVX-512 with AVX512_BF16), GFLOP/s on both
-# cores, as measured for issue 4: fp32 from the FMA throughput (2 FLOP per lane per vfmadd),
-# bf16 from the dot-product throughput of vdpbf16ps (2 FLOP per bf16 pair). They were not
-# re-measured here; --peak replaces them (e.g. on another machine). No figure for fp16.
-PEAK_GFLOPS: dict[str, float] = {"fp32": 524.0, "bf16": 971.0}
 
 
 def attention_dims(shape: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
@@ -629,13 +638,14 @@ def attention_cases(opts: Options) -> list[Case]:
     """fastattn.attention against eager attention, F.scaled_dot_product_attention and
     torch.compile of the eager version ("F.sdpa" in the tables is F.scaled_dot_product_attention):
     forward and forward+backward (dq, dk, dv checked),
-    causal and not, and a grouped-query decode step (forward only). Reports GFLOP/s, % of
-    the machine's peak and each call's peak extra memory besides ms and GB/s."""
+    causal and not, and a grouped-query decode step (forward only); the forward also against
+    onnxruntime and OpenVINO (peers.py). Reports GFLOP/s, % of the machine's measured peak
+    and each call's peak extra memory besides ms and GB/s."""
     import fastattn
     from fastattn import reference
 
     be = opts.backend
-    peak = {**PEAK_GFLOPS, **opts.peak_gflops}
+    peak = opts.peak_gflops
     qkv = ("q", "k", "v")
     cases: list[Case] = []
     for shape in opts.shapes or (ATTN_QUICK_SHAPES if opts.quick else ATTN_SHAPES):
@@ -672,6 +682,11 @@ def attention_cases(opts: Options) -> list[Case]:
                     impls.append(Impl("compile(eager)", call_with(compiled(eager), *qkv)))
                 if bwd:
                     impls = [Impl(m.name, fwd_bwd(m.fn, qkv), m.subject) for m in impls]
+                elif opts.runtimes:
+                    from fastattn.bench import peers
+
+                    dims = (b, h, hkv, sq, sk, d)
+                    impls += peers.attention_peers(dims, causal, dt, opts.device)
                 variant = ("fwd+bwd" if bwd else "fwd") + (" causal" if causal else "")
                 if len(shape) == 6:
                     variant = ("decode " if sq <= 16 else "") + variant + (f" GQA {h}/{hkv}" * gqa)

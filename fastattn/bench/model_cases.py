@@ -21,7 +21,6 @@ import torch
 
 from fastattn.bench.cases import (
     DTYPE_NAMES,
-    PEAK_GFLOPS,
     TOLERANCE,
     Case,
     Check,
@@ -175,7 +174,7 @@ def _family_cases(
     cfg = TransformerConfig(**MODEL_CFG)  # type: ignore[arg-type]
     params = sum(p.numel() for p in _reference_model("eager").parameters())
     case.flops = _train_flops(params, cfg, seq, seq)
-    case.peak_gflops = PEAK_GFLOPS.get(DTYPE_NAMES.get(dt, ""), float("nan"))
+    case.peak_gflops = opts.peak_gflops.get(DTYPE_NAMES.get(dt, ""), float("nan"))
     case.tokens = seq
 
     def gen(kind: str) -> Callable[[Inputs], torch.Tensor]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fastattn.bench import limits
+
 
 @dataclass
 class Row:
@@ -30,6 +32,7 @@ class Row:
     reps: int = 0
     first_call_ms: float = math.nan  # includes torch.compile for compiled peers
     gbps: float = math.nan
+    bw_pct: float = math.nan  # gbps as a percentage of the machine's measured copy bandwidth
     flops: int = 0  # of the case; 0: not reported (bandwidth-bound ops)
     gflops: float = math.nan
     peak_pct: float = math.nan  # gflops as a percentage of the machine's peak for the dtype
@@ -65,17 +68,18 @@ COLUMNS = (
     ("IQR ms", 8, ">"),
     ("min ms", 8, ">"),
     ("GB/s", 7, ">"),
+    ("% BW", 5, ">"),
     ("fastattn speedup", 16, ">"),
     ("check", 8, "<"),
 )
-# Inserted after GB/s when the rows are of a compute-bound op (attention).
+# Inserted after % BW when the rows are of a compute-bound op (attention).
 COMPUTE_COLUMNS = (
     ("GFLOP/s", 8, ">"),
     ("% peak", 6, ">"),
     ("peak MiB", 9, ">"),
     ("tok/s", 8, ">"),
 )
-_AFTER = [name for name, _, _ in COLUMNS].index("GB/s") + 1
+_AFTER = [name for name, _, _ in COLUMNS].index("% BW") + 1
 
 
 def columns(compute: bool) -> tuple[tuple[str, int, str], ...]:
@@ -108,6 +112,7 @@ def _cells(r: Row, compute: bool = False) -> list[str]:
         _num(r.iqr_ms),
         _num(r.min_ms),
         _num(r.gbps, 1),
+        _num(r.bw_pct, 1),
         speed,
         status,
     ]
@@ -130,8 +135,9 @@ def table_rows(rows: list[Row], compute: bool = False) -> str:
     )
 
 
-def markdown(rows: list[Row]) -> str:
-    """A GitHub Markdown table of ``rows`` (numbers right-aligned)."""
+def markdown(rows: list[Row], info: dict[str, Any] | None = None) -> str:
+    """A GitHub Markdown table of ``rows`` (numbers right-aligned), after a line naming the
+    machine and its limits when ``info`` (:func:`machine_info`) is given."""
     compute = is_compute(rows)
     cols = columns(compute)
     head = "| " + " | ".join(name for name, _, _ in cols) + " |"
@@ -141,23 +147,16 @@ def markdown(rows: list[Row]) -> str:
         cells = _cells(r, compute)
         cells[4] = f"**{cells[4]}**" if r.subject else cells[4]  # the impl column
         body.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join([head, rule, *body])
+    lead = [f"*{machine_line(info)}; {limits_line(info)}*", ""] if info else []
+    return "\n".join([*lead, head, rule, *body])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(argv: list[str], device: torch.device, threads: int) -> dict[str, Any]:
-    """Facts that make a result file interpretable later."""
+def machine_info(
+    argv: list[str], device: torch.device, threads: int, lim: limits.Limits | None = None
+) -> dict[str, Any]:
+    """Facts that make a result file interpretable later; ``lim``: the measured limits."""
     import fastattn
+    from fastattn.bench import peers
 
     try:
         import triton
@@ -169,7 +168,9 @@ def machine_info(argv: list[str], device: torch.device, threads: int) -> dict[st
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["fastattn-bench", *argv]),
-        "cpu": cpu_model(),
+        "cpu": limits.cpu_model(),
+        "cpu_isa": limits.cpu_isa(),  # fastattn's CPU vector path
+        "aten_cpu_capability": limits.aten_capability(),
         "cores": cores,
         "threads": threads,
         "device": device.type,
@@ -180,7 +181,24 @@ def machine_info(argv: list[str], device: torch.device, threads: int) -> dict[st
         "fastattn": fastattn.__version__,
         "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "backends": fastattn.backends(),
+        "limits": None if lim is None else lim.as_dict(),
+        "peer_runtimes": peers.runtime_versions(),
+        "peer_notes": peers.notes(),
     }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return (
+        f"cpu: {info['cpu']}; fastattn CPU ISA: {info['cpu_isa']}; ATen CPU capability: "
+        f"{info['aten_cpu_capability']}; threads: {info['threads']}"
+    )
+
+
+def limits_line(info: dict[str, Any]) -> str:
+    lim = info.get("limits")
+    if lim is None:
+        return f"limits: not measured for {info['device']} (--peak sets % peak)"
+    return limits.Limits(**{k: v for k, v in lim.items() if k != "peak_gflops"}).describe()
 
 
 def header_lines(
@@ -204,20 +222,30 @@ def header_lines(
         f"fastattn-bench: fastattn {info['fastattn']}, torch {info['torch']}, "
         f"triton {info['triton']}, python {info['python']}",
         f"device: {info['device']} - {dev}; torch threads: {info['threads']}",
+        machine_line(info),
+        limits_line(info),
         f"backends: {avail}; extension: {ext_s}",
         f"alloc: {alloc}",
         f"timer: {timer}; caches: {'flushed before each call' if flush else 'warm'}",
         "GB/s: bytes of the fused op (inputs read once at their own size, output written once), "
         "the same for every impl of a case; speedup = peer median / fastattn median; "
-        "compile(f): torch.compile(f, dynamic=False), compiled by its first (untimed) call",
+        "compile(f): torch.compile(f, dynamic=False), compiled by its first (untimed) call; "
+        "% BW: GB/s as a percentage of the measured (DRAM) copy bandwidth; cases that fit in the "
+        "caches can exceed 100",
         *COMPUTE_NOTE * compute,
+        "peers: "
+        + ", ".join(f"{k} {v or 'absent'}" for k, v in info["peer_runtimes"].items())
+        + " (forward only; ORT: onnxruntime, OV: OpenVINO; compiled by the first call)",
+        *(f"peer note: {n}" for n in info["peer_notes"]),
     ]
 
 
 COMPUTE_NOTE = [
     "GFLOP/s: the op's FLOPs (attention: 4*B*H*Sq*Sk*D forward, half of it causal, x3.5 with "
-    "the backward) per median second, the same for every impl; % peak: of this machine's peak "
-    "for the dtype (--peak); peak MiB: most memory allocated at once during one call, above "
-    "what was allocated before it (results included; torch's allocator, see timing.py); tok/s: "
-    "tokens one call processes (model cases) per median second"
+    "the backward) per median second, the same for every impl; % peak: of the measured matmul "
+    "GFLOP/s for the dtype (--peak overrides it); peak MiB: most memory allocated at once "
+    "during one call, above what was allocated before it (results included; torch's "
+    "allocator, see timing.py); tok/s: tokens one call processes (model cases) per median "
+    "second; ORT/OV peers allocate outside torch: their peak MiB counts only the outputs "
+    "torch allocates for them"
 ]
