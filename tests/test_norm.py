@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, GPU_BACKENDS, HAS_CUDA, LOW_PRECISION, assert_parity
+from conftest import CPU_BACKENDS, GPU_BACKENDS, HAS_CUDA, ROUNDED, assert_parity
 
 import fastattn
 from fastattn import reference
@@ -63,7 +63,7 @@ def check(backend, x, w, b, r, rms):
     grads_in = [torch.randn(shape, dtype=torch.float64) for _ in range(2)]
     got = run(backend, x, w, b, r, rms, grads_in)
     want = run("reference64", x, w, b, r, rms, grads_in)
-    base = run("eager", x, w, b, r, rms, grads_in) if x.dtype in LOW_PRECISION else [None] * 9
+    base = run("eager", x, w, b, r, rms, grads_in) if x.dtype in ROUNDED else [None] * 9
     assert len(got) == len(want)
     for i, (g, wt, bs) in enumerate(zip(got, want, base, strict=False)):
         assert_parity(g, wt, bs, f"{backend} output/grad #{i}", dtype=x.dtype)

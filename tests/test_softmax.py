@@ -9,7 +9,7 @@ from conftest import (
     CPU_BACKENDS,
     GPU_BACKENDS,
     HAS_CUDA,
-    LOW_PRECISION,
+    ROUNDED,
     assert_parity,
 )
 
@@ -72,7 +72,7 @@ def check_against_reference(backend: str, x, mask, kw) -> None:
     grad = torch.randn(x.shape, dtype=torch.float64)
     got = forward_backward(fast, x, mask, kw, grad)
     want = forward_backward(ref64, x, mask, kw, grad)
-    base = forward_backward(eager, x, mask, kw, grad) if x.dtype in LOW_PRECISION else [None] * 3
+    base = forward_backward(eager, x, mask, kw, grad) if x.dtype in ROUNDED else [None] * 3
     for name, g, w, b in zip(["out", "dx", "dmask"], got, want, base, strict=False):
         assert g.dtype == (x.dtype if name != "dmask" else mask.dtype)
         assert_parity(g, w, b, f"{backend} {name}", dtype=x.dtype)
