@@ -355,6 +355,81 @@ struct Attn {
     pack_block<T>(a, b, hkv, jb, n, static_cast<Acc*>(dst));
   }
 
+  // Decode path: up to kDirectRows query rows, K and V read in place (attention_kernels.h).
+  static constexpr int64_t kDirectRows = 8;
+  static constexpr int64_t kDirectKeys = 32;
+  // Keys per step of scores_direct: KJ keys x 4 rows of accumulators, the KJ key vectors and a
+  // query vector in registers (AVX2: 8 + 2 + 1 of 16; AVX-512: 16 + 4 + 1 of 32).
+  static constexpr int KJ = kRegs >= 32 ? 4 : 2;
+  static constexpr int64_t kDirectAhead = 16;  // keys (8 KiB of fp32 K at head_dim 128)
+
+  // Asks for the cache lines of n elements at p (a hint: never faults, even past the tensor).
+  template <class T>
+  static inline void prefetch_row(const T* p, int64_t n) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+  }
+
+  // S[r * NF + j] = Q_r . k_j for r < rows, keys j < n (rows of k at kp + j * ks, T as given;
+  // Q opmath rows ld apart, D valid values each): dot products along head_dim, KJ keys and NR
+  // rows at a time, each key vector loaded (and converted) once for NR rows.
+  template <int NR, class T>
+  static inline void scores_direct_rows(int64_t n, int64_t D, const Acc* Q, int64_t ld, const T* kp,
+                                        int64_t ks, Acc* S) {
+    for (int64_t j = 0; j < n; j += KJ) {
+      const int nj = n - j < KJ ? int(n - j) : KJ;
+      const T* kr[KJ];
+      for (int x = 0; x < KJ; ++x) kr[x] = kp + (j + (x < nj ? x : 0)) * ks;
+      // The hardware prefetchers leave this stream latency-bound here (Zen 3: 3 GB/s of the
+      // 9 a plain sum reads at): ask for the rows kDirectAhead keys ahead.
+      for (int x = 0; x < KJ; ++x) prefetch_row(kp + (j + kDirectAhead + x) * ks, D);
+      R acc[NR][KJ];
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+        for (int x = 0; x < KJ; ++x) acc[r][x] = V::zero();
+      int64_t d = 0;
+      for (; d + W <= D; d += W) {
+        R kv[KJ];
+#pragma GCC unroll 4
+        for (int x = 0; x < KJ; ++x) kv[x] = V::load(kr[x] + d);
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+          const R qv = V::load(Q + r * ld + d);
+#pragma GCC unroll 4
+          for (int x = 0; x < KJ; ++x) acc[r][x] = V::fma(qv, kv[x], acc[r][x]);
+        }
+      }
+      if (d < D) {
+        const int c = int(D - d);
+        R kv[KJ];
+        for (int x = 0; x < KJ; ++x) kv[x] = V::loadn(kr[x] + d, c);
+        for (int r = 0; r < NR; ++r) {
+          const R qv = V::loadn(Q + r * ld + d, c);
+          for (int x = 0; x < KJ; ++x) acc[r][x] = V::fma(qv, kv[x], acc[r][x]);
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int x = 0; x < nj; ++x) S[r * NF + j + x] = V::hsum(acc[r][x]);
+    }
+  }
+  template <class T>
+  static void scores_direct(int64_t rows, int64_t n, int64_t D, const Acc* Q, int64_t ld,
+                            const T* kp, int64_t ks, Acc* S) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) scores_direct_rows<4>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+    switch (rows - r) {
+      case 3:
+        return scores_direct_rows<3>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+      case 2:
+        return scores_direct_rows<2>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+      case 1:
+        return scores_direct_rows<1>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+      default:
+        return;
+    }
+  }
+
   template <class T, class TM>
   static void fwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, int64_t j0,
                   int64_t j1, const void* packed, void* part_v, void* scratch) {
@@ -371,6 +446,11 @@ struct Attn {
     Acc* al = bm + rp;
     uint32_t* Pb = reinterpret_cast<uint32_t*>(al + rp);
     const Acc* pk = static_cast<const Acc*>(packed);
+    // Decode-sized items (a few query rows, blocks not packed ahead) read K and V as they are:
+    // packing a block would cost more than the few rows' products with it.
+    const bool direct = !dot && pk == nullptr && rows <= kDirectRows;
+    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
+    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
     for (int64_t g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + b * a.q_str[0] + (hkv * G + g) * a.q_str[1] +
                     i0 * a.q_str[2];
@@ -391,14 +471,16 @@ struct Attn {
     for (int64_t jb = j0; jb < jend; jb += NF) {
       const int64_t n = jend - jb < NF ? jend - jb : NF;
       const Acc* kt = KT;
-      if (pk != nullptr)
+      if (direct)
+        scores_direct(rows, n, D, Qs, Dp, kp + jb * a.k_str[2], a.k_str[2], S);
+      else if (pk != nullptr)
         kt = pk + (jb / NF) * attn_fwd_block_elems(D);
       else
         pack_block<T>(a, b, hkv, jb, n, KT);
       if constexpr (dot)
         gemm(rows, n, D2, reinterpret_cast<const uint32_t*>(Qs), D2, 1,
              reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
-      else
+      else if (!direct)
         gemm_panels(rows, n, D, Qs, Dp, 1, kt, D * NB, S, NF, false);
       // Scores and the block max of each row.
       for (int64_t r = 0; r < rows; ++r) {
@@ -454,6 +536,15 @@ struct Attn {
                           n - j < 32 ? int(n - j) : 32);
         gemm(rows, D, (n + 1) / 2, Pb, NF / 2, 1, reinterpret_cast<const uint32_t*>(kt) + D2 * NF,
              Dp, O, Dp, true);
+      } else if (direct) {
+        // V as it is, kDirectKeys rows at a time, so the rows every register block reads stay
+        // in L1 across the blocks of D.
+        for (int64_t k0 = 0; k0 < n; k0 += kDirectKeys) {
+          const int64_t kn = n - k0 < kDirectKeys ? n - k0 : kDirectKeys;
+          for (int64_t x = 0; x < kDirectKeys; ++x)  // the next chunk's rows (see scores_direct)
+            prefetch_row(vp + (jb + k0 + kDirectKeys + x) * a.v_str[2], D);
+          gemm(rows, D, kn, S + k0, NF, 1, vp + (jb + k0) * a.v_str[2], a.v_str[2], O, Dp, true);
+        }
       } else {
         gemm_panels(rows, D, n, S, NF, 1, kt + D * NF, NF * NB, O, Dp, true);
       }
