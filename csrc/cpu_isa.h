@@ -11,4 +11,8 @@ Isa isa();                      // the path in use (cached after the first call)
 const char* isa_name(Isa isa);  // "avx512", "avx2" or "scalar"
 const char* compiled_isas();    // e.g. "avx512,avx2,scalar"
 
+// Measured fp32 FMA GFLOP/s of the vector path in use on `threads` threads (best of `rounds`
+// rounds of a few tens of ms each; csrc/cpu_peak.cpp); 0 on the scalar path.
+double fma_peak_gflops(int threads, int rounds);
+
 }  // namespace fastattn::cpu

@@ -41,4 +41,7 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("empty_cpu_cache", [] { return fastattn::output_pool_release(); });
+  m.def("fma_peak_gflops", &fastattn::cpu::fma_peak_gflops, py::arg("threads"),
+        py::arg("rounds") = 3,
+        "Measured fp32 FMA GFLOP/s of the CPU vector path in use (0 on the scalar path).");
 }

@@ -69,7 +69,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per impl")
     p.add_argument(
-        "-k", dest="keyword", action="append", default=[], help="only case ids containing this"
+        "-k",
+        dest="keyword",
+        action="append",
+        default=[],
+        help="only case ids containing this (A,B: either; repeated -k: all of them)",
     )
     p.add_argument(
         "--peak",
@@ -221,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastattn-bench: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    for kw in args.keyword:
-        case_list = [c for c in case_list if kw.lower() in c.id.lower()]
+    for kw in args.keyword:  # each -k must match; its comma-separated parts are alternatives
+        alts = [a.strip().lower() for a in kw.split(",") if a.strip()]
+        case_list = [c for c in case_list if any(a in c.id.lower() for a in alts)]
     if not case_list:
         print(f"fastattn-bench: error: no case id contains {args.keyword}", file=sys.stderr)
         return 2

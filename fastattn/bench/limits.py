@@ -1,12 +1,14 @@
 """This machine's facts and measured limits, for the "% peak" and "% BW" columns.
 
-The limits are what torch reaches on this machine at the thread count in use, measured in a few
-seconds: ``matmul GFLOP/s`` of a large ``torch.mm`` (a practical compute peak, not the
-theoretical FMA rate), ``copy GB/s`` of ``dst.copy_(src)`` (bytes read plus bytes written) and
-``read GB/s`` of ``src.sum()``, on buffers well beyond the last-level cache. They are cached in
-``$XDG_CACHE_HOME/fastattn/machine_limits.json`` (default ``~/.cache``), keyed by the CPU model,
-the thread count, torch's version and ATen's CPU capability; ``fastattn-bench --remeasure``
-measures again.
+The limits are measured on this machine at the thread count in use, in a few seconds: ``FMA
+GFLOP/s``, the fp32 FMA rate of fastattn's vector path in use (a register-only loop in the
+extension, ``fastattn._C.fma_peak_gflops``: the compute peak that % peak is of), ``matmul
+GFLOP/s`` of a large ``torch.mm`` (what a tuned BLAS reaches; the limit where the extension is
+missing or on its scalar path), ``copy GB/s`` of ``dst.copy_(src)`` (bytes read plus bytes
+written) and ``read GB/s`` of ``src.sum()``, on buffers well beyond the last-level cache. They
+are cached in ``$XDG_CACHE_HOME/fastattn/machine_limits.json`` (default ``~/.cache``), keyed by
+the CPU model, the thread count, torch's version and ATen's CPU capability; ``fastattn-bench
+--remeasure`` measures again.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class Limits:
     torch: str
     aten: str
     matmul_gflops: dict[str, float]  # measured dtypes only
+    fma_gflops: float  # fp32 FMA peak of fastattn's vector path; 0 where not measurable
     copy_gbps: float
     read_gbps: float
     matmul_n: int
@@ -116,10 +119,11 @@ class Limits:
     cached: bool = field(default=False, compare=False)  # loaded from the cache file
 
     def peak_gflops(self) -> dict[str, float]:
-        """The compute limit per dtype name: the measured matmul rate, or fp32's for a
-        low-precision dtype this CPU has no native arithmetic for (it is computed in fp32)."""
-        fp32 = self.matmul_gflops.get("fp32", float("nan"))
-        return {n: self.matmul_gflops.get(n, fp32) for n in ("fp32", "bf16", "fp16")}
+        """The compute limit per dtype name: fp32's FMA peak (the matmul rate where it could not
+        be measured); a low-precision dtype with native arithmetic its matmul rate, one without
+        fp32's (it is computed in fp32)."""
+        fp32 = self.fma_gflops or self.matmul_gflops.get("fp32", float("nan"))
+        return {"fp32": fp32, **{n: self.matmul_gflops.get(n, fp32) for n in ("bf16", "fp16")}}
 
     def describe(self) -> str:
         """One line for the table headers."""
@@ -128,8 +132,10 @@ class Limits:
         note = f" ({'/'.join(held)}: no native arithmetic here, held to fp32's)" if held else ""
         src = "cached" if self.cached else f"measured in {self.seconds:.1f} s"
         n, mib = self.matmul_n, self.buffer_mib
+        fma = f"{self.fma_gflops:.1f}" if self.fma_gflops else "n/a (no vector path)"
         return (
             f"limits at {self.threads} threads ({src}, {self.measured}; --remeasure): "
+            f"fp32 FMA GFLOP/s (register-only loop, {cpu_isa()} path) {fma}; "
             f"matmul GFLOP/s (torch.mm {n}x{n}x{n}, best of 3) {mm}{note}; "
             f"copy {self.copy_gbps:.1f} GB/s (dst.copy_(src), read+write, {mib} MiB each); "
             f"read {self.read_gbps:.1f} GB/s (src.sum())"
@@ -156,6 +162,13 @@ def _matmul_gflops(dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / _best_s(lambda: torch.mm(a, b, out=out), reps=3) / 1e9
 
 
+def _fma_gflops(threads: int) -> float:
+    from fastattn import _extension
+
+    mod = _extension.load()
+    return float(mod.fma_peak_gflops(threads)) if mod is not None else 0.0
+
+
 def _bandwidth_gbps(nbytes: int) -> tuple[float, float]:
     """(copy GB/s counting bytes read and written, read GB/s) on ``nbytes`` buffers."""
     src = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -177,6 +190,7 @@ def measure(threads: int | None = None, matmul_n: int | None = None) -> Limits:
         flags = cpu_flags()
         names = ["fp32"] + [n for n, fl in NATIVE_FLAGS.items() if flags & set(fl)]
         gflops = {name: _matmul_gflops(_DTYPES[name], matmul_n) for name in names}
+        fma = _fma_gflops(threads)
         nbytes = max(MIN_BUFFER_BYTES, 8 * _l3_bytes())
         copy_gbps, read_gbps = _bandwidth_gbps(nbytes)
     finally:
@@ -187,6 +201,7 @@ def measure(threads: int | None = None, matmul_n: int | None = None) -> Limits:
         torch=torch.__version__,
         aten=aten_capability(),
         matmul_gflops=gflops,
+        fma_gflops=fma,
         copy_gbps=copy_gbps,
         read_gbps=read_gbps,
         matmul_n=matmul_n,
