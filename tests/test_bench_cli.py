@@ -56,7 +56,7 @@ def test_quick_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_keyword_alternatives_select_either_and_repeats_select_all(tmp_path: Path) -> None:
     out = tmp_path / "k.json"
     argv = ["softmax", *FAST, "--shape", "16x512", "--no-compile", "--no-runtimes"]
-    argv += ["-k", "-softmax-,-log_softmax-", "-k", "fp32", "--json", str(out)]
+    argv += ["-k=-softmax-,-log_softmax-", "-k", "fp32", "--json", str(out)]
     assert bench.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["variant"] for r in rows} == {"softmax", "log_softmax"}
