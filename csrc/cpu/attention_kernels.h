@@ -90,11 +90,11 @@ struct AttnKernels {
   int64_t fwd_rows;  // query rows (over all heads of a kv group) per forward work item
 };
 
-// Scratch bytes one thread needs for fwd (rows = query rows per call, all heads of the group)
-// or bwd, in opmath elements of `elem` bytes, plus alignment slack.
 // A packed forward key block, in opmath elements: K^T then V panels (their columns rounded up to
 // the widest register block, 64) on every path; the bf16 pair layout needs less.
 inline int64_t attn_fwd_block_elems(int64_t D) { return (D + (D + 63) / 64 * 64) * kFwdKeyBlock; }
+// Scratch bytes one thread needs for fwd (rows = query rows per call, all heads of the group)
+// or bwd, in opmath elements of `elem` bytes, plus alignment slack.
 inline int64_t attn_fwd_block_bytes(int64_t D, int64_t elem) {
   return attn_fwd_block_elems(D) * elem;
 }
