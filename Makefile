@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.ext-built
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MAX_JOBS ?= 2
+# pytest workers: one per core (each worker's torch then gets one thread: tests/conftest.py); the
+# parity grids also run at full thread count, once per CPU tier, in test-tiers.
+TEST_JOBS ?= $(shell nproc)
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
 .PHONY: test test-tiers bench bench-attention bench-model build lint format check-cuda clean
@@ -15,8 +19,14 @@ $(STAMP): requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-build: $(STAMP)  ## compile fastattn._C in place (ninja: incremental)
+# The build re-runs only when a source, setup.py or the deps changed (pip install -e costs ~40 s
+# even when ninja has nothing to do, and `make test` reaches `build` twice).
+$(BUILT): $(STAMP) $(CSRC) setup.py pyproject.toml
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)  ## compile fastattn._C in place (ninja: incremental)
+	@ls fastattn/_C*.so >/dev/null 2>&1 || { rm -f $(BUILT); $(MAKE) --no-print-directory $(BUILT); }
 
 lint: $(STAMP)
 	$(BIN)/ruff check fastattn tests benchmarks tools setup.py
@@ -30,12 +40,13 @@ format: $(STAMP)
 	$(BIN)/clang-format -i $(CSRC)
 
 test: build lint  ## lint, the whole suite (Triton in the interpreter), then the CUDA build check
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) tests
 	$(MAKE) test-tiers
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q benchmarks --benchmark-disable
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) benchmarks \
+	  --benchmark-disable
 	$(MAKE) check-cuda
 
-test-tiers: build  ## the CPU-kernel parity grids again on each lower CPU tier (ISA path + ATen)
+test-tiers: build  ## the CPU-kernel parity grids on every CPU tier (ISA path + ATen), all threads
 	TRITON_INTERPRET=1 $(BIN)/python tools/cpu_tiers.py
 
 bench: build  ## the benchmark CLI's default suite on this machine (softmax, the norms)
@@ -51,4 +62,4 @@ check-cuda:  ## build the CUDA kernels for sm_80/sm_90a against the CUDA torch, 
 	bash tools/check_cuda.sh
 
 clean:
-	rm -rf build .build-cuda fastattn/_C*.so *.egg-info .cache
+	rm -rf build .build-cuda fastattn/_C*.so *.egg-info .cache $(BUILT)

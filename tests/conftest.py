@@ -14,6 +14,15 @@ import torch  # noqa: E402
 
 import fastattn  # noqa: E402
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker's torch gets its share of
+# the cores: two workers of two threads each on two cores made the suite 1.5x slower (OpenMP
+# threads spinning against each other). The CPU kernels' multi-threaded paths still run in the
+# parity grids of tools/cpu_tiers.py, which runs at the full thread count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (_cores or 1) // _workers))
+
 # Tolerance per dtype, against the float64 reference.
 # fp16/bf16 use the FlashAttention rule: |fast - ref| <= 2 * |eager_same_dtype - ref| + atol, with
 # atol = ATOL * max(1, max|ref|): about one unit of rounding of the dtype at the data's own scale

@@ -1,16 +1,19 @@
-"""Run the CPU-kernel parity grids once more on every lower CPU tier this machine can run.
+"""Run the CPU-kernel parity grids on every CPU tier this machine can run, at full thread count.
 
 `make test` runs the whole suite on the best tier (fastattn's best ISA path, torch's best ATen
-kernels). A tolerance or kernel assumption that holds on one tier only (torch's AVX-512 kernels
-round sums differently from its AVX2 ones; our AVX2 path is not our AVX-512 path) would then pass
-here and fail on another CPU. So each lower tier runs the parity grids again, with fastattn's path
-and torch's lowered together to the same level (avx512 -> avx2 -> scalar/default), in a fresh
-process each (both choices are read once per process):
+kernels), one pytest worker per core with one torch thread each. A tolerance or kernel assumption
+that holds on one tier only (torch's AVX-512 kernels round sums differently from its AVX2 ones; our
+AVX2 path is not our AVX-512 path) would then pass here and fail on another CPU, and a bug of the
+multi-threaded split would not show. So the parity grids run again on the best tier with all
+threads, then on each lower tier, with fastattn's path and torch's lowered together to the same
+level (avx512 -> avx2 -> scalar/default), in a fresh process each (both choices are read once per
+process). On a CPU with AVX512_BF16 the AVX-512 tier
+also runs once with those bf16 kernels off (FASTATTN_CPU_AVX512BF16=0: the plain AVX-512 bf16 path
+that an AVX-512 CPU without them takes):
 
     python tools/cpu_tiers.py [--list] [pytest args...]
 
-Prints one line per tier and exits non-zero if any run fails. Where the machine has only one tier
-(no AVX2), there is nothing to run and it says so.
+Prints one line per tier and exits non-zero if any run fails.
 """
 
 from __future__ import annotations
@@ -27,8 +30,17 @@ TARGETS = ["tests/test_softmax.py", "tests/test_norm.py", "tests/test_attention.
 SELECT = "test_parity_grid and cpu"
 
 
-def lower_tiers() -> list[dict[str, str]]:
-    """The environments of the tiers below the best one this CPU runs."""
+def has_avx512bf16() -> bool:
+    """Whether this CPU has AVX512_BF16 (Linux: /proc/cpuinfo; elsewhere assumed absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def tiers() -> list[dict[str, str]]:
+    """The environments of the best tier this CPU runs (empty: the defaults) and those below."""
     import torch
 
     from fastattn import _extension
@@ -36,9 +48,11 @@ def lower_tiers() -> list[dict[str, str]]:
     best = _extension.build_info().get("cpu_isa", "scalar")
     names = [t[0] for t in TIERS]
     if best not in names:
-        return []
+        return [{}]
     aten_best = torch.backends.cpu.get_cpu_capability().lower()
-    envs = []
+    envs: list[dict[str, str]] = [{}]
+    if best == "avx512" and has_avx512bf16():
+        envs.append({"FASTATTN_CPU_AVX512BF16": "0"})
     for isa, aten in TIERS[names.index(best) + 1 :]:
         env = {"FASTATTN_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": aten}
         if aten_best == aten:  # torch is already at this level; lowering it changes nothing
@@ -48,17 +62,14 @@ def lower_tiers() -> list[dict[str, str]]:
 
 
 def main(argv: list[str]) -> int:
-    envs = lower_tiers()
+    envs = tiers()
     if "--list" in argv:
         for env in envs:
-            print(" ".join(f"{k}={v}" for k, v in env.items()))
-        return 0
-    if not envs:
-        print("cpu tiers: this CPU runs one tier only; nothing more to run")
+            print(" ".join(f"{k}={v}" for k, v in env.items()) or "(best tier: defaults)")
         return 0
     failed = 0
     for env in envs:
-        label = " ".join(f"{k}={v}" for k, v in env.items())
+        label = " ".join(f"{k}={v}" for k, v in env.items()) or "best (defaults)"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TARGETS]
         cmd += ["-k", SELECT, *argv]
         t0 = time.monotonic()
