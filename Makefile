@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 TEST_JOBS ?= $(shell nproc)
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: test test-tiers bench bench-attention bench-model build lint format check-cuda clean
+.PHONY: test test-tiers bench bench-attention bench-model build lint format check-cuda gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check fastattn tests benchmarks tools setup.py
 	$(BIN)/ruff format --check fastattn tests benchmarks tools setup.py
 	$(BIN)/clang-format --dry-run -Werror $(CSRC)
+	$(BIN)/shellcheck tools/*.sh .ci/run
 	$(BIN)/mypy
 
 format: $(STAMP)
@@ -57,6 +58,13 @@ bench-attention: build  ## the attention cases: not in `make bench` (about 15 mi
 
 bench-model: build  ## whole-model training step and generation (issue 5): minutes per case
 	$(BIN)/fastattn-bench model --json bench-results/model.json
+
+# On a CUDA machine, before anything else: build for its GPU, the gpu tests, the GPU benchmark,
+# docs-ready summary in $(GPU_CHECK_OUT) (tools/gpu_check.py). Uses the machine's own Python with
+# CUDA torch (GPU_PYTHON), never .venv (whose torch is the CPU wheel). No GPU: one line, status 3.
+GPU_PYTHON ?= python3
+gpu-check:  ## prove the GPU kernels on this machine's GPU in <= 8 min (GPU_CHECK_OUT, FASTATTN_WHEELS)
+	$(GPU_PYTHON) tools/gpu_check.py
 
 check-cuda:  ## build the CUDA kernels for sm_80/sm_90a against the CUDA torch, and import them
 	bash tools/check_cuda.sh

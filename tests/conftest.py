@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
-# Must precede any `import triton`: CPU tensors then run Triton kernels in the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch  # importing torch does not import triton: TRITON_INTERPRET can still be chosen
+
+HAS_CUDA = torch.cuda.is_available()
+# Without a GPU, CPU tensors run the Triton kernels in the interpreter. With one, the GPU tests
+# must run the compiled kernels, so the interpreter is left off unless asked for (`make test`
+# asks: its CPU-tensor Triton tests then run and the GPU Triton tests skip, see below). Must
+# precede any `import triton`: the interpreter is chosen when the kernels are decorated.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 os.environ["FASTATTN_POISON_OUTPUTS"] = "1"  # unwritten output elements become NaN
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), ".cache", "inductor"))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import fastattn  # noqa: E402
 
@@ -41,13 +49,20 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ROUNDED = (torch.float32, *LOW_PRECISION)  # dtypes judged against eager's own rounding
 
-HAS_CUDA = torch.cuda.is_available()
-
-
 # Backends that run here on CPU tensors; the compiled CPU backend must exist in the test run
 # (a missing build is a failure, not a skip — see test_extension_is_built).
 CPU_BACKENDS = ["cpu", "triton", "reference"]
 GPU_BACKENDS = ["triton", "cuda", "reference"]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+
+def on_devices(cpu_backends: list[str], gpu_backends: list[str]) -> list:
+    """``(backend, device)`` parameters: each CPU backend on CPU tensors, then each GPU backend
+    on CUDA tensors (marked ``gpu``). A test taking them creates every tensor on ``device``; its
+    CPU rows run with the default device moved elsewhere (``_default_device_elsewhere``)."""
+    return [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu_backends] + [
+        pytest.param(b, "cuda", id=f"{b}-cuda", marks=GPU) for b in gpu_backends
+    ]
 
 
 def finite_parts_match(fast: torch.Tensor, ref: torch.Tensor) -> None:
@@ -94,6 +109,80 @@ def assert_parity(
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _default_device_elsewhere(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The fake device check. On a GPU machine the default device is the CPU while a GPU test's
+    tensors are on CUDA: a tensor the test body creates without ``device=`` (an upstream gradient,
+    a mask) then meets CUDA tensors and the test fails there, on the rare GPU run. Here the CPU
+    rows of every test parametrized by ``device`` run with the default device set to ``meta``, so
+    the same mistake fails on every CPU run: a meta tensor cannot meet a CPU tensor."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    check = params.get("device") == "cpu" and not request.node.get_closest_marker("real_default")
+    ctx = torch.device("meta") if check else contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _record_case(request: pytest.FixtureRequest) -> None:
+    """op, backend, dtype and device of each case into the JUnit XML (tools/gpu_check.py
+    summarises the GPU run per op and backend from them)."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    op = request.node.path.stem.removeprefix("test_")
+    request.node.user_properties.append(("op", op))
+    for key in ("backend", "dtype", "device"):
+        if key in params:
+            request.node.user_properties.append((key, str(params[key])))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--gpu-subset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep at most N evenly spread cases of each gpu-marked test per backend and dtype "
+        "(the representative subset of make gpu-check); 0: all",
+    )
+
+
+def _subset_key(item: pytest.Item) -> tuple:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    name = getattr(item, "originalname", item.name)
+    return (item.path.stem, name, str(params.get("backend")), str(params.get("dtype")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        gpu = item.get_closest_marker("gpu") is not None
+        if params.get("backend") != "triton":
+            continue
+        if gpu and INTERPRET and HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="TRITON_INTERPRET=1: the GPU Triton tests "
+                                             "need the compiled kernels (run them without it: "
+                                             "make gpu-check)"))  # fmt: skip
+        elif not gpu and not INTERPRET:
+            item.add_marker(pytest.mark.skip(reason="CPU-tensor Triton tests run in the "
+                                             "interpreter: set TRITON_INTERPRET=1 (make test "
+                                             "does)"))  # fmt: skip
+    n = config.getoption("--gpu-subset")
+    if n <= 0:
+        return
+    groups: dict[tuple, list[pytest.Item]] = {}
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            groups.setdefault(_subset_key(item), []).append(item)
+    drop = set()
+    for members in groups.values():
+        keep = {round(i * (len(members) - 1) / max(n - 1, 1)) for i in range(n)}
+        drop.update(id(m) for j, m in enumerate(members) if j not in keep)
+    deselected = [it for it in items if id(it) in drop]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [it for it in items if id(it) not in drop]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

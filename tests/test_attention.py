@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_BACKENDS, GPU_BACKENDS, HAS_CUDA, assert_parity
+from conftest import CPU_BACKENDS, assert_parity, on_devices
 
 import fastattn
 from fastattn import reference
@@ -66,7 +66,7 @@ def run(impl, q, k, v, grad, mask=None, rng=None, **kw):
 
 
 def check(backend, q, k, v, mask=None, **kw):
-    grad = torch.randn(q.shape[:-1] + (q.shape[-1],), dtype=torch.float64)
+    grad = torch.randn(q.shape, dtype=torch.float64, device=q.device)
     rng = None
     if kw.get("dropout_p", 0.0) > 0:
         torch.manual_seed(1234)  # the op draws its seeds from torch's generator, as here
@@ -104,35 +104,38 @@ def test_parity_grid(backend, B, H, Hkv, Sq, Sk, D, dtype, causal):
     check(backend, *make_qkv(B, H, Hkv, Sq, Sk, D, dtype), causal=causal)
 
 
-def mask_of(kind, B, H, Sq, Sk):
+def mask_of(kind, B, H, Sq, Sk, device="cpu"):
     """Masks as users pass them: broadcast (never expanded), bool or additive float."""
+    dev = {"device": device}
     if kind == "key_padding":  # (B, 1, 1, Sk): the last keys of batch 0 are padding
-        m = torch.ones(B, 1, 1, Sk, dtype=torch.bool)
+        m = torch.ones(B, 1, 1, Sk, dtype=torch.bool, **dev)
         m[0, ..., Sk // 2 :] = False
         return m
     if kind == "bool_dead_row":  # a random mask with query row 1 seeing nothing
-        m = torch.rand(B, H, Sq, Sk) > 0.3
+        m = torch.rand(B, H, Sq, Sk, **dev) > 0.3
         m[:, :, 1] = False
         return m
     if kind == "float_grad":  # additive (1, H, Sq, Sk) bias that is trained (ALiBi-like)
-        return (torch.randn(1, H, Sq, Sk) * 0.5).requires_grad_()
+        return (torch.randn(1, H, Sq, Sk, **dev) * 0.5).requires_grad_()
     if kind == "float_2d_inf":  # (Sq, Sk) float with -inf entries, as torch builds causal masks
-        m = torch.randn(Sq, Sk)
-        return m.masked_fill(torch.rand(Sq, Sk) < 0.2, float("-inf"))
+        m = torch.randn(Sq, Sk, **dev)
+        return m.masked_fill(torch.rand(Sq, Sk, **dev) < 0.2, float("-inf"))
     raise AssertionError(kind)
 
 
 MASKS = ["key_padding", "bool_dead_row", "float_grad", "float_2d_inf"]
+# The GPU rows of the feature tests: attention has Triton kernels on the GPU (no CUDA C++ yet).
+GPU_FEATURES = ["triton"]
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_masks(backend, dtype, kind, causal):
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_masks(backend, device, dtype, kind, causal):
     B, H, Hkv, Sq, Sk, D = 2, 4, 2, 37, 70, 40
-    check(backend, *make_qkv(B, H, Hkv, Sq, Sk, D, dtype), mask_of(kind, B, H, Sq, Sk),
-          causal=causal)  # fmt: skip
+    check(backend, *make_qkv(B, H, Hkv, Sq, Sk, D, dtype, device),
+          mask_of(kind, B, H, Sq, Sk, device), causal=causal)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -166,12 +169,12 @@ def test_dropout_keep_statistics():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fully_masked_rows_give_zeros_not_nan(backend, dtype):
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_fully_masked_rows_give_zeros_not_nan(backend, device, dtype):
     # Bottom-right causal with Sq > Sk hides every key from the first Sq - Sk queries, and the
     # key-padding mask hides every key of batch 1.
-    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 1, 9, 4, 16, dtype))
-    m = torch.ones(2, 1, 1, 4, dtype=torch.bool)
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 1, 9, 4, 16, dtype, device))
+    m = torch.ones(2, 1, 1, 4, dtype=torch.bool, device=device)
     m[1] = False
     out, lse = fastattn.attention(q, k, v, causal=True, attn_mask=m, return_lse=True,
                                   backend=backend)  # fmt: skip
@@ -201,18 +204,20 @@ def test_causal_alignment(backend):
     assert_parity(got, F.scaled_dot_product_attention(qd, kd, vd, is_causal=True))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_noncontiguous_inputs(backend):
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_noncontiguous_inputs(backend, device):
     # (batch, seqlen, heads, head_dim) storage viewed as (B, H, S, D): strides of a HF model.
-    check(backend, *make_qkv(2, 4, 2, 21, 45, 24, torch.float32, layout="bshd"), causal=True)
+    qkv = make_qkv(2, 4, 2, 21, 45, 24, torch.float32, device, layout="bshd")
+    check(backend, *qkv, causal=True)
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 2, 8, 8), (1, 4, 2, 0, 8), (1, 4, 2, 8, 0)])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_empty_inputs(backend, shape):
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_empty_inputs(backend, device, shape):
     # batch 0, no queries, no keys (out 0 and lse -inf: every row sees nothing).
     B, H, Hkv, Sq, Sk = shape
-    q, k, v = (t.requires_grad_() for t in make_qkv(B, H, Hkv, Sq, Sk, 16, torch.float32))
+    qkv = make_qkv(B, H, Hkv, Sq, Sk, 16, torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in qkv)
     out, lse = fastattn.attention(q, k, v, return_lse=True, backend=backend)
     assert out.shape == q.shape and lse.shape == q.shape[:-1]
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
@@ -220,9 +225,9 @@ def test_empty_inputs(backend, shape):
     assert q.grad.shape == q.shape and torch.all(q.grad == 0) and torch.all(k.grad == 0)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_deterministic_backward_is_bitwise_reproducible(backend):
-    q, k, v = make_qkv(2, 4, 1, 70, 130, 32, torch.float32)
+@pytest.mark.parametrize(("backend", "device"), on_devices(["cpu", "triton"], GPU_FEATURES))
+def test_deterministic_backward_is_bitwise_reproducible(backend, device):
+    q, k, v = make_qkv(2, 4, 1, 70, 130, 32, torch.float32, device)
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -422,10 +427,13 @@ def test_opcheck(op):
         torch.library.opcheck(getattr(torch.ops.fastattn, op + "_backward"), bwd_args)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_torch_compile_fullgraph(backend):
+# Dynamo cannot trace the default-device mode through Tensor.unflatten: this test keeps the real
+# default device (its tensors all name their device; the other device-parametrized tests check).
+@pytest.mark.real_default
+@pytest.mark.parametrize(("backend", "device"), on_devices(["cpu", "triton"], GPU_FEATURES))
+def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
-    w = torch.randn(32, 64) * 0.2
+    w = torch.randn(32, 64, device=device) * 0.2
 
     def block(x, bias, backend=backend):  # projections, GQA attention with a bias, a residual
         q, k, v = (x @ w.to(x.dtype)).split([32, 16, 16], dim=-1)
@@ -434,8 +442,8 @@ def test_torch_compile_fullgraph(backend):
         o = fastattn.attention(q, k, v, causal=True, attn_mask=bias, backend=backend)
         return x + o.transpose(1, 2).flatten(-2)
 
-    x = torch.randn(2, 12, 32, requires_grad=True)
-    bias = torch.randn(1, 4, 1, 12, requires_grad=True)
+    x = torch.randn(2, 12, 32, device=device, requires_grad=True)
+    bias = torch.randn(1, 4, 1, 12, device=device, requires_grad=True)
     y = torch.compile(block, fullgraph=True)(x, bias)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, bias), g)
@@ -447,12 +455,10 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ------------------------------------------------------------------------------ GPU
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(("Sq", "Sk"), SEQLENS + [(1, 8192), (1023, 4097)])
 @pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "cuda"])
-def test_parity_gpu(backend, D, Sq, Sk, dtype, causal):
-    check(backend, *make_qkv(2, 8, 2, Sq, Sk, D, dtype, device="cuda"), causal=causal)
+@pytest.mark.parametrize(("backend", "device"), on_devices([], ["triton", "reference"]))
+def test_parity_gpu(backend, device, D, Sq, Sk, dtype, causal):
+    check(backend, *make_qkv(2, 8, 2, Sq, Sk, D, dtype, device), causal=causal)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, GPU_BACKENDS, HAS_CUDA, ROUNDED, assert_parity
+from conftest import CPU_BACKENDS, GPU_BACKENDS, ROUNDED, assert_parity, on_devices
 
 import fastattn
 from fastattn import reference
@@ -60,7 +60,7 @@ def run(impl, x, w, b, r, rms, grads_in, opmath=None):
 
 def check(backend, x, w, b, r, rms):
     shape = x.shape
-    grads_in = [torch.randn(shape, dtype=torch.float64) for _ in range(2)]
+    grads_in = [torch.randn(shape, dtype=torch.float64, device=x.device) for _ in range(2)]
     got = run(backend, x, w, b, r, rms, grads_in)
     want = run("reference64", x, w, b, r, rms, grads_in)
     base = run("eager", x, w, b, r, rms, grads_in) if x.dtype in ROUNDED else [None] * 9
@@ -119,24 +119,28 @@ def test_layer_norm_rows_far_from_zero(backend, rows, hidden):
     assert_parity(y, ref, eager, f"layer_norm {rows}")
 
 
+# The GPU rows of the feature tests: both GPU backends (reference is covered by the parity grid).
+GPU_FEATURES = ["triton", "cuda"]
+
+
 @pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_noncontiguous_and_multidim_normalized_shape(backend, rms):
-    x = torch.randn(6, 4, 5).transpose(0, 1)  # (4, 6, 5), non-contiguous
-    w = torch.randn(6, 10)[:, ::2].requires_grad_()  # non-contiguous weight too
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_noncontiguous_and_multidim_normalized_shape(backend, device, rms):
+    x = torch.randn(6, 4, 5, device=device).transpose(0, 1)  # (4, 6, 5), non-contiguous
+    w = torch.randn(6, 10, device=device)[:, ::2].requires_grad_()  # non-contiguous weight too
     fn = fastattn.rms_norm if rms else fastattn.layer_norm
     ref = torch.nn.functional.rms_norm if rms else torch.nn.functional.layer_norm
     y = fn(x, (6, 5), w, eps=1e-5, backend=backend)
     assert_parity(y, ref(x.double(), (6, 5), w.double(), eps=1e-5))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_empty_batch(backend):
-    x = torch.randn(0, 16, requires_grad=True)
-    w = torch.randn(16, requires_grad=True)
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_empty_batch(backend, device):
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
     y = fastattn.layer_norm(x, 16, w, backend=backend)
     y.sum().backward()
-    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16))
+    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16, device=device))
 
 
 def test_rms_norm_default_eps_is_dtype_eps():
@@ -146,10 +150,10 @@ def test_rms_norm_default_eps_is_dtype_eps():
 
 
 @pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_weight_gradients_are_deterministic(backend, rms):
-    x, w, b, r = make_case("affine_residual", (37, 3), 1000, torch.float32, rms)
-    g = [torch.randn(37, 3, 1000, dtype=torch.float64)] * 2
+@pytest.mark.parametrize(("backend", "device"), on_devices(["cpu", "triton"], GPU_FEATURES))
+def test_weight_gradients_are_deterministic(backend, device, rms):
+    x, w, b, r = make_case("affine_residual", (37, 3), 1000, torch.float32, rms, device)
+    g = [torch.randn(37, 3, 1000, dtype=torch.float64, device=device)] * 2
     first = run(backend, x, w, b, r, rms, g)
     second = run(backend, x, w, b, r, rms, g)
     for a, c in zip(first, second, strict=True):
@@ -171,14 +175,12 @@ def test_gradcheck_float64_cpu(rms):
     assert torch.autograd.gradcheck(fn, (x, r, w, b))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", HIDDEN + [262144])
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_parity_gpu(backend, hidden, dtype, rms):
-    check(backend, *make_case("mixed_residual", (3, 17), hidden, dtype, rms, "cuda"), rms)
+@pytest.mark.parametrize(("backend", "device"), on_devices([], GPU_BACKENDS))
+def test_parity_gpu(backend, device, hidden, dtype, rms):
+    check(backend, *make_case("mixed_residual", (3, 17), hidden, dtype, rms, device), rms)
 
 
 # ------------------------------------------------------------------------- bad input
@@ -243,17 +245,18 @@ def test_opcheck(op):
                                 rstd, False, True))  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize(("backend", "device"), on_devices(["cpu", "triton"], GPU_FEATURES))
+def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
-    ln, rms = fastattn.nn.FusedAddLayerNorm(64), fastattn.nn.RMSNorm(64, eps=1e-6)
+    ln = fastattn.nn.FusedAddLayerNorm(64, device=device)
+    rms = fastattn.nn.RMSNorm(64, eps=1e-6, device=device)
     ln.backend = rms.backend = backend
 
     def block(x, r):  # pre-norm residual stream: add + LN, then an RMSNorm
         y, h = ln(x * 2, r)
         return rms(y) + h
 
-    x, r = torch.randn(4, 7, 64, requires_grad=True), torch.randn(4, 7, 64, requires_grad=True)
+    x, r = (torch.randn(4, 7, 64, device=device, requires_grad=True) for _ in range(2))
     compiled = torch.compile(block, fullgraph=True)
     out = compiled(x, r)
     g = torch.randn_like(out)

@@ -8,9 +8,9 @@ from conftest import (
     ATOL,
     CPU_BACKENDS,
     GPU_BACKENDS,
-    HAS_CUDA,
     ROUNDED,
     assert_parity,
+    on_devices,
 )
 
 import fastattn
@@ -69,7 +69,7 @@ def check_against_reference(backend: str, x, mask, kw) -> None:
         m = m.to(x.dtype) if m is not None and m.is_floating_point() else m
         return reference.softmax(x, m, sc, causal, log, opmath=x.dtype)
 
-    grad = torch.randn(x.shape, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64, device=x.device)
     got = forward_backward(fast, x, mask, kw, grad)
     want = forward_backward(ref64, x, mask, kw, grad)
     base = forward_backward(eager, x, mask, kw, grad) if x.dtype in ROUNDED else [None] * 3
@@ -104,14 +104,17 @@ MASK_SHAPES = [
     ((2, 3, 4, 5, 17), (2, 1, 4, 1, 17), torch.float32),
     ((4, 6, 9), (4, 1, 1), torch.float32),  # broadcast along the softmax dim itself
 ]
+# The GPU rows of the feature tests: both GPU backends (reference is covered by the parity grid).
+GPU_FEATURES = ["triton", "cuda"]
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("shape", "mshape", "mdtype"), MASK_SHAPES, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_broadcast_masks(backend, shape, mshape, mdtype, causal):
-    x = torch.randn(shape)
-    mask = torch.rand(mshape) < 0.7 if mdtype == torch.bool else torch.randn(mshape)
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_broadcast_masks(backend, device, shape, mshape, mdtype, causal):
+    x = torch.randn(shape, device=device)
+    m = torch.rand(mshape, device=device)
+    mask = m < 0.7 if mdtype == torch.bool else torch.randn_like(m)
     check_against_reference(
         backend, x, mask.requires_grad_(mdtype != torch.bool), {"causal": causal}
     )
@@ -119,20 +122,21 @@ def test_broadcast_masks(backend, shape, mshape, mdtype, causal):
 
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fully_masked_rows_give_zeros_not_nan(backend, dtype, log):
-    x = torch.randn(4, 10, dtype=dtype, requires_grad=True)
-    mask = torch.ones(4, 10, dtype=torch.bool)
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_fully_masked_rows_give_zeros_not_nan(backend, device, dtype, log):
+    dev = {"device": device}
+    x = torch.randn(4, 10, dtype=dtype, requires_grad=True, **dev)
+    mask = torch.ones(4, 10, dtype=torch.bool, **dev)
     mask[1] = False  # row 1 sees nothing through a bool mask
-    fmask = torch.zeros(4, 10)
+    fmask = torch.zeros(4, 10, **dev)
     fmask[2] = float("-inf")  # row 2 sees nothing through an additive mask
     y = fastattn.softmax(x, mask=mask, log=log, backend=backend)
     y2 = fastattn.softmax(x, mask=fmask, log=log, backend=backend)
-    dead = torch.full((10,), float("-inf") if log else 0.0, dtype=dtype)
+    dead = torch.full((10,), float("-inf") if log else 0.0, dtype=dtype, **dev)
     assert torch.equal(y[1], dead) and torch.equal(y2[2], dead)
     assert torch.isfinite(y[0]).all() and torch.isfinite(y2[3]).all()
     (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
-    assert torch.equal(dx[1], torch.zeros(10, dtype=dtype)) and torch.isfinite(dx).all()
+    assert torch.equal(dx[1], torch.zeros(10, dtype=dtype, **dev)) and torch.isfinite(dx).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -145,37 +149,38 @@ def test_causal_first_row_and_1d_input(backend):
 
 
 @pytest.mark.parametrize("log", [False, True])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_propagates_and_large_logits_stay_finite(backend, log):
-    x = torch.randn(3, 50) * 1e4  # |logits| ~ 1e4: exp overflows unless the max is subtracted
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_nan_propagates_and_large_logits_stay_finite(backend, device, log):
+    # |logits| ~ 1e4: exp overflows unless the max is subtracted
+    x = torch.randn(3, 50, device=device) * 1e4
     x[1, 7] = float("nan")
     y = fastattn.softmax(x, scale=2.0, log=log, backend=backend)
     assert torch.isnan(y[1]).all(), "a NaN logit must poison its row"
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
     assert_parity(y[[0, 2]], reference.softmax(x[[0, 2]].double(), None, 2.0, False, log))
     # A bool mask acts as an additive 0 / -inf mask: a NaN under a masked entry still poisons.
-    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask = torch.ones(3, 50, dtype=torch.bool, device=device)
     mask[1, 7] = False
     y = fastattn.softmax(x, mask=mask, log=log, backend=backend)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
 
 
 @pytest.mark.parametrize("dim", [0, 1, -2])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_other_dims_and_noncontiguous(backend, dim):
-    base = torch.randn(6, 5, 40)
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_other_dims_and_noncontiguous(backend, device, dim):
+    base = torch.randn(6, 5, 40, device=device)
     x = base.transpose(0, 2)  # non-contiguous view (40, 5, 6)
-    mask = torch.rand(5, 1) < 0.8  # broadcast along dims 0 and 2
+    mask = torch.rand(5, 1, device=device) < 0.8  # broadcast along dims 0 and 2
     y = fastattn.softmax(x, dim, mask=mask, backend=backend)
     z = x.double().masked_fill(~mask, float("-inf"))
     ref = torch.softmax(z, dim).nan_to_num(0.0)
     assert_parity(y, ref)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_empty_inputs(backend):
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_empty_inputs(backend, device):
     for shape in [(0, 7), (3, 0), (2, 0, 5)]:  # batch 0, zero columns, zero rows in the middle
-        x = torch.randn(shape, requires_grad=True)
+        x = torch.randn(shape, device=device, requires_grad=True)
         y = fastattn.softmax(x, backend=backend)
         assert y.shape == x.shape
         y.sum().backward()
@@ -210,14 +215,12 @@ def test_gradcheck_float64_cpu(causal, log):
     assert torch.autograd.gradcheck(fn, (x, mask))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cols", COLS + [262147])
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_parity_gpu(backend, cols, dtype, variant):
-    x, mask, kw = make_case(variant, 64, cols, dtype, device="cuda")
+@pytest.mark.parametrize(("backend", "device"), on_devices([], GPU_BACKENDS))
+def test_parity_gpu(backend, device, cols, dtype, variant):
+    x, mask, kw = make_case(variant, 64, cols, dtype, device)
     check_against_reference(backend, x, mask, kw)
 
 
@@ -335,15 +338,15 @@ def test_opcheck(op):
     torch.library.opcheck(bwd, (torch.randn(4, 13), y.log(), 1.0, True))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize(("backend", "device"), on_devices(["cpu", "triton"], GPU_FEATURES))
+def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
 
     def block(x, mask, backend=backend):  # a masked attention-probability step with ops around
         return fastattn.softmax(x * 2, mask=mask, scale=0.5, causal=True, backend=backend) + 1
 
-    x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    mask = torch.randn(2, 1, 1, 16, requires_grad=True)
+    x = torch.randn(2, 3, 16, 16, device=device, requires_grad=True)
+    mask = torch.randn(2, 1, 1, 16, device=device, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True)
     y = compiled(x, mask)
     g = torch.randn_like(y)

@@ -67,7 +67,7 @@ FASTATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCHS MAX_JOBS=${MAX_JOBS:-2} \
   >"$BUILD/build.log" 2>&1 ||
   { grep -E -B2 -A6 'error|Error' "$BUILD/build.log" | tail -60; fail "build (log: $BUILD/build.log)"; }
 T_BUILD=$((SECONDS - T1))
-SO=$(ls "$BUILD"/lib/fastattn/_C*.so 2>/dev/null | head -1)
+SO=$(find "$BUILD/lib/fastattn" -maxdepth 1 -name '_C*.so' | head -1)
 [[ -n $SO ]] || fail "no $BUILD/lib/fastattn/_C*.so after the build"
 
 # 4. The fatbin: SASS per arch, each with the softmax kernels.
