@@ -177,6 +177,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   };
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const FlushDenormals ftz;  // exp of masked scores underflows (see cpu_dispatch.h)
     Scratch scratch(scratch_bytes);
     for (int64_t w0 = 0; w0 < pairs; w0 += wave) {  // every thread runs every wave
       const int64_t w1 = std::min(pairs, w0 + wave);
@@ -266,6 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   const int nt = team_size(B * H * Sq * Sk * D);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const FlushDenormals ftz;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;

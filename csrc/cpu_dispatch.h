@@ -7,7 +7,34 @@
 #include "cpu/common.h"
 #include "cpu_isa.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace fastattn {
+
+// Flushes subnormal fp results to zero and reads subnormal inputs as zero (MXCSR FTZ + DAZ) on
+// the calling thread for the guard's lifetime, then restores the thread's previous mode. The
+// softmax and attention kernels hold one in every thread that runs them: exp of a masked (-inf)
+// or very negative score underflows, and on Intel CPUs every subnormal or underflowing result
+// costs a microcode assist of ~100+ cycles (2026-12-02, Intel Xeon, 2 threads: softmax of
+// (8, 128, 4096) fp32 under a key-padding mask with 20% -inf took 10.6 ms, unmasked 0.95 ms; a
+// masked attention forward 58 ms against 16 ms). Values below FLT_MIN (1.2e-38) are far below
+// what any of these ops resolves at the scale of its results, as on GPUs, which flush too.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtz | kDaz); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFtz = 1u << 15, kDaz = 1u << 6;
+  unsigned saved_;
+#endif
+ public:
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
 
 // The dtype tag the kernel tables are keyed on; other dtypes are rejected naming `op`.
 inline cpu::DType dtype_of(const char* op, at::ScalarType st) {

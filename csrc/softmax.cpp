@@ -112,22 +112,31 @@ at::Tensor setup_mask(cpu::SoftmaxFwdArgs& a, at::Tensor mask, const at::Tensor&
 // per thread, so each thread streams through memory and prefetches row after row. Causal rows
 // differ in cost: blocks of >= kBlockElems elements, dynamically scheduled. Small inputs stay on
 // the calling thread.
+// Every call of body runs with subnormals flushed (FlushDenormals: exp of masked entries).
 template <class Body>
 void for_rows(int64_t rows, int64_t cols, bool balanced, const Body& body) {
   const int64_t per = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(cols, 1));
   const int64_t blocks = (rows + per - 1) / per;
-  if (blocks <= 1 || rows * cols < kSerialBelow || omp_in_parallel()) return body(0, rows);
+  if (blocks <= 1 || rows * cols < kSerialBelow || omp_in_parallel()) {
+    const FlushDenormals ftz;
+    return body(0, rows);
+  }
   if (balanced) {
 #pragma omp parallel
     {
+      const FlushDenormals ftz;
       const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
       const int64_t r0 = rows * t / team, r1 = rows * (t + 1) / team;
       if (r0 < r1) body(r0, r1);
     }
     return;
   }
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t b = 0; b < blocks; ++b) body(b * per, std::min(rows, (b + 1) * per));
+#pragma omp parallel
+  {
+    const FlushDenormals ftz;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) body(b * per, std::min(rows, (b + 1) * per));
+  }
 }
 
 // Few long rows: every thread takes one column segment of each row. Segment statistics are
@@ -172,6 +181,7 @@ at::Tensor softmax_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     std::vector<RowStats> stats(rows * nt);
 #pragma omp parallel num_threads(nt)
     {
+      const FlushDenormals ftz;
       const int t = omp_get_thread_num(), team = omp_get_num_threads();
       const int64_t seg = (cols + 64 * team - 1) / (64 * team) * 64, c0 = std::min(cols, t * seg),
                     c1 = std::min(cols, c0 + seg);
@@ -214,6 +224,7 @@ at::Tensor softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out
     std::vector<double> dots(rows * nt);
 #pragma omp parallel num_threads(nt)
     {
+      const FlushDenormals ftz;
       const int t = omp_get_thread_num(), team = omp_get_num_threads();
       const int64_t seg = (cols + 64 * team - 1) / (64 * team) * 64, c0 = std::min(cols, t * seg),
                     c1 = std::min(cols, c0 + seg);

@@ -193,10 +193,18 @@ ATTN_ISA_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("path", [*_supported_isas(), *[p for p in _stream_paths() if "-" in p]])
+# On a CPU with AVX512_BF16 both bf16 attention paths, whichever the default takes there (the
+# vdpbf16ps one is off by default on Intel): "-nobf16" forces it off, "-bf16" on.
+ATTN_PATHS = [*_supported_isas(), *[p for p in _stream_paths() if "-" in p]]
+ATTN_PATHS += ["avx512-bf16"] if "avx512-nobf16" in ATTN_PATHS else []
+
+
+@pytest.mark.parametrize("path", ATTN_PATHS)
 def test_every_cpu_isa_path_of_attention_matches_reference(path):
-    isa, _, nobf16 = path.partition("-")
-    env = {"FASTATTN_CPU_ISA": isa} | ({"FASTATTN_CPU_AVX512BF16": "0"} if nobf16 else {})
+    isa, _, bf16 = path.partition("-")
+    env = {"FASTATTN_CPU_ISA": isa}
+    if bf16:
+        env["FASTATTN_CPU_AVX512BF16"] = "1" if bf16 == "bf16" else "0"
     _check_in_fresh_process(ATTN_ISA_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -215,3 +223,21 @@ def test_call_skips_autograd_only_when_it_has_nothing_to_record(grad):
     if grad:
         (out.sum() + y.sum()).backward()
         assert q.grad is not None and w.grad is not None
+
+
+def test_cpu_kernels_leave_the_threads_floating_point_mode_as_they_found_it():
+    # The softmax and attention kernels flush subnormals (MXCSR FTZ/DAZ) while they run, on every
+    # thread of their team: exp of masked scores would otherwise take a microcode assist per
+    # element on Intel CPUs. Afterwards torch's own ops, on the same OpenMP threads, must still
+    # produce and read subnormals.
+    x = torch.randn(64, 4096)
+    mask = torch.rand(4096) < 0.8
+    q = torch.randn(2, 4, 256, 64)
+    fastattn.softmax(x, mask=mask, backend="cpu")
+    fastattn.softmax(x, mask=mask, backend="cpu").sum().item()
+    out = fastattn.attention(q.requires_grad_(), q, q, attn_mask=mask[:256], backend="cpu")
+    out.sum().backward()
+    tiny = torch.full((1 << 22,), 1e-39)  # subnormal in fp32; large enough for every thread
+    assert tiny[0].item() > 0
+    assert (tiny * 1.0).min().item() > 0, "a thread was left flushing subnormals"
+    assert (tiny * 0.5).min().item() > 0

@@ -7,9 +7,10 @@ AVX2 path is not our AVX-512 path) would then pass here and fail on another CPU,
 multi-threaded split would not show. So the parity grids run again on the best tier with all
 threads, then on each lower tier, with fastattn's path and torch's lowered together to the same
 level (avx512 -> avx2 -> scalar/default), in a fresh process each (both choices are read once per
-process). On a CPU with AVX512_BF16 the AVX-512 tier
-also runs once with those bf16 kernels off (FASTATTN_CPU_AVX512BF16=0: the plain AVX-512 bf16 path
-that an AVX-512 CPU without them takes):
+process). On a CPU with AVX512_BF16 the AVX-512 tier runs twice instead of once with the defaults:
+with every AVX512_BF16 kernel on (FASTATTN_CPU_AVX512BF16=1; by default the attention one is off
+on Intel, where it is slower) and with all of them off (=0: the plain AVX-512 bf16 path that an
+AVX-512 CPU without them takes):
 
     python tools/cpu_tiers.py [--list] [pytest args...]
 
@@ -52,7 +53,7 @@ def tiers() -> list[dict[str, str]]:
     aten_best = torch.backends.cpu.get_cpu_capability().lower()
     envs: list[dict[str, str]] = [{}]
     if best == "avx512" and has_avx512bf16():
-        envs.append({"FASTATTN_CPU_AVX512BF16": "0"})
+        envs = [{"FASTATTN_CPU_AVX512BF16": "1"}, {"FASTATTN_CPU_AVX512BF16": "0"}]
     for isa, aten in TIERS[names.index(best) + 1 :]:
         env = {"FASTATTN_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": aten}
         if aten_best == aten:  # torch is already at this level; lowering it changes nothing
