@@ -4,6 +4,9 @@ Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "reference"`` (def
 ``FASTATTN_BACKEND``); :func:`backends` reports which are usable here and why not.
 """
 
+import importlib
+from typing import Any
+
 from fastattn import nn
 from fastattn._extension import cpu_cache_info, empty_cpu_cache
 from fastattn._version import __version__
@@ -12,6 +15,21 @@ from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.norm import layer_norm, rms_norm
 from fastattn.ops.softmax import softmax
 from fastattn.patching import PatchReport, patch, unpatch
+
+# Submodules that load on first attribute access, so that `import fastattn` stays light and
+# `fastattn.models.Transformer(...)` works without importing fastattn.models first.
+_LAZY = ("bench", "integrations", "models", "reference")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f"fastattn.{name}")
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "PatchReport",

@@ -100,17 +100,24 @@ def select(
         if why is not None:
             raise RuntimeError(f"fastattn.{op}: backend {requested!r} cannot run this call: {why}")
         return requested
+    if torch.compiler.is_dynamo_compiling():
+        # Traced once per graph: Dynamo folds it to a constant. It would trace through the cache
+        # wrapper below too, with a warning on every compile ("silent incorrectness").
+        return _first_available(device.type, dtype, cpp)
     return _auto(device.type, dtype, cpp)
 
 
-@functools.lru_cache(maxsize=64)
-def _auto(device_type: str, dtype: torch.dtype, cpp: frozenset[str]) -> str:
+def _first_available(device_type: str, dtype: torch.dtype, cpp: frozenset[str]) -> str:
     """The first backend of the auto order that can serve the call: a function of the device
-    type, the dtype and facts fixed at import only, so worked out once (calls are hot)."""
+    type, the dtype and facts fixed at import only."""
     for name in _AUTO_ORDER.get(device_type, ("reference",)):
         if unavailable_reason(name, torch.device(device_type), dtype, cpp) is None:
             return name
     return "reference"
+
+
+# Eager calls are hot (a decode step's norms): the choice is worked out once per key.
+_auto = functools.lru_cache(maxsize=64)(_first_available)
 
 
 def backends() -> dict[str, Any]:

@@ -241,3 +241,27 @@ def test_cpu_kernels_leave_the_threads_floating_point_mode_as_they_found_it():
     assert tiny[0].item() > 0
     assert (tiny * 1.0).min().item() > 0, "a thread was left flushing subnormals"
     assert (tiny * 0.5).min().item() > 0
+
+
+def test_submodules_load_on_first_attribute_access():
+    # As the README writes it: `import fastattn; fastattn.models.Transformer(...)`, in a fresh
+    # process where nothing imported fastattn.models first.
+    code = textwrap.dedent(
+        """
+        import sys, fastattn
+        assert "fastattn.models" not in sys.modules
+        m = fastattn.models.Transformer(fastattn.models.TransformerConfig(
+            vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+        assert "models" in dir(fastattn) and fastattn.integrations.transformers
+        assert callable(fastattn.reference.softmax)
+        try:
+            fastattn.nope
+        except AttributeError as e:
+            assert "nope" in str(e)
+        else:
+            raise AssertionError("fastattn.nope resolved")
+        print("OK")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr
