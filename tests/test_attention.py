@@ -368,6 +368,34 @@ def test_bad_input_is_rejected_in_python(call, exc, match):
         call()
 
 
+# The fast accept path restates the checks for the common call (hot in decode steps): pinned here
+# to the full checks, on the whole bad-input corpus and on good calls.
+@pytest.mark.parametrize(("call", "exc", "match"), BAD_INPUTS, ids=[b[2] for b in BAD_INPUTS])
+def test_fast_accept_path_refuses_exactly_what_the_full_checks_refuse(monkeypatch, call, exc,
+                                                                      match):  # fmt: skip
+    import fastattn.ops.attention as ops
+
+    with pytest.raises(exc) as fast:
+        call()
+    monkeypatch.setattr(ops, "_plain", lambda *a: False)
+    with pytest.raises(exc) as full:
+        call()
+    assert str(fast.value) == str(full.value)
+
+
+def test_fast_accept_path_accepts_the_common_call_as_the_full_checks_do(monkeypatch):
+    import fastattn.ops.attention as ops
+
+    q, k, v = _qkv()
+    calls = [lambda: fastattn.attention(q, k, v), lambda: fastattn.attention(q, k, v, causal=True)]
+    assert ops._plain(q, k, v)  # the common call does take the fast path
+    fast = [c() for c in calls]
+    monkeypatch.setattr(ops, "_plain", lambda *a: False)
+    for got, want in zip(fast, [c() for c in calls], strict=True):
+        for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want)), strict=True):
+            assert torch.equal(g, w)
+
+
 def test_device_mismatch_is_rejected():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="k is on meta but q is on cpu"):

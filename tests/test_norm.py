@@ -188,6 +188,14 @@ def _ln(*a, **k):
     return fastattn.layer_norm(*a, **k)
 
 
+def _X(device="cpu"):  # noqa: N802 - (rows, hidden) input of the bad-input corpus
+    return torch.randn(2, 8, device=device)
+
+
+def _W(device="cpu"):  # noqa: N802 - a (hidden,) weight or bias
+    return torch.randn(8, device=device)
+
+
 BAD_INPUTS = [
     (lambda: _ln(torch.randn(2, 8), 7), ValueError, r"normalized_shape \[7\] does not match"),
     (lambda: _ln(torch.randn(2, 8), (2, 8, 1)), ValueError, "does not match"),
@@ -201,6 +209,21 @@ BAD_INPUTS = [
     (lambda: _ln(torch.ones(2, 8, dtype=torch.int64), 8), TypeError, "floating point"),
     (lambda: _ln(torch.randn(2, 8), 8, torch.ones(8, dtype=torch.int32)), TypeError, "weight"),
     (lambda: fastattn.rms_norm(torch.randn(2, 8), 8, eps="1e-6"), TypeError, "eps"),
+    # Calls that differ from the common (fast-accepted) one in exactly one respect: weight given.
+    (lambda: _ln(_X(), 8, _W(), _W(), residual=_X().double()), ValueError, "residual.*float64"),
+    (lambda: fastattn.rms_norm(_X(), 8, _W(), residual=torch.randn(1, 8)), ValueError,
+     r"residual \(\(1, 8\)"),
+    (lambda: fastattn.rms_norm(_X(), 8, _W(), residual=_X("meta")), ValueError,
+     "residual is on meta"),
+    (lambda: fastattn.rms_norm(_X(), 8, torch.randn(7)), ValueError, r"weight has shape \(7,\)"),
+    (lambda: _ln(_X(), 8, _W().int(), _W()), TypeError, "weight must be a floating point"),
+    (lambda: _ln(_X(), 8, _W("meta"), _W()), ValueError, "weight is on meta"),
+    (lambda: _ln(_X(), 8, _W(), torch.randn(2, 8)), ValueError, r"bias has shape \(2, 8\)"),
+    (lambda: _ln(_X(), 8, _W(), _W().long()), TypeError, "bias must be a floating point"),
+    (lambda: _ln(_X(), 8, _W(), _W("meta")), ValueError, "bias is on meta"),
+    (lambda: _ln(_X(), 8, _W(), _W(), "1e-5"), TypeError, "eps must be a Python number"),
+    (lambda: _ln(_X().long(), 8, _W(), _W()), TypeError, "x must be a floating point"),
+    (lambda: _ln(_X(), 7, torch.randn(7), _W()), ValueError, r"normalized_shape \[7\]"),
 ]  # fmt: skip
 
 
@@ -208,6 +231,38 @@ BAD_INPUTS = [
 def test_bad_input_is_rejected_in_python(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# The fast accept path restates the checks for the common call (hot in decode steps): pinned here
+# to the full checks, on the whole bad-input corpus and on good calls.
+@pytest.mark.parametrize(("call", "exc", "match"), BAD_INPUTS, ids=[b[2] for b in BAD_INPUTS])
+def test_fast_accept_path_refuses_exactly_what_the_full_checks_refuse(monkeypatch, call, exc,
+                                                                      match):  # fmt: skip
+    import fastattn.ops.norm as ops
+
+    with pytest.raises(exc) as fast:
+        call()
+    monkeypatch.setattr(ops, "_plain", lambda *a: False)
+    with pytest.raises(exc) as full:
+        call()
+    assert str(fast.value) == str(full.value)
+
+
+def test_fast_accept_path_accepts_the_common_call_as_the_full_checks_do(monkeypatch):
+    import fastattn.ops.norm as ops
+
+    x, r = torch.randn(3, 8), torch.randn(3, 8)
+    w, b = torch.randn(8), torch.randn(8)
+    calls = [
+        lambda: fastattn.layer_norm(x, 8, w, b),
+        lambda: fastattn.rms_norm(x, 8, w, residual=r),
+    ]
+    assert ops._plain(x, (8,), w, b, None, r)  # the common call does take the fast path
+    fast = [c() for c in calls]
+    monkeypatch.setattr(ops, "_plain", lambda *a: False)
+    for got, want in zip(fast, [c() for c in calls], strict=True):
+        for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want)), strict=True):
+            assert torch.equal(g, w)
 
 
 CPP_BAD_INPUTS = [
