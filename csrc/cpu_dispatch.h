@@ -55,14 +55,14 @@ inline cpu::DType dtype_of(const char* op, at::ScalarType st) {
   return cpu::DType::kFloat32;
 }
 
-// The kernel table of the best path: `get` holds an op's table getters for the scalar, AVX2,
-// AVX-512 and AVX-512 + BF16 paths, in that order. From the best path the CPU runs (or the scalar
+// The kernel table of the best path: `get` holds an op's table getters per tier (cpu::Isa: scalar,
+// AVX2, AVX-512, AVX-512 + BF16, in that order). From the best path the CPU runs (or the scalar
 // one when `scalar_only`, e.g. for float64 math) down, the first table `serves` accepts is used.
 // A getter returns an empty table for dtype combinations its path does not serve.
 template <class Table, class Serves, class... A, class... B>
 Table best_kernels(Table (*const (&get)[4])(A...), bool scalar_only, Serves serves, B... args) {
-  int top = 0;
-  if (!scalar_only) top = cpu::isa() == cpu::Isa::kAvx512 ? 3 : cpu::isa() == cpu::Isa::kAvx2;
+  static_assert(cpu::kIsaTiers == 4, "one table getter per tier");
+  const int top = scalar_only ? 0 : static_cast<int>(cpu::isa());
   for (int i = top; i > 0; --i) {
     const Table k = get[i](args...);
     if (serves(k)) return k;

@@ -59,14 +59,15 @@ FASTATTN_END_ISA
 double fma_peak_gflops(int threads, int rounds) {
   const Isa path = isa();
   if (path == Isa::kScalar) return 0.0;
-  const int lanes = path == Isa::kAvx512 ? 16 : 8;
+  const bool zmm = path >= Isa::kAvx512;  // the avx512bf16 tier runs the same FMA loop
+  const int lanes = zmm ? 16 : 8;
   double best = 0.0;
   volatile float sink = 0.f;
   for (int r = 0; r < rounds + 1; ++r) {  // round 0 warms the cores up (clocks, caches)
     const auto t0 = std::chrono::steady_clock::now();
     float sum = 0.f;
 #pragma omp parallel num_threads(threads) reduction(+ : sum)
-    sum += path == Isa::kAvx512 ? avx512::fma_rounds(kSteps) : avx2::fma_rounds(kSteps);
+    sum += zmm ? avx512::fma_rounds(kSteps) : avx2::fma_rounds(kSteps);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     sink = sink + sum;
     const double gflops = 2.0 * lanes * kChains * double(kSteps) * threads / s / 1e9;

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +112,7 @@ ISA_CHECK = textwrap.dedent(
 def _supported_isas() -> list[str]:
     compiled = _extension.build_info().get("cpu_isas_compiled", "scalar").split(",")
     best = _extension.build_info().get("cpu_isa", "scalar")
-    order = ["scalar", "avx2", "avx512"]  # each path at or below what this CPU runs
+    order = ["scalar", "avx2", "avx512", "avx512bf16"]  # each tier at or below this CPU's
     return [i for i in order if i in compiled and order.index(i) <= order.index(best)]
 
 
@@ -152,20 +151,14 @@ STREAM_CHECK = textwrap.dedent(
 
 
 def _stream_paths() -> list[str]:
-    # The vector paths (the scalar one's "stream" is a plain store); on a CPU with AVX512_BF16
-    # also the plain AVX-512 bf16 conversion.
-    isas = [i for i in _supported_isas() if i != "scalar"]
-    cpuinfo = Path("/proc/cpuinfo")
-    has_bf16 = cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
-    return isas + (["avx512-nobf16"] if has_bf16 and "avx512" in isas else [])
+    # The vector tiers (the scalar one's "stream" is a plain store); avx512 is also the plain
+    # AVX-512 bf16 conversion that the avx512bf16 tier replaces.
+    return [i for i in _supported_isas() if i != "scalar"]
 
 
 @pytest.mark.parametrize("path", _stream_paths())
 def test_norm_streaming_stores_match_reference(path):
-    isa, _, nobf16 = path.partition("-")
-    env = {"FASTATTN_CPU_ISA": isa, "FASTATTN_CPU_STREAM_BYTES": "0"}
-    if nobf16:
-        env["FASTATTN_CPU_AVX512BF16"] = "0"
+    env = {"FASTATTN_CPU_ISA": path, "FASTATTN_CPU_STREAM_BYTES": "0"}
     _check_in_fresh_process(STREAM_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -193,18 +186,15 @@ ATTN_ISA_CHECK = textwrap.dedent(
 )
 
 
-# On a CPU with AVX512_BF16 both bf16 attention paths, whichever the default takes there (the
-# vdpbf16ps one is off by default on Intel): "-nobf16" forces it off, "-bf16" on.
-ATTN_PATHS = [*_supported_isas(), *[p for p in _stream_paths() if "-" in p]]
-ATTN_PATHS += ["avx512-bf16"] if "avx512-nobf16" in ATTN_PATHS else []
+# On the avx512bf16 tier both bf16 attention paths, whichever the default takes there (the
+# vdpbf16ps pairs are off by default on Intel): "-pairs" forces them on.
+ATTN_PATHS = _supported_isas() + (["avx512bf16-pairs"] if "avx512bf16" in _supported_isas() else [])
 
 
 @pytest.mark.parametrize("path", ATTN_PATHS)
 def test_every_cpu_isa_path_of_attention_matches_reference(path):
-    isa, _, bf16 = path.partition("-")
-    env = {"FASTATTN_CPU_ISA": isa}
-    if bf16:
-        env["FASTATTN_CPU_AVX512BF16"] = "1" if bf16 == "bf16" else "0"
+    isa, _, pairs = path.partition("-")
+    env = {"FASTATTN_CPU_ISA": isa} | ({"FASTATTN_CPU_AVX512BF16": "1"} if pairs else {})
     _check_in_fresh_process(ATTN_ISA_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -265,3 +255,26 @@ def test_submodules_load_on_first_attribute_access():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+
+
+def test_isa_tiers_are_one_enum_with_both_environment_variables():
+    # FASTATTN_CPU_ISA names any tier (avx512bf16 included), unknown names warn and keep the best;
+    # the older FASTATTN_CPU_AVX512BF16=0 caps the tier at avx512.
+    info = _extension.build_info()
+    assert info["cpu_isas_compiled"] == "avx512bf16,avx512,avx2,scalar"
+    best = info["cpu_isa"]
+    code = "import fastattn; print(fastattn.backends()['extension']['cpu_isa'])"
+
+    def tier(env):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        return r.stdout.strip().splitlines()[-1], r.stderr
+
+    got, err = tier({"FASTATTN_CPU_ISA": "bogus"})
+    assert got == best and "not one of avx512bf16,avx512,avx2,scalar, auto" in err
+    assert tier({"FASTATTN_CPU_ISA": "scalar"})[0] == "scalar"
+    capped = {"avx512bf16": "avx512"}.get(best, best)
+    assert tier({"FASTATTN_CPU_AVX512BF16": "0"})[0] == capped
+    if best != "avx512bf16":  # asking for more than the CPU has warns and keeps the best
+        got, err = tier({"FASTATTN_CPU_ISA": "avx512bf16"})
+        assert got == best and "not supported by this CPU" in err

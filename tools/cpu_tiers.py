@@ -7,10 +7,9 @@ AVX2 path is not our AVX-512 path) would then pass here and fail on another CPU,
 multi-threaded split would not show. So the parity grids run again on the best tier with all
 threads, then on each lower tier, with fastattn's path and torch's lowered together to the same
 level (avx512 -> avx2 -> scalar/default), in a fresh process each (both choices are read once per
-process). On a CPU with AVX512_BF16 the AVX-512 tier runs twice instead of once with the defaults:
-with every AVX512_BF16 kernel on (FASTATTN_CPU_AVX512BF16=1; by default the attention one is off
-on Intel, where it is slower) and with all of them off (=0: the plain AVX-512 bf16 path that an
-AVX-512 CPU without them takes):
+process). On a CPU with AVX512_BF16 the best tier (avx512bf16) runs with every one of its kernels
+on (FASTATTN_CPU_AVX512BF16=1: by default the attention one is off on Intel, where it is slower),
+then the avx512 tier below it is the plain AVX-512 path that an AVX-512 CPU without them takes:
 
     python tools/cpu_tiers.py [--list] [pytest args...]
 
@@ -25,19 +24,10 @@ import sys
 import time
 
 # fastattn's ISA path and torch's ATEN_CPU_CAPABILITY of the same level, best first.
-TIERS = [("avx512", "avx512"), ("avx2", "avx2"), ("scalar", "default")]
+TIERS = [("avx512bf16", "avx512"), ("avx512", "avx512"), ("avx2", "avx2"), ("scalar", "default")]
 # The parity grids of the CPU kernels, cpu backend only (the others do not depend on the tier).
 TARGETS = ["tests/test_softmax.py", "tests/test_norm.py", "tests/test_attention.py"]
 SELECT = "test_parity_grid and cpu"
-
-
-def has_avx512bf16() -> bool:
-    """Whether this CPU has AVX512_BF16 (Linux: /proc/cpuinfo; elsewhere assumed absent)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
-    except OSError:
-        return False
 
 
 def tiers() -> list[dict[str, str]]:
@@ -52,8 +42,8 @@ def tiers() -> list[dict[str, str]]:
         return [{}]
     aten_best = torch.backends.cpu.get_cpu_capability().lower()
     envs: list[dict[str, str]] = [{}]
-    if best == "avx512" and has_avx512bf16():
-        envs = [{"FASTATTN_CPU_AVX512BF16": "1"}, {"FASTATTN_CPU_AVX512BF16": "0"}]
+    if best == "avx512bf16":
+        envs = [{"FASTATTN_CPU_AVX512BF16": "1"}]
     for isa, aten in TIERS[names.index(best) + 1 :]:
         env = {"FASTATTN_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": aten}
         if aten_best == aten:  # torch is already at this level; lowering it changes nothing

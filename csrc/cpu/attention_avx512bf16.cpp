@@ -1,7 +1,6 @@
 // AVX-512 + BF16-extension instantiation of the attention kernels (attention_impl.h), bf16 data
 // only: one-instruction fp32 -> bf16 conversion of the outputs.
-#include <cstdlib>
-
+#include "../cpu_isa.h"
 #include "attention_kernels.h"
 #include "vec_avx512.h"
 
@@ -15,20 +14,11 @@ FASTATTN_END_ISA
 
 namespace fastattn::cpu {
 
-// Empty unless x is bf16 and the CPU has AVX512_BF16 (callers have checked AVX-512 itself) and
-// the bf16-pair products pay off there. FASTATTN_CPU_AVX512BF16=0 turns them off, =1 on (to test
-// either path on such a CPU). By default they are on except on Intel: on AMD Zen 5 vdpbf16ps
-// doubles the multiply-adds per instruction, while on an Intel Xeon with AVX512_BF16 + AMX
-// (2026-12-02, 2 threads) the pair path ran 1x16x2048x64 bf16 in 94.8 ms and the fp32 path (bf16
-// converted while K/V are packed) in 60.9 ms: vdpbf16ps issues on one port there, FMA on two.
+// The avx512bf16 tier's table: bf16 only, and only where the bf16-pair tile products pay off
+// (cpu::bf16_pair_products(): not on Intel unless FASTATTN_CPU_AVX512BF16=1); empty otherwise, so
+// the avx512 tier's table serves (bf16 converted to fp32 while K/V are packed).
 AttnKernels attention_kernels_avx512bf16(DType x, bool has_mask, DType mask) {
-  static const bool usable = [] {
-    const char* env = std::getenv("FASTATTN_CPU_AVX512BF16");
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512bf16") || (env != nullptr && env[0] == '0')) return false;
-    return (env != nullptr && env[0] == '1') || !__builtin_cpu_is("intel");
-  }();
-  if (x != DType::kBFloat16 || !usable) return AttnKernels{};
+  if (x != DType::kBFloat16 || !bf16_pair_products()) return AttnKernels{};
   return avx512bf16::Attn<avx512bf16::AVec>::table<bf16_t>(x, has_mask, mask);
 }
 

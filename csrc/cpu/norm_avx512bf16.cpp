@@ -1,7 +1,5 @@
 // AVX-512 + BF16-extension instantiation of the LayerNorm/RMSNorm row kernels (norm_impl.h), bf16
 // data only: every fp32 -> bf16 conversion (y, h, dx) is one instruction instead of eight.
-#include <cstdlib>
-
 #include "norm_kernels.h"
 #include "vec_avx512.h"
 
@@ -19,15 +17,10 @@ FASTATTN_END_ISA
 
 namespace fastattn::cpu {
 
-// Empty unless x is bf16 and the CPU has AVX512_BF16 (callers have checked AVX-512 itself).
-// FASTATTN_CPU_AVX512BF16=0 turns it off, as for softmax (to test the plain AVX-512 bf16 path).
+// The avx512bf16 tier's table: bf16 only (empty otherwise); consulted only when the CPU runs that
+// tier (cpu_isa.h).
 NormKernels norm_kernels_avx512bf16(DType x, NormVariant v) {
-  static const bool usable = [] {
-    const char* env = std::getenv("FASTATTN_CPU_AVX512BF16");
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && env[0] == '0');
-  }();
-  if (x != DType::kBFloat16 || !usable) return NormKernels{};
+  if (x != DType::kBFloat16) return NormKernels{};
   return avx512bf16::norm::kernels_for<avx512bf16::Vec, bf16_t>(v);
 }
 
