@@ -18,6 +18,15 @@ Examples::
 
 from __future__ import annotations
 
-from fastattn.bench.cli import main
+from collections.abc import Sequence
 
 __all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fastattn-bench`` command (:func:`fastattn.bench.cli.main`): exit status 0 ok, 1 a
+    check failed, 2 usage. Imported on call, so that importing a submodule of fastattn.bench
+    loads only what that submodule needs."""
+    from fastattn.bench.cli import main as cli_main
+
+    return cli_main(argv)
