@@ -14,6 +14,7 @@ Examples::
     fastattn-bench attention --shape 1x8x2048x64,1x32x8x1x8192x128 --peak fp32=524,bf16=971
     fastattn-bench layernorm --no-runtimes      # without the onnxruntime / OpenVINO peers
     fastattn-bench softmax --remeasure          # measure the machine's limits again
+    fastattn-bench softmax --plot out.png --markdown docs/results.md   # a plot; a file section
 """
 
 from __future__ import annotations

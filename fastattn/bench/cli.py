@@ -9,13 +9,21 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from fastattn.bench import cases as C
-from fastattn.bench import limits, report, runner, timing
+from fastattn.bench import limits, mdsection, plot, progress, report, runner, timing
 
-__all__ = ["main", "parse_args", "parse_dtypes", "parse_peak", "parse_shapes"]
+__all__ = [
+    "main",
+    "parse_args",
+    "parse_dtypes",
+    "parse_peak",
+    "parse_shapes",
+    "write_markdown",
+]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -74,7 +82,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         f"of reading them from {limits.cache_path()}",
     )
     p.add_argument("--json", metavar="PATH", help="write every row and the machine facts to PATH")
-    p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    p.add_argument(
+        "--markdown",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="also print a Markdown table; with PATH: write it (and the --plot image) into a "
+        "section of that Markdown file, replacing that section only",
+    )
+    p.add_argument(
+        "--section",
+        metavar="NAME",
+        help="the section of --markdown PATH (default: the ops run, joined by -); it lies "
+        "between <!-- fastattn-bench:NAME --> and <!-- /fastattn-bench:NAME -->",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="draw each op's speed against sequence length / row size per implementation, with "
+        "the machine's limit, into the image PATH (e.g. out.png; needs matplotlib)",
+    )
     return p.parse_args(list(argv))
 
 
@@ -123,11 +150,30 @@ def parse_peak(spec: str | None) -> dict[str, float]:
     return peak
 
 
+def write_markdown(
+    path: str, section: str, table: str, info: dict[str, Any], image: str | None
+) -> None:
+    """Section ``section`` of the Markdown file ``path``: the command, the ``--plot`` image
+    (linked relative to ``path``) when there is one, and the table."""
+    parts = [f"Made with `{info['command']}` on {info['date']}."]
+    if image:
+        rel = os.path.relpath(os.path.abspath(image), os.path.dirname(os.path.abspath(path)))
+        parts.append(f"![fastattn-bench {section}]({rel.replace(os.sep, '/')})")
+    mdsection.write_section(path, section, "\n\n".join([*parts, table]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fastattn-bench`` command; returns the exit status: 0 ok, 1 check failed, 2 usage."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.markdown in C.REGISTRY and not os.path.exists(args.markdown):
+        args.ops.insert(0, args.markdown)  # `--markdown OP ...`: a bare --markdown, then OPS
+        args.markdown = "-"
     try:
+        if args.section is not None:
+            mdsection.check_name(args.section)
+        if args.plot:
+            plot.require()
         opts = C.Options(
             quick=args.quick,
             dtypes=parse_dtypes(args.dtype),
@@ -139,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             peak_gflops=parse_peak(args.peak),
         )
         case_list = C.build(args.ops, opts)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         print(f"fastattn-bench: error: {e}", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -179,18 +225,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report.table_header(compute), flush=True)
 
+    # on a terminal only, and not when the JSON file is the only output asked for
+    show = sys.stderr.isatty() and not (args.json and not sys.stdout.isatty())
+    bar = progress.Progress(len(case_list), sys.stderr, enabled=show)
     rows: list[report.Row] = []
     for case in case_list:
+        bar.start(case.id)
         case_rows = runner.run_case(
             case, device, budget, args.flush, lim.copy_gbps if lim else math.nan
         )
+        bar.finish_case()
+        bar.clear()
         rows += case_rows
         print(report.table_rows(case_rows, compute), flush=True)
         for r in case_rows:
             if not r.check_ok:
                 print(f"!! {case.id} {r.impl}: {r.check}", file=sys.stderr, flush=True)
+    bar.close()
     bad = [r for r in rows if not r.check_ok and not r.tolerated]
-    if args.markdown:
+    if args.markdown == "-":
         print()
         print(report.markdown(rows, info))
     if args.json:
@@ -208,6 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2, default=str)
         print(f"\nwrote {len(rows)} rows to {args.json}")
+    if args.plot:
+        n = plot.write_plot(args.plot, rows, lim.copy_gbps if lim else math.nan, peak)
+        print(f"\nwrote {n} plot panel(s) to {args.plot}")
+    if args.markdown and args.markdown != "-":
+        section = args.section or "-".join(dict.fromkeys(c.op for c in case_list))
+        write_markdown(args.markdown, section, report.markdown(rows, info), info, args.plot)
+        print(f"\nwrote section {section} of {args.markdown}")
     if bad:
         print(
             f"\n!! AGREEMENT CHECK FAILED: {len(bad)} of {len(rows)} result(s) disagree with the "
