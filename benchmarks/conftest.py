@@ -57,13 +57,13 @@ def _benchmarks_disabled(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from fastattn.bench import _parse_dtypes
+    from fastattn.bench.cli import parse_dtypes
 
     size = config.getoption("bench_size") or os.environ.get("FASTATTN_BENCH_SIZE")
     quick = size == "quick" if size else _benchmarks_disabled(config)
     config.stash[_OPTIONS] = C.Options(
         quick=quick,
-        dtypes=_parse_dtypes(config.getoption("bench_dtype")),
+        dtypes=parse_dtypes(config.getoption("bench_dtype")),
         device=config.getoption("bench_device"),
         backend=config.getoption("bench_backend"),
         compile=not config.getoption("bench_no_compile"),

@@ -2,7 +2,8 @@
 
 Importing ``_C`` runs the ``TORCH_LIBRARY`` static initialisers that register the C++ kernels as
 ``torch.ops.fastattn.*``. If the module is missing or fails to load, fastattn warns once with the
-reason and the Triton and reference backends keep working.
+reason and the Triton and reference backends keep working. The module is internal to the
+package (its name says so); the functions below are its surface for the package's other modules.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import importlib
 import warnings
 from types import ModuleType
 from typing import Any
+
+__all__ = ["build_info", "cpu_cache_info", "empty_cpu_cache", "error", "load"]
 
 _module: ModuleType | None = None
 _error: str | None = None

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastattn.bench.cases import DTYPE_NAMES, Fn, Impl, Inputs, Out
+from fastattn.bench.framework import DTYPE_NAMES, Fn, Impl, Inputs, Out
 
 __all__ = ["attention_peers", "norm_peers", "notes", "runtime_versions", "softmax_peers"]
 

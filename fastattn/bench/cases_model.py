@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastattn.bench.cases import (
+from fastattn.bench.framework import (
     DTYPE_NAMES,
     TOLERANCE,
     Case,
@@ -32,6 +32,8 @@ from fastattn.bench.cases import (
     register,
 )
 from fastattn.models import Transformer, TransformerConfig
+
+__all__ = ["MODEL_CFG", "NEW_TOKENS", "PROMPT", "QUICK_SEQ", "TRAIN_SEQ", "model_cases"]
 
 # A small Llama-shaped model: 4 layers of width 256, 8 heads over 4 kv heads (GQA), RMSNorm, RoPE.
 MODEL_CFG = dict(vocab_size=256, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=4096)
