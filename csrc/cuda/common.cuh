@@ -98,25 +98,36 @@ __device__ __forceinline__ T warp_reduce(T v, Op op, int width = kWarpSize) {
   return v;
 }
 
-// Reduces each v[k] over the block (blockDim.x a multiple of 32, at most 1024); every thread of
-// the block must call it, and every thread gets the same bits. It starts with a barrier, so that
-// consecutive calls (and rows of a grid-stride loop) can share the scratch.
+// The second step of a block reduction: each v[k] holds its warp's result (warp_reduce); combines
+// the warps' results, in warp order, so that every thread of the block gets the same bits.
+// blockDim.x a multiple of 32, at most 1024; every thread of the block must call it. It starts
+// with a barrier, so that consecutive calls (and rows of a grid-stride loop) can share scratch.
 template <int K, typename T, typename Op>
-__device__ __forceinline__ void block_reduce_each(T (&v)[K], Op op, T identity) {
+__device__ __forceinline__ void combine_warps_each(T (&v)[K], Op op, T identity) {
   __shared__ T scratch[kMaxBlockThreads / kWarpSize][K];
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_reduce(v[k], op);
-  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
   if (warps == 1) return;
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   __syncthreads();  // the previous call's readers are done with scratch
-  if (lane == 0) {
+  if (threadIdx.x % kWarpSize == 0) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) scratch[threadIdx.x / kWarpSize][k] = v[k];
+    for (int k = 0; k < K; ++k) scratch[warp][k] = v[k];
   }
   __syncthreads();
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_reduce(lane < warps ? scratch[lane][k] : identity, op);
+  for (int k = 0; k < K; ++k) {
+    T r = identity;
+    for (int w = 0; w < warps; ++w) r = op(r, scratch[w][k]);
+    v[k] = r;
+  }
+}
+
+// Reduces each v[k] over the block (see combine_warps_each for the conditions).
+template <int K, typename T, typename Op>
+__device__ __forceinline__ void block_reduce_each(T (&v)[K], Op op, T identity) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_reduce(v[k], op);
+  combine_warps_each(v, op, identity);
 }
 
 template <typename T, typename Op>

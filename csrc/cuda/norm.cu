@@ -71,15 +71,12 @@ __device__ __forceinline__ double acc_sqrt(double v) { return sqrt(v); }
 
 // Sums each v[k] over the row's team: its warp, or with `block_team` the whole block (blockDim.x a
 // multiple of 32, at most kMaxThreads), whose threads must then all call it. Every thread of the
-// team gets the same bits (see warp_reduce, block_reduce_each).
+// team gets the same bits (see warp_reduce, combine_warps_each).
 template <int K, typename A>
 __device__ __forceinline__ void team_sum(A (&v)[K], bool block_team) {
-  if (block_team) {
-    block_reduce_each(v, SumOp{}, A(0));
-  } else {
 #pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = warp_reduce(v[k], SumOp{});
-  }
+  for (int k = 0; k < K; ++k) v[k] = warp_reduce(v[k], SumOp{});
+  if (block_team) combine_warps_each(v, SumOp{}, A(0));
 }
 
 // ------------------------------------------------------------------------------------ forward
