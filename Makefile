@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 # pytest workers: one per core (each worker's torch then gets one thread: tests/conftest.py); the
 # parity grids also run at full thread count, once per CPU tier, in test-tiers.
 TEST_JOBS ?= $(shell nproc)
-CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
+CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
 .PHONY: test test-tiers bench bench-attention bench-model build lint format check-cuda gpu-check clean
 

@@ -27,16 +27,13 @@ if with_cuda:
 Extension = CUDAExtension if with_cuda else CppExtension
 
 
-class BuildExt(BuildExtension.with_options(use_ninja=True)):
-    """csrc/cuda/<op>.cpp and <op>.cu would both compile to <op>.o: name .cu objects <op>.cu.o."""
-
-    def build_extensions(self):
-        names = self.compiler.object_filenames
-        self.compiler.object_filenames = lambda srcs, *a, **k: [
-            o[: -len(".o")] + ".cu.o" if s.endswith(".cu") else o
-            for s, o in zip(srcs, names(srcs, *a, **k), strict=True)
-        ]
-        super().build_extensions()
+# torch's builder names each object after its source's stem (csrc/cuda/x.cpp and x.cu would both
+# become x.o, one overwriting the other), so no two sources in a directory may share a stem: the
+# CUDA ops pair <op>.cu (kernels) with <op>_host.cpp (checks, registration).
+stems = [os.path.splitext(src)[0] for src in sources]
+clash = sorted({stem for stem in stems if stems.count(stem) > 1})
+if clash:
+    raise SystemExit(f"setup.py: sources that would compile to one object: {clash}")
 
 
 setup(
@@ -51,5 +48,5 @@ setup(
             extra_link_args=["-fopenmp"],
         )
     ],
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

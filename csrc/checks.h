@@ -14,6 +14,12 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
               t.scalar_type());
 }
 
+// The CUDA kernels' inputs: `t` must live on a CUDA device.
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name,
+              " must be a CUDA tensor for the CUDA kernel, got one on ", t.device());
+}
+
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
                               const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
@@ -30,6 +36,14 @@ inline void check_same_dtype(const char* op, const char* name, const at::Tensor&
                              const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
               " but the input has dtype ", ref.scalar_type());
+}
+
+// A tensor that must match the input `ref` in device, shape and dtype (a residual, grad_out).
+inline void check_like(const char* op, const char* name, const at::Tensor& t,
+                       const at::Tensor& ref) {
+  check_same_device(op, name, t, ref);
+  check_same_shape(op, name, t, ref);
+  check_same_dtype(op, name, t, ref);
 }
 
 inline void check_min_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {

@@ -1,6 +1,6 @@
 // Every fastattn dispatcher op is declared here, once. Kernels register per dispatch key in the
-// op's own file (CPU: csrc/<op>.cpp, CUDA: csrc/cuda/<op>.cpp); fake (meta) kernels and autograd
-// formulas are registered from Python (fastattn/ops/<op>.py).
+// op's own file (CPU: csrc/<op>.cpp, CUDA: csrc/cuda/<op>_host.cpp); fake (meta) kernels and
+// autograd formulas are registered from Python (fastattn/ops/<op>.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastattn, m) {

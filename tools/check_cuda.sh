@@ -3,8 +3,9 @@
 # build of torch, then check the result on a machine without a GPU:
 #   - the extension imports from the built package, outside the source tree, and
 #     build_info()["cuda"] is True;
-#   - its fatbin holds SASS for sm_80 and sm_90a, with the softmax kernels in each;
-#   - the dispatcher has CUDA kernels for fastattn::softmax and fastattn::softmax_backward.
+#   - its fatbin holds SASS for sm_80 and sm_90a, with the softmax and norm kernels in each;
+#   - the dispatcher has CUDA kernels for fastattn::softmax, softmax_backward, norm and
+#     norm_backward (registered by csrc/cuda/<op>_host.cpp).
 # The build goes to .build-cuda (never the in-place fastattn/_C*.so of the CPU venv), in its own
 # venv .venv-cuda (created on first use: torch 2.14.1+cu130 from local disk, ~1 min, 5.4 GB).
 # Env: CUDA_HOME (default: derived from `nvcc --dryrun`), MAX_JOBS (default 2).
@@ -15,9 +16,10 @@ VENV=.venv-cuda
 PY=$ROOT/$VENV/bin/python
 BUILD=$ROOT/.build-cuda
 ARCHS="8.0;9.0a"
-OPS=(fastattn::softmax fastattn::softmax_backward)
+OPS=(fastattn::softmax fastattn::softmax_backward fastattn::norm fastattn::norm_backward)
 KERNELS=(softmax_fwd_warp_kernel softmax_fwd_block_kernel softmax_bwd_warp_kernel
-  softmax_bwd_block_kernel)
+  softmax_bwd_block_kernel norm_fwd_reg_kernel norm_fwd_loop_kernel norm_bwd_reg_kernel
+  norm_bwd_coef_kernel norm_bwd_loop_kernel norm_sum_partials_kernel)
 T0=$SECONDS
 
 step() { printf '== %s\n' "$*"; }
@@ -70,7 +72,7 @@ T_BUILD=$((SECONDS - T1))
 SO=$(find "$BUILD/lib/fastattn" -maxdepth 1 -name '_C*.so' | head -1)
 [[ -n $SO ]] || fail "no $BUILD/lib/fastattn/_C*.so after the build"
 
-# 4. The fatbin: SASS per arch, each with the softmax kernels.
+# 4. The fatbin: SASS per arch, each with every kernel.
 step "fatbin of ${SO#"$ROOT"/}"
 KARGS=()
 for k in "${KERNELS[@]}"; do KARGS+=(--kernel "$k"); done

@@ -1,6 +1,6 @@
 // CUDA kernels of fastattn::norm and fastattn::norm_backward: LayerNorm / RMSNorm over the last
 // dim, optionally of h = x + residual (schemas: csrc/ops.cpp; semantics: fastattn/ops/norm.py and
-// fastattn/reference.py::norm). Inputs are checked in norm.cpp before they get here.
+// fastattn/reference.py::norm). Inputs are checked in norm_host.cpp before they get here.
 //
 // Kernels, picked by row length n (in vectors of VEC elements):
 //   - register kernels: a warp per row (short rows, several rows per block) or a block per row;
@@ -33,20 +33,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
+#include "common.cuh"
 #include "norm.h"
 
 namespace fastattn::cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxThreads = 512;      // register kernels: block-per-row variant, up to this
 constexpr int kLoopThreads = 512;     // looped forward and backward row-reduction kernels
 constexpr int kTileThreads = 256;     // looped backward: column tiles of kTileThreads * VEC
@@ -55,36 +52,14 @@ constexpr int kBwdWarpThreads = 256;  // backward warp-per-row kernel: 8 warps s
 constexpr int kBlocksPerSM = 32;      // forward grid cap (grid-stride beyond)
 constexpr int kPartsPerSM = 4;        // backward: blocks (= partial rows) per SM
 constexpr int kSumCols = 32, kSumRows = 16;  // partial-sum kernel block
-constexpr int64_t kMaxGridY = 65535;
 
 // ------------------------------------------------------------------------------ device helpers
-
-// N values of T moved as one access (two for 32 bytes). Vector paths guarantee the alignment.
-template <typename T, int N>
-struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
-  T v[N];
-};
-
-template <int N, typename A, typename T>
-__device__ __forceinline__ void load_vec(A (&v)[N], const T* p) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int e = 0; e < N; ++e) v[e] = static_cast<A>(pk.v[e]);
-}
-
-template <int N, typename T, typename A>
-__device__ __forceinline__ void store_vec(T* p, const A (&v)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int e = 0; e < N; ++e) pk.v[e] = static_cast<T>(v[e]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
 
 // weight (or bias) values for the N columns from `col`; `fill` when the parameter is absent.
 template <int N, typename A, typename W>
 __device__ __forceinline__ void load_param(A (&v)[N], const W* p, int64_t col, A fill) {
   if (p != nullptr) {
-    load_vec(v, p + col);
+    load_pack(v, p + col);
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e) v[e] = fill;
@@ -94,36 +69,14 @@ __device__ __forceinline__ void load_param(A (&v)[N], const W* p, int64_t col, A
 __device__ __forceinline__ float acc_sqrt(float v) { return sqrtf(v); }
 __device__ __forceinline__ double acc_sqrt(double v) { return sqrt(v); }
 
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
 // Sums each v[k] over the row's team: its warp, or with `block_team` the whole block (blockDim.x a
-// multiple of 32, at most kMaxThreads), whose threads must then all call it. Every thread gets the
-// same bits: the butterfly is symmetric and the warps' sums are added in warp order.
+// multiple of 32, at most kMaxThreads), whose threads must then all call it. Every thread of the
+// team gets the same bits (see warp_reduce, combine_warps_each).
 template <int K, typename A>
 __device__ __forceinline__ void team_sum(A (&v)[K], bool block_team) {
-  __shared__ A scratch[kMaxThreads / kWarpSize][K];
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
-  const int warps = blockDim.x / kWarpSize;
-  if (!block_team || warps == 1) return;
-  const int warp = threadIdx.x / kWarpSize;
-  __syncthreads();  // the previous call's readers are done with scratch
-  if (threadIdx.x % kWarpSize == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) scratch[warp][k] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    A s = 0;
-    for (int w = 0; w < warps; ++w) s += scratch[w][k];
-    v[k] = s;
-  }
+  for (int k = 0; k < K; ++k) v[k] = warp_reduce(v[k], SumOp{});
+  if (block_team) combine_warps_each(v, SumOp{}, A(0));
 }
 
 // ------------------------------------------------------------------------------------ forward
@@ -149,14 +102,14 @@ struct FwdArgs {
 template <int VEC, typename T, typename W, typename A>
 __device__ __forceinline__ void load_h(A (&v)[VEC], const FwdArgs<T, W>& a, int64_t off) {
   T xv[VEC];
-  load_vec(xv, a.x + off);
+  load_pack(xv, a.x + off);
   if (a.res != nullptr) {
     T rv[VEC];
-    load_vec(rv, a.res + off);
+    load_pack(rv, a.res + off);
 #pragma unroll
     for (int e = 0; e < VEC; ++e)
       xv[e] = static_cast<T>(static_cast<A>(xv[e]) + static_cast<A>(rv[e]));
-    store_vec(a.h + off, xv);
+    store_pack(a.h + off, xv);
   }
 #pragma unroll
   for (int e = 0; e < VEC; ++e) v[e] = static_cast<A>(xv[e]);
@@ -175,7 +128,7 @@ __device__ __forceinline__ void store_y(const FwdArgs<T, W>& a, const A (&v)[VEC
     if (a.w != nullptr) out[e] *= wv[e];
     if (a.b != nullptr) out[e] += bv[e];
   }
-  store_vec(a.y + row_off + col, out);
+  store_pack(a.y + row_off + col, out);
 }
 
 // A team (warp or block) per row; lane l of the team holds the vectors l, l + team, ...,
@@ -264,7 +217,7 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_loop_kernel(const FwdAr
       A q[1] = {A(0)};
       for (int64_t col = start; col < a.n; col += stride) {
         A v[VEC];
-        load_vec(v, src + off + col);
+        load_pack(v, src + off + col);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const A d = v[e] - mean;
@@ -281,7 +234,7 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_loop_kernel(const FwdAr
     }
     for (int64_t col = start; col < a.n; col += stride) {
       A v[VEC];
-      load_vec(v, src + off + col);
+      load_pack(v, src + off + col);
       store_y(a, v, off, col, mean, rstd);
     }
   }
@@ -301,24 +254,42 @@ struct BwdArgs {
   T* dx;
   A* dw_part;  // (blocks, n): block b's sums of dy * xhat over its rows
   A* db_part;  // (blocks, n) sums of dy; nullptr without bias
-  A* coef;     // looped path: (rows, 2) per-row c1 = mean(xhat * wdy), c2 = mean(wdy)
+  A* coef;     // looped path: (rows, kCoefs) per row: c1 = mean(xhat * wdy), c2 = mean(wdy), mean
   int64_t rows, n, rows_per_block;
   bool rms;
   bool warp_rows;  // register kernel: a warp per row (else the whole block)
 };
+
+constexpr int kCoefs = 3;  // BwdArgs::coef entries per row
+
+// The mean saved by the forward is float32 for every dtype (the schema's). For float64 data its
+// rounding (relative 6e-8) would cost h - mean its low bits, ruinous for rows whose spread is tiny
+// next to their mean (|mean| / std = 1e4 leaves xhat 4 digits), so the float64 backward recomputes
+// each row's mean in double from the row, as the CPU kernel does (csrc/cpu/norm_impl.h). rstd stays
+// the saved float32 value, as on CPU: recomputing it would need eps, which norm_backward lacks.
+template <typename A>
+constexpr bool kRecomputeMean = std::is_same_v<A, double>;
+
+// xhat = (h - mean) * rstd in place of h, and wdy = dy * w, for VEC columns: the one expression
+// every backward kernel uses, so that c1/c2 and dx see the same bits.
+template <int VEC, typename A>
+__device__ __forceinline__ void to_xhat(A (&xh)[VEC], A (&wdy)[VEC], const A (&g)[VEC],
+                                        const A (&wv)[VEC], A mean, A rstd) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    xh[e] = (xh[e] - mean) * rstd;
+    wdy[e] = g[e] * wv[e];  // wv == 1 without weight: exact
+  }
+}
 
 // xhat, dy and wdy = dy * w for the VEC columns from `col` of the row at `off`.
 template <int VEC, typename T, typename W, typename A>
 __device__ __forceinline__ void load_grad(A (&xh)[VEC], A (&g)[VEC], A (&wdy)[VEC],
                                           const BwdArgs<T, W>& a, int64_t off, int64_t col,
                                           const A (&wv)[VEC], A mean, A rstd) {
-  load_vec(xh, a.x + off + col);
-  load_vec(g, a.dy + off + col);
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) {
-    xh[e] = (xh[e] - mean) * rstd;
-    wdy[e] = g[e] * wv[e];  // wv == 1 without weight: exact
-  }
+  load_pack(xh, a.x + off + col);
+  load_pack(g, a.dy + off + col);
+  to_xhat(xh, wdy, g, wv, mean, rstd);
 }
 
 // dx = (wdy - (xhat * c1 + c2)) * rstd (+ grad_residual_out) for the VEC columns from `col`.
@@ -331,11 +302,11 @@ __device__ __forceinline__ void store_dx(const BwdArgs<T, W>& a, int64_t off, in
   for (int e = 0; e < VEC; ++e) out[e] = (wdy[e] - (xh[e] * c1 + c2)) * rstd;
   if (a.dh != nullptr) {
     A d[VEC];
-    load_vec(d, a.dh + off + col);
+    load_pack(d, a.dh + off + col);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) out[e] += d[e];
   }
-  store_vec(a.dx + off + col, out);
+  store_pack(a.dx + off + col, out);
 }
 
 // Warp-per-row blocks: each warp summed its own rows; add the warps' sums column by column in warp
@@ -382,9 +353,32 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(const BwdArgs
 
   for (int64_t row = r0 + team_id; row < r1; row += teams) {
     const int64_t off = row * a.n;
-    const A mean = a.rms ? A(0) : static_cast<A>(a.mean[row]);
     const A rstd = static_cast<A>(a.rstd[row]);
-    A xh[NV][VEC], wdy[NV][VEC];
+    A xh[NV][VEC], wdy[NV][VEC];  // h first, then xhat in place; zeros past the row's end
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t col = (static_cast<int64_t>(k) * team + lane) * VEC;
+      if (col < a.n) {
+        load_pack(xh[k], a.x + off + col);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) xh[k][e] = wdy[k][e] = A(0);
+      }
+    }
+    A mean = A(0);
+    if (!a.rms) {
+      if constexpr (kRecomputeMean<A>) {
+        A s[1] = {A(0)};
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) s[0] += xh[k][e];
+        team_sum(s, !a.warp_rows);
+        mean = s[0] / static_cast<A>(a.n);
+      } else {
+        mean = static_cast<A>(a.mean[row]);
+      }
+    }
     A c[2] = {A(0), A(0)};
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -392,7 +386,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(const BwdArgs
       if (col < a.n) {
         A wv[VEC], g[VEC];
         load_param(wv, a.w, col, A(1));
-        load_grad(xh[k], g, wdy[k], a, off, col, wv, mean, rstd);
+        load_pack(g, a.dy + off + col);
+        to_xhat(xh[k], wdy[k], g, wv, mean, rstd);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           c[0] += xh[k][e] * wdy[k][e];
@@ -400,9 +395,6 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(const BwdArgs
           dw[k][e] += g[e] * xh[k][e];
           db[k][e] += g[e];
         }
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) xh[k][e] = wdy[k][e] = A(0);
       }
     }
     team_sum(c, !a.warp_rows);
@@ -436,7 +428,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(const BwdArgs
   if (db_out != nullptr) combine_warps(db, s, db_out, a.n, lane, team_id, teams);
 }
 
-// Looped path, step 1: c1 and c2 of every row (a block per row, any n) into coef.
+// Looped path, step 1: c1, c2 and the mean used (see kRecomputeMean) of every row (a block per
+// row, any n) into coef.
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kLoopThreads) norm_bwd_coef_kernel(const BwdArgs<T, W> a) {
   using A = at::opmath_type<T>;
@@ -444,7 +437,22 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_coef_kernel(const BwdAr
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t off = row * a.n;
-    const A mean = a.rms ? A(0) : static_cast<A>(a.mean[row]);
+    A mean = A(0);
+    if (!a.rms) {
+      if constexpr (kRecomputeMean<A>) {
+        A s[1] = {A(0)};
+        for (int64_t col = start; col < a.n; col += stride) {
+          A v[VEC];
+          load_pack(v, a.x + off + col);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) s[0] += v[e];
+        }
+        team_sum(s, true);
+        mean = s[0] / static_cast<A>(a.n);
+      } else {
+        mean = static_cast<A>(a.mean[row]);
+      }
+    }
     const A rstd = static_cast<A>(a.rstd[row]);
     A c[2] = {A(0), A(0)};
     for (int64_t col = start; col < a.n; col += stride) {
@@ -459,8 +467,9 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_coef_kernel(const BwdAr
     }
     team_sum(c, true);
     if (threadIdx.x == 0) {
-      a.coef[2 * row] = c[0] / static_cast<A>(a.n);
-      a.coef[2 * row + 1] = a.rms ? A(0) : c[1] / static_cast<A>(a.n);
+      a.coef[kCoefs * row] = c[0] / static_cast<A>(a.n);
+      a.coef[kCoefs * row + 1] = a.rms ? A(0) : c[1] / static_cast<A>(a.n);
+      a.coef[kCoefs * row + 2] = mean;
     }
   }
 }
@@ -483,11 +492,11 @@ __global__ void __launch_bounds__(kTileThreads) norm_bwd_loop_kernel(const BwdAr
     for (int e = 0; e < VEC; ++e) dw[e] = db[e] = A(0);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t off = row * a.n;
-      const A mean = a.rms ? A(0) : static_cast<A>(a.mean[row]);
+      const A* cf = a.coef + kCoefs * row;  // c1, c2, mean (as norm_bwd_coef_kernel used it)
       const A rstd = static_cast<A>(a.rstd[row]);
       A xh[VEC], g[VEC], wdy[VEC];
-      load_grad(xh, g, wdy, a, off, col, wv, mean, rstd);
-      store_dx(a, off, col, xh, wdy, a.coef[2 * row], a.coef[2 * row + 1], rstd);
+      load_grad(xh, g, wdy, a, off, col, wv, cf[2], rstd);
+      store_dx(a, off, col, xh, wdy, cf[0], cf[1], rstd);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         dw[e] += g[e] * xh[e];
@@ -528,30 +537,7 @@ __global__ void __launch_bounds__(kSumCols* kSumRows)
 
 // -------------------------------------------------------------------------------- host side
 
-int sm_count(c10::DeviceIndex device) {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices];
-  static std::once_flag once[kMaxDevices];
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "fastattn::norm: CUDA device index ",
-              static_cast<int>(device), " out of range");
-  std::call_once(once[device], [device] {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  });
-  return std::max(1, counts[device]);
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 int round_up_warp(int64_t v) { return static_cast<int>(ceil_div(v, kWarpSize) * kWarpSize); }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());     // contiguous
-  const char* poison = std::getenv("FASTATTN_POISON_OUTPUTS");  // tests: unwritten -> NaN
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) out.fill_(NAN);
-  return out;
-}
 
 // weight/bias are read as x's dtype when both (where given) have it, else as x's opmath type
 // (converted here; small (n,) tensors): two kernel variants per input dtype, not one per pair.
@@ -571,20 +557,6 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// Calls f(std::integral_constant<int, NV>) for nv in {1, 2, 4}, NV <= kMax.
-template <int kMax, typename F>
-void with_nv(int nv, F&& f) {
-  using std::integral_constant;
-  if (nv == 1) return f(integral_constant<int, 1>{});
-  if constexpr (kMax >= 2) {
-    if (nv == 2) return f(integral_constant<int, 2>{});
-  }
-  if constexpr (kMax >= 4) {
-    if (nv == 4) return f(integral_constant<int, 4>{});
-  }
-  TORCH_INTERNAL_ASSERT(false, "fastattn::norm: no kernel for ", nv, " vectors per thread");
-}
-
 int warp_nv(int64_t vecs) { return vecs <= kWarpSize ? 1 : vecs <= 2 * kWarpSize ? 2 : 4; }
 
 // Forward register kernels: up to 4 vectors per thread (32 fp32 values for 16-bit inputs).
@@ -598,7 +570,7 @@ void launch_forward(FwdArgs<T, W> a, int sms, cudaStream_t stream) {
     a.warp_rows = true;
     constexpr int kRowsPerBlock = kFwdWarpThreads / kWarpSize;
     const int grid = static_cast<int>(std::min(ceil_div(a.rows, kRowsPerBlock), cap));
-    with_nv<kFwdNV>(warp_nv(vecs), [&](auto nv) {
+    with_pow2<kFwdNV>(warp_nv(vecs), [&](auto nv) {
       norm_fwd_reg_kernel<T, W, VEC, decltype(nv)::value><<<grid, kFwdWarpThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -609,10 +581,11 @@ void launch_forward(FwdArgs<T, W> a, int sms, cudaStream_t stream) {
   if (vecs <= int64_t{kMaxThreads} * kFwdNV) {
     const int threads = round_up_warp(ceil_div(vecs, kFwdNV));  // 64..kMaxThreads
     norm_fwd_reg_kernel<T, W, VEC, kFwdNV><<<grid, threads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     norm_fwd_loop_kernel<T, W, VEC><<<grid, kLoopThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, typename W>
@@ -633,9 +606,12 @@ void forward(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, cons
   a.eps = static_cast<at::opmath_type<T>>(eps);
   a.rms = rms;
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = a.n % kVec == 0 && aligned16(a.x) && aligned16(a.res) && aligned16(a.w) &&
-                   aligned16(a.b) && aligned16(a.y) && aligned16(a.h);  // nullptr is aligned
-  const int sms = sm_count(x.get_device());
+  // Rows are n elements apart in x, residual, y and h (contiguous): packs need aligned bases and
+  // n * sizeof(T) % 16 == 0; weight and bias are one row each. Absent (null) pointers fit.
+  const auto rows_fit = [&](const T* p) { return packs_fit(p, a.n, sizeof(T)); };
+  const bool vec = rows_fit(a.x) && rows_fit(a.res) && rows_fit(a.y) && rows_fit(a.h) &&
+                   is_aligned(a.w, 16) && is_aligned(a.b, 16);
+  const int sms = device_limits(x.get_device()).sm_count;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
     launch_forward<T, W, kVec>(a, sms, stream);
@@ -676,7 +652,7 @@ void launch_backward(BwdArgs<T, W> a, const at::Tensor& dw, const at::Tensor& db
     a.warp_rows = true;
     constexpr int kTeams = kBwdWarpThreads / kWarpSize;
     const size_t smem = static_cast<size_t>(kTeams) * a.n * sizeof(A);  // <= 16 KiB
-    with_nv<kNV>(warp_nv(vecs), [&](auto nv) {
+    with_pow2<kNV>(warp_nv(vecs), [&](auto nv) {
       norm_bwd_reg_kernel<T, W, VEC, decltype(nv)::value>
           <<<static_cast<int>(parts), kBwdWarpThreads, smem, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -688,7 +664,7 @@ void launch_backward(BwdArgs<T, W> a, const at::Tensor& dw, const at::Tensor& db
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     a.warp_rows = false;
-    coef = at::empty({a.rows, 2}, acc_opts);
+    coef = at::empty({a.rows, kCoefs}, acc_opts);
     a.coef = coef.mutable_data_ptr<A>();
     const int64_t cap = static_cast<int64_t>(sms) * kBlocksPerSM;
     norm_bwd_coef_kernel<T, W, VEC>
@@ -727,9 +703,10 @@ void backward(const at::Tensor& dy, const at::Tensor& dh, const at::Tensor& x, c
   a.rows = x.numel() / a.n;
   a.rms = rms;
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = a.n % kVec == 0 && aligned16(a.dy) && aligned16(a.dh) && aligned16(a.x) &&
-                   aligned16(a.w) && aligned16(a.dx);  // nullptr is aligned
-  const int sms = sm_count(x.get_device());
+  const auto rows_fit = [&](const T* p) { return packs_fit(p, a.n, sizeof(T)); };
+  const bool vec = rows_fit(a.dy) && rows_fit(a.dh) && rows_fit(a.x) && rows_fit(a.dx) &&
+                   is_aligned(a.w, 16);  // as in forward()
+  const int sms = device_limits(x.get_device()).sm_count;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
     launch_backward<T, W, kVec>(a, dw, db, sms, stream);

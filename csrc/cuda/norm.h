@@ -1,5 +1,5 @@
 // Host entry points of the CUDA LayerNorm/RMSNorm kernels (csrc/cuda/norm.cu), called by the
-// dispatcher registrations in csrc/cuda/norm.cpp once the inputs are checked. Schemas and
+// dispatcher registrations in csrc/cuda/norm_host.cpp once the inputs are checked. Schemas and
 // semantics: csrc/ops.cpp and fastattn/ops/norm.py.
 #pragma once
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
 // CUDA kernels of fastattn::softmax and fastattn::softmax_backward (schemas: csrc/ops.cpp,
-// semantics: fastattn/reference.py). Inputs are checked in softmax.cpp before they get here.
+// semantics: fastattn/reference.py). Inputs are checked in softmax_host.cpp before they get here.
 //
 // Every row of the last dim is normalised independently; the kernel is picked by row length:
 //   - short rows (up to 1024 columns for fp16/bf16, 512 for fp32/fp64; see Layout): a group of
@@ -15,7 +15,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,12 +23,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <type_traits>
+
+#include "common.cuh"
+#include "softmax.h"
 
 // IEEE semantics are relied on: -0.0 marks masked entries (exp_or_masked), and inf/NaN flow through
 // the reductions as in the reference.
@@ -40,29 +39,23 @@
 namespace fastattn::cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpKernelThreads = 128;  // 4 warps, each serving 1..32 rows at a time
-constexpr int kMaxBlockThreads = 1024;
 
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kFloatMask = 2, kInputDtypeMask = 3 };
 
 // ------------------------------------------------------------------------------ device helpers
-
-// N values of T, loaded or stored as one access (two for 32 bytes).
-template <typename T, int N>
-struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
-  T v[N];
-};
 
 template <typename T>
 __host__ __device__ constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-// Max ignores NaN (fmax); a NaN reaches the row's sum instead, and from there every output.
-__device__ __forceinline__ float fa_max(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double fa_max(double a, double b) { return fmax(a, b); }
+// Max ignores NaN (fmax, as MaxOp); a NaN reaches the row's sum instead, and from there every
+// output.
+template <typename T>
+__device__ __forceinline__ T fa_max(T a, T b) {
+  return MaxOp{}(a, b);
+}
 __device__ __forceinline__ float fa_exp(float v) { return expf(v); }
 __device__ __forceinline__ double fa_exp(double v) { return exp(v); }
 __device__ __forceinline__ float fa_log(float v) { return logf(v); }
@@ -80,50 +73,14 @@ __device__ __forceinline__ bool is_masked(T e) {
   return e == T(0) && signbit(e);
 }
 
-struct MaxOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const {
-    return fa_max(a, b);
-  }
-};
-struct SumOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const {
-    return a + b;
-  }
-};
-
-// Reduces over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp must
-// call it, and every lane of a group gets the group's result.
-template <typename T, typename Op>
-__device__ __forceinline__ T group_reduce(T v, Op op, int width) {
-  for (int o = width >> 1; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
-
-// Reduces over the block (blockDim.x a multiple of 32); every thread gets the result. The trailing
-// barrier lets the next call reuse `scratch`.
-template <typename T, typename Op>
-__device__ __forceinline__ T block_reduce(T v, Op op, T identity, T* scratch) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  v = group_reduce(v, op, kWarpSize);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / kWarpSize) ? scratch[lane] : identity;
-  v = group_reduce(v, op, kWarpSize);
-  __syncthreads();
-  return v;
-}
-
-// v[e] = p[(col + e) * stride] as Acc for the N columns from `col`, `fill` past `cols`. One vector
-// access when `vec` (then stride == 1 and p + col is aligned for Vec<T, N>) and all N are in range.
+// v[e] = p[(col + e) * stride] as Acc for the N columns from `col`, `fill` past `cols`. One pack
+// access when `vec` (then stride == 1 and p + col is aligned for Pack<T, N>: packs_fit) and all N
+// are in range; element-wise otherwise, so a row's tail needs no padding.
 template <int N, typename Acc, typename T>
 __device__ __forceinline__ void load_cols(Acc (&v)[N], const T* __restrict__ p, int64_t col,
                                           int64_t cols, int64_t stride, bool vec, Acc fill) {
   if (vec && col + N <= cols) {
-    const Vec<T, N> w = *reinterpret_cast<const Vec<T, N>*>(p + col);
-#pragma unroll
-    for (int e = 0; e < N; ++e) v[e] = static_cast<Acc>(w.v[e]);
+    load_pack(v, p + col);
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -135,10 +92,7 @@ template <int N, typename Acc, typename T>
 __device__ __forceinline__ void store_cols(T* __restrict__ p, int64_t col, int64_t cols, bool vec,
                                            const Acc (&v)[N]) {
   if (vec && col + N <= cols) {
-    Vec<T, N> w;
-#pragma unroll
-    for (int e = 0; e < N; ++e) w.v[e] = static_cast<T>(v[e]);
-    *reinterpret_cast<Vec<T, N>*>(p + col) = w;
+    store_pack(p + col, v);
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -248,7 +202,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads, 4)
     for (int k = 0; k < ITERS; ++k)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) m = fa_max(m, z[k][e]);
-    m = group_reduce(m, MaxOp{}, group);
+    m = warp_reduce(m, MaxOp{}, group);
     const Acc shift = m == neg_inf<Acc>() ? Acc(0) : m;  // fully masked row: no -inf - -inf
     Acc s = 0;
 #pragma unroll
@@ -262,7 +216,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads, 4)
           s += z[k][e];
         }
       }
-    s = group_reduce(s, SumOp{}, group);
+    s = warp_reduce(s, SumOp{}, group);
     if (!active) continue;
     // s == 0 only when every entry is masked: outputs 0 (log: -inf). A NaN sum propagates.
     const Acc inv = s == Acc(0) ? Acc(0) : Acc(1) / s;
@@ -282,7 +236,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads, 4)
 }
 
 // A block per row; thread t handles the vectors t, t + blockDim.x, ... of the row. With `cached`,
-// the logits go to dynamic shared memory (one Vec<Acc, VEC> per vector of the row) and x is read
+// the logits go to dynamic shared memory (one Pack<Acc, VEC> per vector of the row) and x is read
 // once; otherwise pass 1 keeps a running max and sum and pass 2 reads x again. Each thread only
 // ever touches its own cache entries, so the cache needs no barriers.
 template <typename scalar_t, int VEC>
@@ -290,8 +244,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     softmax_fwd_block_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                              const FwdArgs<at::opmath_type<scalar_t>> a, const bool cached) {
   using Acc = at::opmath_type<scalar_t>;
-  using Chunk = Vec<Acc, VEC>;
-  __shared__ Acc scratch[kWarpSize];
+  using Chunk = Pack<Acc, VEC>;
   extern __shared__ __align__(16) unsigned char smem[];
   Chunk* cache = reinterpret_cast<Chunk*>(smem);
   const int64_t nvec = (a.cols + VEC - 1) / VEC;
@@ -320,7 +273,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
         m = m_new;
       }
     }
-    const Acc row_max = block_reduce(m, MaxOp{}, neg_inf<Acc>(), scratch);
+    const Acc row_max = block_reduce(m, MaxOp{}, neg_inf<Acc>());
     const Acc shift = row_max == neg_inf<Acc>() ? Acc(0) : row_max;
     if (cached) {
       for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
@@ -339,7 +292,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     } else if (m != row_max) {
       s *= fa_exp(m - shift);  // from this thread's max to the row's
     }
-    const Acc total = block_reduce(s, SumOp{}, Acc(0), scratch);
+    const Acc total = block_reduce(s, SumOp{}, Acc(0));
     const Acc inv = total == Acc(0) ? Acc(0) : Acc(1) / total;
     const Acc log_total = total == Acc(0) ? Acc(0) : fa_log(total);
     scalar_t* yrow = y + row * a.cols;
@@ -412,7 +365,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads, 4)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) s += bwd_term(gv[k][e], yv[k][e], a.log);
     }
-    s = group_reduce(s, SumOp{}, group);
+    s = warp_reduce(s, SumOp{}, group);
     if (!active) continue;
 #pragma unroll
     for (int k = 0; k < ITERS; ++k) {
@@ -434,7 +387,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
                              scalar_t* __restrict__ dx,
                              const BwdArgs<at::opmath_type<scalar_t>> a) {
   using Acc = at::opmath_type<scalar_t>;
-  __shared__ Acc scratch[kWarpSize];
   const int64_t nvec = (a.cols + VEC - 1) / VEC;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const scalar_t* grow = g + row * a.cols;
@@ -447,7 +399,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) s += bwd_term(gv[e], yv[e], a.log);
     }
-    const Acc total = block_reduce(s, SumOp{}, Acc(0), scratch);
+    const Acc total = block_reduce(s, SumOp{}, Acc(0));
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       Acc gv[VEC], yv[VEC], out[VEC];
       load_cols(gv, grow, v * VEC, a.cols, 1, a.vec, Acc(0));
@@ -461,28 +413,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 
 // -------------------------------------------------------------------------------- host side
 
-struct DeviceLimits {
-  int sm_count = 0;
-  int smem_optin = 0;  // largest dynamic + static shared memory a block may opt in to
-};
-
-const DeviceLimits& device_limits(int device) {
-  constexpr int kMaxDevices = 64;
-  static DeviceLimits limits[kMaxDevices];
-  static std::once_flag once[kMaxDevices];
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "fastattn: CUDA device index ", device,
-              " out of range");
-  std::call_once(once[device], [device] {
-    C10_CUDA_CHECK(
-        cudaDeviceGetAttribute(&limits[device].sm_count, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits[device].smem_optin,
-                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  });
-  return limits[device];
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 int next_pow2(int64_t v) {
   int p = 1;
   while (p < v) p *= 2;
@@ -495,8 +425,6 @@ int log2_exact(int v) {
   return l;
 }
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 // Enough blocks for a few waves; the kernels loop over any rows beyond (grid-stride).
 int grid_size(int64_t blocks_needed, int threads, const DeviceLimits& lim) {
   const int64_t cap = static_cast<int64_t>(lim.sm_count) * std::max(1, 2048 / threads) * 4;
@@ -508,27 +436,6 @@ int block_threads(int64_t nvec) {
   int t = 128;
   while (t < kMaxBlockThreads && t * 4 < nvec) t *= 2;
   return t;
-}
-
-// Calls f(std::integral_constant<int, ITERS>) for iters in {1, 2, 4, 8}, ITERS <= kMax.
-template <int kMax, typename F>
-void with_iters(int iters, F&& f) {
-  using std::integral_constant;
-  switch (iters) {
-    case 1:
-      f(integral_constant<int, 1>{});
-      return;
-    case 2:
-      if constexpr (kMax >= 2) return f(integral_constant<int, 2>{});
-      break;
-    case 4:
-      if constexpr (kMax >= 4) return f(integral_constant<int, 4>{});
-      break;
-    case 8:
-      if constexpr (kMax >= 8) return f(integral_constant<int, 8>{});
-      break;
-  }
-  TORCH_INTERNAL_ASSERT(false, "fastattn: no warp kernel for ", iters, " vectors per lane");
 }
 
 // Row-length split between the kernels, per dtype: VEC columns per 16-byte vector, and at most
@@ -610,16 +517,11 @@ at::Tensor set_mask_args(FwdArgs<Acc>& a, const at::Tensor& mask, const at::Tens
     a.mask_kind = kInputDtypeMask;
     elem = x.element_size();
   }
-  a.mask_vec = a.sc == 1 && a.s0 % vec == 0 && a.s1 % vec == 0 && a.s2 % vec == 0 &&
-               aligned(a.mask, std::min<size_t>(elem * vec, 16));
+  // Packs of `vec` mask values: the base and every row stride (s0, s1, s2) must keep them aligned.
+  const size_t pack = std::min<size_t>(elem * vec, 16);
+  a.mask_vec = a.sc == 1 && packs_fit(a.mask, a.s0, elem, pack) &&
+               packs_fit(a.mask, a.s1, elem, pack) && packs_fit(a.mask, a.s2, elem, pack);
   return full;
-}
-
-at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());     // contiguous
-  const char* poison = std::getenv("FASTATTN_POISON_OUTPUTS");  // tests: unwritten -> NaN
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) out.fill_(NAN);
-  return out;
 }
 
 template <typename scalar_t>
@@ -637,17 +539,19 @@ void launch_forward(const at::Tensor& x, const at::Tensor& y, const std::optiona
   a.causal_rows = x.dim() >= 2 ? x.size(-2) : 1;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  a.vec = a.cols % kVec == 0 && aligned(xp, 16) && aligned(yp, 16);
+  // Row r starts at r * cols elements (contiguous x and y): packs need cols * elem % 16 == 0 too.
+  a.vec = packs_fit(xp, a.cols, sizeof(scalar_t)) && packs_fit(yp, a.cols, sizeof(scalar_t));
   a.mask_kind = kNoMask;
   a.d1 = a.d2 = 1;
   at::Tensor mask_view;  // keeps a contiguous fallback copy alive until the launch
   if (mask.has_value()) mask_view = set_mask_args(a, *mask, x, kVec);
 
-  const DeviceLimits& lim = device_limits(static_cast<int>(x.get_device()));
+  const int device = x.get_device();
+  const DeviceLimits& lim = device_limits(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const WarpLaunch w = warp_launch<scalar_t>(a.rows, a.cols, lim);
   if (w.use) {
-    with_iters<L::kMaxIters>(w.iters, [&](auto iters) {
+    with_pow2<L::kMaxIters>(w.iters, [&](auto iters) {
       softmax_fwd_warp_kernel<scalar_t, kVec, decltype(iters)::value>
           <<<w.grid, kWarpKernelThreads, 0, stream>>>(xp, yp, a, w.log2_group);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -656,14 +560,12 @@ void launch_forward(const at::Tensor& x, const at::Tensor& y, const std::optiona
   }
   const int64_t nvec = ceil_div(a.cols, kVec);
   const int threads = block_threads(nvec);
-  const int64_t cache_bytes = nvec * static_cast<int64_t>(sizeof(Vec<Acc, kVec>));
-  // Static shared memory (the reduction scratch) and a margin come out of the opt-in limit.
-  const bool cached = cache_bytes <= lim.smem_optin - 1024;
+  const int64_t cache_bytes = nvec * static_cast<int64_t>(sizeof(Pack<Acc, kVec>));
+  auto* kernel = softmax_fwd_block_kernel<scalar_t, kVec>;
+  // The logits are cached while they fit in what the kernel may have (opted in to once per device,
+  // thread-safely: see max_dynamic_smem); longer rows take the online two-pass path.
+  const bool cached = cache_bytes <= max_dynamic_smem(kernel, device);
   const int smem = cached ? static_cast<int>(cache_bytes) : 0;
-  auto kernel = softmax_fwd_block_kernel<scalar_t, kVec>;
-  // Above 48 KiB of static + dynamic shared memory a kernel must opt in.
-  if (smem + static_cast<int>(kWarpSize * sizeof(Acc)) > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<grid_size(a.rows, threads, lim), threads, smem, stream>>>(xp, yp, a, cached);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -682,13 +584,14 @@ void launch_backward(const at::Tensor& g, const at::Tensor& y, const at::Tensor&
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-  a.vec = a.cols % kVec == 0 && aligned(gp, 16) && aligned(yp, 16) && aligned(dxp, 16);
+  a.vec = packs_fit(gp, a.cols, sizeof(scalar_t)) && packs_fit(yp, a.cols, sizeof(scalar_t)) &&
+          packs_fit(dxp, a.cols, sizeof(scalar_t));
 
   const DeviceLimits& lim = device_limits(static_cast<int>(y.get_device()));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const WarpLaunch w = warp_launch<scalar_t>(a.rows, a.cols, lim);
   if (w.use) {
-    with_iters<L::kMaxIters>(w.iters, [&](auto iters) {
+    with_pow2<L::kMaxIters>(w.iters, [&](auto iters) {
       softmax_bwd_warp_kernel<scalar_t, kVec, decltype(iters)::value>
           <<<w.grid, kWarpKernelThreads, 0, stream>>>(gp, yp, dxp, a, w.log2_group);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,25 +1,15 @@
-// CUDA kernels of fastattn::softmax and fastattn::softmax_backward: input checks, then the kernels
-// in softmax.cu (kept apart so that the .cu compiles against light headers only).
+// CUDA kernels of fastattn::softmax and fastattn::softmax_backward, torch-facing half: input
+// checks and the dispatcher registration; the kernels and their launchers are in softmax.cu (kept
+// apart so that the .cu compiles against light headers only).
 #include <torch/library.h>
 
 #include <optional>
 
 #include "../checks.h"
+#include "softmax.h"
 
 namespace fastattn::cuda {
-
-// softmax.cu
-at::Tensor softmax_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
-                        bool causal, bool log);
-at::Tensor softmax_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out, double scale,
-                                 bool log);
-
 namespace {
-
-void check_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name,
-              " must be a CUDA tensor for the CUDA kernel, got one on ", t.device());
-}
 
 at::Tensor softmax(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
                    bool causal, bool log) {
@@ -37,9 +27,7 @@ at::Tensor softmax_backward(const at::Tensor& grad_out, const at::Tensor& out, d
   check_cuda(op, "out", out);
   check_min_dim(op, "out", out, 1);
   check_floating(op, "out", out);
-  check_same_device(op, "grad_out", grad_out, out);
-  check_same_shape(op, "grad_out", grad_out, out);
-  check_same_dtype(op, "grad_out", grad_out, out);
+  check_like(op, "grad_out", grad_out, out);
   return softmax_backward_cuda(grad_out, out, scale, log);
 }
 

@@ -1,38 +1,26 @@
-// CUDA kernels of fastattn::norm and fastattn::norm_backward: input checks, then the kernels in
-// norm.cu (kept apart so that the .cu compiles against light headers only).
-#include "norm.h"
-
+// CUDA kernels of fastattn::norm and fastattn::norm_backward, torch-facing half: input checks and
+// the dispatcher registration; the kernels and their launchers are in norm.cu (kept apart so that
+// the .cu compiles against light headers only).
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
 #include "../checks.h"
+#include "norm.h"
 
 namespace fastattn::cuda {
 namespace {
-
-void check_cuda_input(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name,
-              " must be a CUDA tensor for the CUDA kernel, got one on ", t.device());
-}
-
-// A tensor of the input's shape, dtype and device (residual, grad_out, grad_residual_out).
-void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  check_same_device(op, name, t, x);
-  check_same_shape(op, name, t, x);
-  check_same_dtype(op, name, t, x);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm(
     const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
     bool rms) {
   constexpr const char* op = "fastattn::norm";
-  check_cuda_input(op, "x", x);
+  check_cuda(op, "x", x);
   check_min_dim(op, "x", x, 1);
   check_floating(op, "x", x);
-  if (residual.has_value()) check_like_input(op, "residual", *residual, x);
+  if (residual.has_value()) check_like(op, "residual", *residual, x);
   if (weight.has_value()) check_norm_param(op, "weight", *weight, x);
   if (bias.has_value()) check_norm_param(op, "bias", *bias, x);
   return norm_forward_cuda(x, residual, weight, bias, eps, rms);
@@ -43,12 +31,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
     const at::Tensor& rstd, bool rms, bool has_bias) {
   constexpr const char* op = "fastattn::norm_backward";
-  check_cuda_input(op, "input", input);
+  check_cuda(op, "input", input);
   check_min_dim(op, "input", input, 1);
   check_floating(op, "input", input);
-  check_like_input(op, "grad_out", grad_out, input);
+  check_like(op, "grad_out", grad_out, input);
   if (grad_residual_out.has_value()) {
-    check_like_input(op, "grad_residual_out", *grad_residual_out, input);
+    check_like(op, "grad_residual_out", *grad_residual_out, input);
   }
   if (weight.has_value()) check_norm_param(op, "weight", *weight, input);
   if (!rms) check_row_stats(op, "mean", mean, input);  // RMSNorm: mean is unused (empty)
