@@ -4,7 +4,8 @@
 ``triton.compile`` for ``GPUTarget("cuda", cc, 32)`` — no GPU needed — twice: as is, and with the
 specialisation Triton's JIT gives the usual run-time arguments (``aligned``: every pointer and
 every stride and size argument ``s_*``, ``D``, ``Sq``, ``Sk``, ``n_cols`` divisible by 16, plus
-the spec's ``aligned_constexprs``, e.g. a unit stride), which vectorises loads and lets sm_80+
+the spec's ``aligned_constexprs``, e.g. a unit stride; unless the spec says ``aligned_too``
+False), which vectorises loads and lets sm_80+
 stage tiles through shared memory with cp.async (more shared memory). It prints one JSON line per
 compile: shared memory used, registers per thread and stack frame bytes (from ``cuobjdump
 --dump-resource-usage`` of the cubin: a stack frame is where ptxas spills registers), cubin
@@ -47,6 +48,7 @@ CANARY = {
     "signature": {"X": "*fp32"},
     "constexprs": {"BLOCK": 32 * 512},
     "num_warps": 1,
+    "aligned_too": False,
 }
 
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     _SPECS[:] = [s for s in all_specs() if args.k in s["id"]] + ([CANARY] if args.canary else [])
     # The slow compiles (attention, last in the list) first, so that no worker idles at the end.
     tasks = [(i, cc, a) for i in reversed(range(len(_SPECS))) for cc in args.cc
-             for a in (False, True) if not (a and _SPECS[i] is CANARY)]  # fmt: skip
+             for a in (False, True) if not a or _SPECS[i].get("aligned_too", True)]  # fmt: skip
     if args.jobs <= 1:
         for line in map(_compile_one, tasks):
             print(line, flush=True)

@@ -207,6 +207,11 @@ def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):
     return dx, dw_part.sum(0), db_part.sum(0) if has_bias else dw_part.new_empty(0)
 
 
+# The AOT compile adds the aligned specialisation from this row tier up (below it, 4 warps over
+# at most 512 columns: the same code but for the width of the loads).
+ALIGNED_FROM = 1024
+
+
 def aot_specs() -> Any:
     """Each kernel configuration ``launch_config`` can pick, per dtype, for ``fastattn._aot``."""
     tys = ("fp32", "fp16", "bf16")
@@ -224,6 +229,7 @@ def aot_specs() -> Any:
                     "constexprs": {"HAS_RES": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
                                    **tiers, "RNE_BF16": t == "bf16"},
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }  # fmt: skip
                 names = "DY DH HIN W MEAN RSTD DX DW DB n_rows n_cols rows_per_prog"
                 types = [f"*{t}"] * 3 + ["*fp32"] * 6 + ["i32"] * 3
@@ -234,6 +240,7 @@ def aot_specs() -> Any:
                     "constexprs": {"HAS_DH": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
                                    **tiers, "RNE_BF16": t == "bf16"},
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }  # fmt: skip
 
 

@@ -211,6 +211,11 @@ def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: boo
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+# The AOT compile adds the aligned specialisation from this row tier up (below it, 4 warps over
+# at most 512 columns: the same code but for the width of the loads).
+ALIGNED_FROM = 1024
+
+
 def aot_specs() -> Any:
     """Each kernel configuration ``launch_config`` can pick, per dtype, for ``fastattn._aot``."""
     for cols in row_tiers(MAX_SINGLE_PASS):
@@ -245,6 +250,7 @@ def aot_specs() -> Any:
                         "RNE_BF16": False,
                     },
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }
             for log in (False, True):
                 yield {
@@ -260,6 +266,7 @@ def aot_specs() -> Any:
                     # RNE_BF16 (interpreter-only rounding) must stay valid GPU code too.
                     "constexprs": {"LOG": log, "BLOCK": cfg["BLOCK"], "RNE_BF16": t == "bf16"},
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }
 
 
