@@ -8,6 +8,7 @@ the deterministic and atomic dQ paths, non-contiguous inputs and zero-size shape
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from functools import partial
@@ -205,6 +206,24 @@ def test_autotuned_launch(monkeypatch):
         assert len(fwd.cache) == tuned + new
 
 
+def test_autotuning_times_on_the_gpu(monkeypatch):
+    # On a GPU the autotuner keeps Triton's default benchmarker (CUDA events); only this
+    # module's interpreter tests pass a CPU timer. Under the interpreter nothing is tuned.
+    assert not T.autotuning()
+    seen = []
+    real = T.triton.autotune
+
+    def autotune(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw, do_bench=lambda fn, quantiles=None: (fn(), [1.0, 1.0, 1.0])[1])
+
+    monkeypatch.setattr(T, "autotuning", lambda: True)
+    monkeypatch.setattr(T, "_TUNED", {})
+    monkeypatch.setattr(T.triton, "autotune", autotune)
+    _run(1, 2, 1, 20, 70, 16, torch.float16)
+    assert seen and all("do_bench" not in kw for kw in seen)
+
+
 def test_aot_specs_cover_every_config():
     ids = [s["id"] for s in AOT.aot_specs()]
     assert len(ids) == len(set(ids))
@@ -216,8 +235,21 @@ def test_aot_specs_cover_every_config():
                            for i in ids), (kern, tier, (m, n, w, s))  # fmt: skip
 
 
+GUARDED = []  # the tensors whose device_guard is entered, innermost last
+
+
+@contextlib.contextmanager
+def _guard(t):
+    GUARDED.append(t)
+    try:
+        yield
+    finally:
+        GUARDED.pop()
+
+
 class _GridSpy:
-    """Stands in for a kernel: records each launch's grid and tile, runs nothing."""
+    """Stands in for a kernel: records each launch's grid and tile, runs nothing; checks that it
+    is launched under the device guard of the inputs (Triton launches on the current device)."""
 
     def __init__(self, kernel):
         self.fn = kernel.fn
@@ -225,6 +257,7 @@ class _GridSpy:
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
+            assert GUARDED and GUARDED[-1].device == args[0].device, "launched unguarded"
             self.launches.append((tuple(grid), kw.get("BLOCK_M"), kw.get("BLOCK_N")))
 
         return launch
@@ -245,6 +278,8 @@ def test_every_launch_fits_cuda_grid_limits(monkeypatch, B, H, Hkv, Sq, Sk, spli
     # batch*heads = 70,000 (over the 65,535 of grid axes 1 and 2) and 4M-token sequences, on
     # the meta device: nothing is allocated, the launchers run up to the (spied) launches.
     spies = {}
+    monkeypatch.setattr(A, "device_guard", _guard)
+    monkeypatch.setattr(AB, "device_guard", _guard)
     for mod, name in SPIED:
         spies[name] = _GridSpy(getattr(mod, name))
         monkeypatch.setattr(mod, name, spies[name])
