@@ -8,15 +8,19 @@ the deterministic and atomic dQ paths, non-contiguous inputs and zero-size shape
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from functools import partial
 
 import pytest
 import torch
 
+from fastattn import _triton as T
 from fastattn import reference
 from fastattn._triton import HAS_TRITON
 from fastattn.ops import _attention_triton as A
+from fastattn.ops import _attention_triton_aot as AOT
 from fastattn.ops import _attention_triton_bwd as AB
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -151,7 +155,7 @@ def test_fp16_and_auto_split():
     # Decode with many keys takes the split-K path on its own (interpreter: 8 pseudo-SMs).
     B, H, Sk = 1, 2, 4 * 64 + 17
     q, k, v = _inputs(B, H, 1, 2, Sk, 64, torch.float16)
-    assert A._num_splits(q, B * H, Sk, A.SPLIT_CONFIG[64][1]) > 1
+    assert A.decode_splits(q, B * H, Sk, A.SPLIT_CONFIG[64][1]) > 1
     _run(B, H, 1, 2, Sk, 64, dtype=torch.float16, mask="float")
 
 
@@ -185,31 +189,173 @@ def test_autotuned_launch(monkeypatch):
         dt = (time.perf_counter() - t) * 1e3
         return [dt, dt, dt]
 
-    monkeypatch.setattr(A, "_autotuning", lambda: True)
-    monkeypatch.setattr(A, "_TUNED", {})
-    monkeypatch.setattr(A.triton, "autotune", partial(A.triton.autotune, do_bench=cpu_bench))
+    monkeypatch.setattr(T, "autotuning", lambda: True)
+    monkeypatch.setattr(T, "_TUNED", {})
+    monkeypatch.setattr(T.triton, "autotune", partial(T.triton.autotune, do_bench=cpu_bench))
     # fp16: fp32 has a single (never tuned) config per tier.
     _run(1, 2, 1, 20, 70, 16, torch.float16, mask="float", deterministic=False)
     _run(1, 2, 1, 20, 70, 16, torch.float16, causal=True, off=50, deterministic=True)
-    assert {name for name, _ in A._TUNED} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    kernels = {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+    assert {name for name, _ in T._TUNED} == kernels
     # Sequence lengths join the key by powers of two: 20 -> 80 queries tunes again, 70 -> 90 keys
     # reuses that config, 300 keys tunes again (80 queries: no decode split-K, which is pinned).
-    fwd = next(t for (name, _), t in A._TUNED.items() if name == "_fwd_kernel")
+    fwd = next(t for (name, _), t in T._TUNED.items() if name == "attn_fwd_kernel")
     tuned = len(fwd.cache)
     for sk, new in ((70, 1), (90, 1), (300, 2)):
         _run(1, 2, 1, 80, sk, 16, torch.float16, mask="float", deterministic=False)
         assert len(fwd.cache) == tuned + new
 
 
+def test_autotuning_times_on_the_gpu(monkeypatch):
+    # On a GPU the autotuner keeps Triton's default benchmarker (CUDA events); only this
+    # module's interpreter tests pass a CPU timer. Under the interpreter nothing is tuned.
+    assert not T.autotuning()
+    seen = []
+    real = T.triton.autotune
+
+    def autotune(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw, do_bench=lambda fn, quantiles=None: (fn(), [1.0, 1.0, 1.0])[1])
+
+    monkeypatch.setattr(T, "autotuning", lambda: True)
+    monkeypatch.setattr(T, "_TUNED", {})
+    monkeypatch.setattr(T.triton, "autotune", autotune)
+    _run(1, 2, 1, 20, 70, 16, torch.float16)
+    assert seen and all("do_bench" not in kw for kw in seen)
+
+
 def test_aot_specs_cover_every_config():
-    ids = [s["id"] for s in A.aot_specs()]
+    ids = [s["id"] for s in AOT.aot_specs()]
     assert len(ids) == len(set(ids))
-    for tier, cfgs in A.FWD_CONFIGS.items():
-        for m, n, w, s in cfgs:
-            assert any(i.startswith(f"attn_fwd-{tier}-") and i.endswith(f"m{m}n{n}w{w}s{s}")
-                       for i in ids)  # fmt: skip
-    for tier, cfgs in A.BWD_CONFIGS.items():
-        for m, n, w, s in cfgs:
-            for kern in ("attn_bwd_dkdv", "attn_bwd_dq"):
+    for kern, table in (("attn_fwd", A.FWD_CONFIGS), ("attn_bwd_dkdv", A.DKDV_CONFIGS),
+                        ("attn_bwd_dq", A.DQ_CONFIGS)):  # fmt: skip
+        for tier, cfgs in table.items():
+            for m, n, w, s in cfgs:
                 assert any(i.startswith(f"{kern}-{tier}-") and i.endswith(f"m{m}n{n}w{w}s{s}")
-                           for i in ids)  # fmt: skip
+                           for i in ids), (kern, tier, (m, n, w, s))  # fmt: skip
+
+
+GUARDED = []  # the tensors whose device_guard is entered, innermost last
+
+
+@contextlib.contextmanager
+def _guard(t):
+    GUARDED.append(t)
+    try:
+        yield
+    finally:
+        GUARDED.pop()
+
+
+class _GridSpy:
+    """Stands in for a kernel: records each launch's grid and tile, runs nothing; checks that it
+    is launched under the device guard of the inputs (Triton launches on the current device)."""
+
+    def __init__(self, kernel):
+        self.fn = kernel.fn
+        self.launches: list[tuple[tuple[int, ...], int | None, int | None]] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            assert GUARDED and GUARDED[-1].device == args[0].device, "launched unguarded"
+            self.launches.append((tuple(grid), kw.get("BLOCK_M"), kw.get("BLOCK_N")))
+
+        return launch
+
+
+SPIED = [(A, "attn_fwd_kernel"), (A, "attn_combine_kernel"), (AB, "attn_bwd_pre_kernel"),
+         (AB, "attn_bwd_dkdv_kernel"), (AB, "attn_bwd_dq_kernel")]  # fmt: skip
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize(
+    ("B", "H", "Hkv", "Sq", "Sk", "splits"),
+    [(35000, 2, 1, 300, 200, None), (70000, 1, 1, 1, 512, 4), (1, 8, 8, 2**22, 2**22, None)],
+    ids=["bh70000", "bh70000-split", "sq4M"],
+)
+def test_every_launch_fits_cuda_grid_limits(monkeypatch, B, H, Hkv, Sq, Sk, splits,
+                                            deterministic):  # fmt: skip
+    # batch*heads = 70,000 (over the 65,535 of grid axes 1 and 2) and 4M-token sequences, on
+    # the meta device: nothing is allocated, the launchers run up to the (spied) launches.
+    spies = {}
+    monkeypatch.setattr(A, "device_guard", _guard)
+    monkeypatch.setattr(AB, "device_guard", _guard)
+    for mod, name in SPIED:
+        spies[name] = _GridSpy(getattr(mod, name))
+        monkeypatch.setattr(mod, name, spies[name])
+    q = torch.empty(B, H, Sq, 64, dtype=torch.float16, device="meta")
+    k = torch.empty(B, Hkv, Sk, 64, dtype=torch.float16, device="meta")
+    out, lse = A.triton_forward(q, k, k, None, None, 0.125, True, Sk - Sq, 0.0, num_splits=splits)
+    AB.triton_backward(out, q, k, k, out, lse, None, None, 0.125, True, Sk - Sq, 0.0,
+                       deterministic, False)  # fmt: skip
+    cdiv = lambda a, b: -(-a // b)
+    expected = {  # programs per launch, from the tile each launch used
+        "attn_fwd_kernel": lambda m, n: (
+            cdiv(Sq, m) * B * H if not splits else cdiv(H // Hkv * Sq, m) * B * Hkv * splits
+        ),
+        "attn_combine_kernel": lambda m, n: B * H * Sq,
+        "attn_bwd_pre_kernel": lambda m, n: cdiv(Sq, 64) * B * H,
+        "attn_bwd_dkdv_kernel": lambda m, n: cdiv(Sk, n) * B * Hkv,
+        "attn_bwd_dq_kernel": lambda m, n: cdiv(Sq, m) * B * H,
+    }
+    launched = 0
+    for name, spy in spies.items():
+        for grid, m, n in spy.launches:
+            launched += 1
+            assert all(g <= lim for g, lim in zip(grid, T.MAX_GRID, strict=False)), (name, grid)
+            assert math.prod(grid) == expected[name](m, n), (name, grid)
+    assert launched == 3 + (1 if splits else 0) + (1 if deterministic else 0)
+
+
+def test_checked_grid():
+    assert T.checked_grid((2**31 - 1, 65535, 65535)) == (2**31 - 1, 65535, 65535)
+    for bad in ((2**31, 1, 1), (1, 65536, 1), (1, 1, 65536)):
+        with pytest.raises(ValueError, match="exceeds CUDA's limit"):
+            T.checked_grid(bad)
+
+
+@pytest.mark.parametrize(
+    ("usage", "kept"),
+    [
+        ({}, "abc"),  # unknown (the interpreter): every one is kept
+        ({"a": (True, 0), "b": (True, 0), "c": (True, 0)}, "abc"),
+        ({"a": (False, 0), "b": (True, 0), "c": (True, 0)}, "bc"),  # a: over shared memory
+        ({"a": (True, 64), "b": (True, 0), "c": (True, 8)}, "b"),  # a and c spill
+        ({"a": (True, 64), "b": (False, 0), "c": (True, 8)}, "ac"),  # all spill or overflow
+        ({"a": (False, 0), "b": (False, 0), "c": (False, 0)}, "a"),  # its launch raises
+    ],
+)
+def test_fitting_prunes_tiles_over_shared_memory_or_spilling(usage, kept):
+    assert "".join(T.fitting(list("abc"), usage.get)) == kept
+
+
+def test_launch_uses_only_fitting_tiles(monkeypatch):
+    # The first fp16 forward tile of head dim 64 "does not fit": launches take the next, and
+    # the fit is decided once per specialisation (dtypes, alignment, flags).
+    first, second = A.FWD_CONFIGS[64][:2]
+    asked = []
+
+    def usage(kernel, tile, grid, args, kw):
+        asked.append((kernel.fn.__name__, tile))
+        return (tile != first, 0) if kernel.fn.__name__ == "attn_fwd_kernel" else (True, 0)
+
+    spy = []
+    real = A.attn_fwd_kernel
+
+    class Recorder:
+        fn = real.fn
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                spy.append(tuple(kw[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")))
+                real[grid](*a, **kw)
+
+            return launch
+
+    monkeypatch.setattr(T, "tile_usage", usage)
+    monkeypatch.setattr(T, "_FITTING", {})
+    monkeypatch.setattr(A, "attn_fwd_kernel", Recorder())
+    for _ in range(2):
+        _run(1, 2, 1, 20, 70, 16, torch.float16, mask="float")
+    assert spy == [second, second]
+    assert asked.count(("attn_fwd_kernel", first)) == 1

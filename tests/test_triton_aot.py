@@ -2,14 +2,19 @@
 
 No GPU is needed: ``triton.compile`` lowers to PTX and cubin for a named target. This catches what
 the interpreter cannot: type errors in the compiled path, shared-memory overflows (the launch
-would fail with OutOfResources) and layouts the backend rejects. The compiles run in one
-subprocess without TRITON_INTERPRET (``python -m fastattn._aot``), each checked here.
+would fail with OutOfResources), register spills (a stack frame: local-memory traffic in the
+inner loop) and layouts the backend rejects. Each configuration is compiled twice: as is, and
+with the 16-byte alignment hints Triton's JIT adds for the usual run-time arguments (aligned
+pointers and strides vectorise loads and stage tiles with cp.async: more shared memory, other
+registers). The compiles run in one subprocess without TRITON_INTERPRET (``python -m
+fastattn._aot``), each checked here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,14 +23,16 @@ import pytest
 from fastattn import _aot
 
 SPEC_IDS = [spec["id"] for spec in _aot.all_specs()]
+ALIGNED_IDS = [spec["id"] for spec in _aot.all_specs() if spec.get("aligned_too", True)]
+COMPILES = [(i, False) for i in SPEC_IDS] + [(i, True) for i in ALIGNED_IDS]
 TARGETS = [80, 90]
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[tuple[str, int], dict]:
+def compiled() -> dict[tuple[str, int, bool], dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fastattn._aot", "--cc", *map(str, TARGETS)],
+        [sys.executable, "-m", "fastattn._aot", "--canary", "--cc", *map(str, TARGETS)],
         env=env,
         capture_output=True,
         text=True,
@@ -34,17 +41,84 @@ def compiled() -> dict[tuple[str, int], dict]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {(r["id"], r["cc"]): r for r in rows}
+    return {(r["id"], r["cc"], r["aligned"]): r for r in rows}
+
+
+def _group(spec_id: str) -> str:
+    """The launch a spec belongs to: its id less the tile (one group per tile list)."""
+    return re.sub(r"-m\d+n\d+w\d+s\d+$", "", spec_id)
+
+
+# fp32 attention (tf32x3 dots: operands split in two) spills even at 16x16 tiles on sm_80/sm_90
+# at these (kernel, head-dim tier) pairs; the least-spilling tiles ship. Known, not fixed.
+FP32_SPILLS = (
+    "attn_fwd-256-fp32",
+    "attn_bwd_dkdv-64-fp32",
+    "attn_bwd_dkdv-128-fp32",
+    "attn_bwd_dkdv-256-fp32",
+    "attn_bwd_dq-128-fp32",
+    "attn_bwd_dq-256-fp32",
+)
+FP32_SPILLS_UNALIGNED = (
+    *FP32_SPILLS,
+    "attn_fwd-64-fp32",
+    "attn_fwd-128-fp32",
+    "attn_bwd_dq-64-fp32",
+    "attn_fwd_split-256-fp32",
+)
+KNOWN = "fp32 attention tiles spill on sm_80/sm_90 (tf32x3); known, not fixed"
+# The one-program-per-row softmax/norm kernels leave small stack frames (8-64 B; the norm
+# backward at 16384 columns 200-700 B: its single pass holds six fp32 row slices) at these row
+# tiers. Known, not fixed (e.g. a lower single-pass limit for the norm backward).
+ROW_SPILLS = ("softmax_fwd-16385-fp32-", "norm_bwd-16384-")
+ROW_SPILLS_UNALIGNED = (*ROW_SPILLS, "softmax_fwd-16384-", "softmax_fwd-4096-bf16-mask_bf16",
+                        "softmax_fwd-4096-fp16-mask_fp16", "norm_fwd-16384-")  # fmt: skip
+KNOWN_ROWS = "small stack frames in single-pass softmax/norm rows; known, not fixed"
 
 
 @pytest.mark.parametrize("cc", TARGETS)
-@pytest.mark.parametrize("spec_id", SPEC_IDS)
-def test_kernel_compiles_and_fits(compiled, spec_id, cc):
-    res = compiled.get((spec_id, cc))
+@pytest.mark.parametrize(
+    ("spec_id", "aligned"), COMPILES, ids=[f"{i}-{'al' if a else 'unal'}igned" for i, a in COMPILES]
+)
+def test_kernel_compiles_and_fits(compiled, spec_id, cc, aligned):
+    res = compiled.get((spec_id, cc, aligned))
     assert res is not None, f"{spec_id} was not compiled for sm_{cc}"
     assert "error" not in res, res.get("error")
     assert res["cubin_bytes"] > 0
     assert res["shared"] <= res["smem_limit"], f"{res['shared']} B of shared memory on sm_{cc}"
+
+
+@pytest.mark.parametrize("cc", TARGETS)
+@pytest.mark.parametrize("spec_id", ALIGNED_IDS)
+def test_aligned_tile_does_not_spill(compiled, spec_id, cc):
+    # Aligned (the usual launch): no tile of any list spills, so autotuning never times one.
+    if spec_id.startswith(FP32_SPILLS) or spec_id.startswith(ROW_SPILLS):
+        pytest.xfail(KNOWN if spec_id.startswith("attn") else KNOWN_ROWS)
+    res = compiled[(spec_id, cc, True)]
+    assert res["stack"] == 0, f"{res['regs']} registers and a {res['stack']} B stack (spills)"
+
+
+# bf16 attention lists compile their first tile only: fp16's lists (every tile) stand for them.
+GROUPS = sorted({_group(i) for i in SPEC_IDS if not re.match(r"attn_\w+-\d+-bf16-.*-m\d+", i)})
+
+
+@pytest.mark.parametrize("cc", TARGETS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_unaligned_launch_has_a_tile_that_does_not_spill(compiled, group, cc):
+    # Unaligned (no vector loads: more registers), the launcher drops the tiles that spill and
+    # takes the first that does not: each list must hold one.
+    if group.startswith(FP32_SPILLS_UNALIGNED) or group.startswith(ROW_SPILLS_UNALIGNED):
+        pytest.xfail(KNOWN if group.startswith("attn") else KNOWN_ROWS)
+    rows = [compiled[(i, cc, False)] for i in SPEC_IDS if _group(i) == group]
+    assert any(r["stack"] == 0 for r in rows), [(r["id"], r["regs"], r["stack"]) for r in rows]
+
+
+@pytest.mark.parametrize("cc", TARGETS)
+def test_spill_check_sees_a_spill(compiled, cc):
+    # A kernel that keeps 512 fp32 values per thread live: the stack check above can fail.
+    res = compiled[(_aot.CANARY["id"], cc, False)]
+    assert "error" not in res, res.get("error")
+    assert res["stack"] > 0, res
 
 
 def test_every_launch_tier_is_covered():
@@ -58,3 +132,12 @@ def test_every_launch_tier_is_covered():
         if i.startswith("softmax_")
     }
     assert tiers <= covered
+
+
+def test_aligned_specialisation_marks_pointers_and_strides():
+    spec = next(s for s in _aot.all_specs() if s["id"].startswith("attn_fwd-128-fp16"))
+    marked = set(_aot.aligned_args(spec))
+    assert {"Q", "K", "V", "Out", "LSE", "s_qm", "s_kn", "s_vh", "D", "Sq", "Sk"} <= marked
+    # a contiguous mask row is the constexpr stride 1, as the JIT specialises it
+    assert "s_mn" not in marked and spec["aligned_constexprs"] == {"s_mn": 1}
+    assert not {"H", "GROUP", "causal_offset", "qk_scale"} & marked

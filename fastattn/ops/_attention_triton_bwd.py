@@ -1,43 +1,54 @@
 """Triton backward kernels of exact attention and their launcher ``triton_backward`` (the
-algorithm is described in ``_attention_triton.py``, whose tile helpers, configurations and
-launch helpers these use; the contract is docs/attention.md)."""
+algorithm, grids and offset rules are described in ``_attention_triton.py``, whose tile helpers,
+configurations and launch helpers these use; the contract is docs/attention.md)."""
 
 from __future__ import annotations
 
 import torch
 
 from fastattn import dispatch
-from fastattn._triton import device_guard, jit, needs_bf16_rounding, round_to_bf16, tl, triton
+from fastattn._triton import (
+    checked_grid,
+    device_guard,
+    interpreting,
+    jit,
+    launch_tiled,
+    needs_bf16_rounding,
+    round_to_bf16,
+    tl,
+)
 from fastattn.ops._attention_triton import (
     LOG2E,
-    _block_d,
-    _dropout_args,
-    _interpreting,
-    _keep,
-    _launch,
-    _mask_args,
-    _prec,
-    _scores,
-    _tier,
-    bwd_configs,
+    TUNE_KEYS,
+    blocks_grid,
+    dkdv_configs,
+    dot_precision,
+    dq_configs,
+    dropout_args,
+    dropout_keep,
+    head_block,
+    head_tier,
+    mask_args,
     seq_class,
+    tile_scores,
 )
 
 
 # ----------------------------------------------------------------------------------- kernels
 # fmt: off
 @jit
-def _bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def attn_bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """DELTA = rowsum(dO * O) in fp32."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    bh = tl.program_id(0) // n_m
+    rows = (tl.program_id(0) % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows < Sq)[:, None] & (offs_d < D)[None, :]
     op = Out + (bh.to(tl.int64) * Sq + rows)[:, None] * D + offs_d[None, :]
     o = tl.load(op, mask=ok, other=0.0)
-    dop = DO + (bh // H).to(tl.int64) * s_db + (bh % H) * s_dh
-    do = tl.load(dop + rows[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
+    dop = DO + (bh // H).to(tl.int64) * s_db + (bh % H).to(tl.int64) * s_dh
+    do = tl.load(dop + rows.to(tl.int64)[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * Sq + rows, delta, mask=rows < Sq)
 
@@ -47,14 +58,15 @@ def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, cau
               qk_scale, drop_scale, drop_thr, s_mm, s_mn,
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
               DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N)."""
-    s = _scores(q, kt, M, mb + rows * s_mm, rows, rows < Sq, cols, Sk, causal_offset, qk_scale,
-                s_mn, HAS_MASK, MASK_BOOL, CAUSAL, PREC)
+    """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N);
+    the mask rows of this head start at element ``mb`` (int64)."""
+    s = tile_scores(q, kt, M, mb + rows.to(tl.int64) * s_mm, rows, rows < Sq, cols, Sk,
+                    causal_offset, qk_scale, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, PREC)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead row: s is -inf
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vt, input_precision=PREC)
     if DROPOUT:
-        keep = _keep(RNG, bh.to(tl.int64) * Sq + rows, cols, drop_thr)
+        keep = dropout_keep(RNG, bh.to(tl.int64) * Sq + rows, cols, drop_thr, False)
         pd = tl.where(keep, p * drop_scale, 0.0)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     else:
@@ -63,31 +75,38 @@ def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, cau
 
 
 @jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_scale,
-                     drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                     s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset,
-                     seq_class,
-                     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                     DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_scale,
+                         drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh,
+                         s_vn, s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D,
+                         causal_offset, seq_class,
+                         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                         DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                         UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK, dV of one block of BLOCK_N keys (held: K, V as (BLOCK_N, BLOCK_D) tiles) over the
+    query blocks of its kv group, in the transposed form S^T = K Q^T: every tile is (keys,
+    queries), so P^T and dS^T feed dV += P^T dO and dK += dS^T Q without a transpose of a
+    computed tile (fewer registers and shared memory than S = Q K^T would need)."""
+    n_n = tl.cdiv(Sk, BLOCK_N)
+    pid_n = tl.program_id(0) % n_n
+    bhk = tl.program_id(0) // n_n
     Hkv = H // GROUP
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < Sk
+    c64 = cols.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
-    kt = tl.load(K + b * s_kb + hk * s_kh + cols[None, :] * s_kn + offs_d[:, None], mask=kv_ok,
-                 other=0.0)
-    vt = tl.load(V + b * s_vb + hk * s_vh + cols[None, :] * s_vn + offs_d[:, None], mask=kv_ok,
-                 other=0.0)
+    kv_ok = c_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * s_kb + hk * s_kh + c64[:, None] * s_kn + offs_d[None, :], mask=kv_ok,
+                other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + c64[:, None] * s_vn + offs_d[None, :], mask=kv_ok,
+                other=0.0)
     if UPCAST:
-        kt = kt.to(tl.float32)
-        vt = vt.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -96,62 +115,83 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        qp = Q + b * s_qb + h * s_qh + offs_d[None, :]
+        qp = Q + b * s_qb + h * s_qh + offs_d[:, None]
         dop = DO + b * s_db + h * s_dh + offs_d[None, :]
+        mp = M + b * s_mb + h * s_mh + c64[:, None] * s_mn
         for start in range(lo, Sq, BLOCK_M):
             rows = start + offs_m
             r_ok = rows < Sq
-            ok = r_ok[:, None] & d_ok[None, :]
-            q = tl.load(qp + rows[:, None] * s_qm, mask=ok, other=0.0)
-            do = tl.load(dop + rows[:, None] * s_dm, mask=ok, other=0.0)
+            r64 = rows.to(tl.int64)
+            qt = tl.load(qp + r64[None, :] * s_qm, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            do = tl.load(dop + r64[:, None] * s_dm, mask=r_ok[:, None] & d_ok[None, :],
+                         other=0.0)
             if UPCAST:
-                q = q.to(tl.float32)
+                qt = qt.to(tl.float32)
                 do = do.to(tl.float32)
             lse = tl.load(LSE + bh * Sq + rows, mask=r_ok, other=0.0)
             delta = tl.load(DELTA + bh * Sq + rows, mask=r_ok, other=0.0)
-            pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows,
-                               cols, Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr,
-                               s_mm, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
+            st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (keys, queries), log2 units
+            inb = c_ok[:, None] & r_ok[None, :]
+            valid = inb
+            if HAS_MASK:
+                mt = mp + r64[None, :] * s_mm
+                if MASK_BOOL:
+                    valid = valid & (tl.load(mt, mask=inb, other=0).to(tl.int32) != 0)
+                else:
+                    st += tl.load(mt, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+            if CAUSAL:
+                valid = valid & (cols[:, None] <= rows[None, :] + causal_offset)
+            st = tl.where(valid, st, float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead: st -inf
+            pt = tl.exp2(st - lse2[None, :])
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            if DROPOUT:
+                keep = dropout_keep(RNG, bh * Sq + rows, cols, drop_thr, True)
+                pdt = tl.where(keep, pt * drop_scale, 0.0)
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            else:
+                pdt = pt
+            dst = pt * (dpt - delta[None, :])
             if MASK_GRAD:
-                tl.store(DM + (bh * Sq + rows)[:, None] * Sk + cols[None, :], ds,
-                         mask=r_ok[:, None] & (cols < Sk)[None, :])
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+                tl.store(DM + (bh * Sq + rows)[None, :] * Sk + cols[:, None], dst, mask=inb)
+            dv += tl.dot(pdt.to(do.dtype), do, input_precision=PREC)
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
             if ATOMIC_DQ:
-                dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+                dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC)
                 tl.atomic_add(DQ + (bh * Sq + rows)[:, None] * D + offs_d[None, :], dq * scale,
-                              mask=ok)
+                              mask=r_ok[:, None] & d_ok[None, :])
     dk = dk * scale
     if RNE_BF16:
         dk = round_to_bf16(dk)
         dv = round_to_bf16(dv)
     out_off = (bhk.to(tl.int64) * Sk + cols)[:, None] * D + offs_d[None, :]
-    ok = (cols < Sk)[:, None] & d_ok[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_scale, drop_thr,
-                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
-                   s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset, seq_class,
-                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_scale,
+                       drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh,
+                       s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset, seq_class,
+                       HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                       DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                       RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    bh = tl.program_id(0) // n_m
     b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     ok = (rows < Sq)[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :], mask=ok,
+    r64 = rows.to(tl.int64)
+    q = tl.load(Q + b * s_qb + h * s_qh + r64[:, None] * s_qm + offs_d[None, :], mask=ok,
                 other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + offs_d[None, :], mask=ok,
+    do = tl.load(DO + b * s_db + h * s_dh + r64[:, None] * s_dm + offs_d[None, :], mask=ok,
                  other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -168,8 +208,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_sc
     for start in range(0, hi, BLOCK_N):
         cols = start + offs_n
         kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
-        kt = tl.load(kp + cols[None, :] * s_kn, mask=kv_ok, other=0.0)
-        vt = tl.load(vp + cols[None, :] * s_vn, mask=kv_ok, other=0.0)
+        c64 = cols.to(tl.int64)
+        kt = tl.load(kp + c64[None, :] * s_kn, mask=kv_ok, other=0.0)
+        vt = tl.load(vp + c64[None, :] * s_vn, mask=kv_ok, other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -185,6 +226,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_sc
 
 
 # --------------------------------------------------------------------------------- launcher
+def pre_block_m(block_d: int) -> int:
+    """Rows per program of the dO.O preprocess: 64, or 32 past head dim 64 (64 x 128 spills)."""
+    return 64 if block_d <= 64 else 32
+
+
 def triton_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -211,12 +257,12 @@ def triton_backward(
     if B * H * Sq == 0 or Sk == 0 or D == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     out, lse = out.contiguous(), lse.contiguous()
-    block_d = _block_d(D)
-    tier = _tier(block_d)
-    m_arg, m_strides, flags = _mask_args(mask, q)
-    r_arg, drop_scale, thr, dropout = _dropout_args(dropout_p, rng, q)
-    flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=_interpreting(),
-                 PREC=_prec(q.dtype), BLOCK_D=block_d)  # fmt: skip
+    block_d = head_block(D)
+    tier = head_tier(block_d)
+    m_arg, m_strides, flags = mask_args(mask, q)
+    r_arg, drop_scale, thr, dropout = dropout_args(dropout_p, rng, q)
+    flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=interpreting(),
+                 PREC=dot_precision(q.dtype), BLOCK_D=block_d)  # fmt: skip
     do_strides = list(grad_out.stride()[:3])
     qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
     sizes = (H, H // Hkv, Sq, Sk, D, causal_offset, seq_class(Sq, Sk))
@@ -225,16 +271,18 @@ def triton_backward(
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
     dm_arg = dmask if mask_grad else delta
     with device_guard(q):
-        _bwd_pre_kernel[(triton.cdiv(Sq, 64), B * H)](
-            out, grad_out, delta, *do_strides, H, Sq, D, BLOCK_M=64, BLOCK_D=block_d, num_warps=4
-        )
-        _launch(
-            _bwd_dkdv_kernel, bwd_configs(q.dtype, tier),
-            lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv),
-            q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, scale,
-            scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes,
-            **flags, MASK_GRAD=mask_grad, ATOMIC_DQ=atomic, RNE_BF16=needs_bf16_rounding(dk),
-            reset=["DQ"] if atomic else None,
+        pre_m = pre_block_m(block_d)
+        attn_bwd_pre_kernel[checked_grid(blocks_grid(Sq, B * H)({"BLOCK_M": pre_m}))](
+            out, grad_out, delta, *do_strides, H, Sq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
+            num_warps=4,
+        )  # fmt: skip
+        launch_tiled(
+            attn_bwd_dkdv_kernel, dkdv_configs(q.dtype, tier), blocks_grid(Sk, B * Hkv, "BLOCK_N"),
+            (q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, scale,
+             scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes),
+            {**flags, "MASK_GRAD": mask_grad, "ATOMIC_DQ": atomic,
+             "RNE_BF16": needs_bf16_rounding(dk)},
+            keys=TUNE_KEYS, reset=["DQ"] if atomic else None,
         )  # fmt: skip
         if atomic:
             if dq_acc.dtype == dq.dtype:
@@ -242,11 +290,10 @@ def triton_backward(
             else:
                 dq.copy_(dq_acc)
         else:
-            _launch(
-                _bwd_dq_kernel, bwd_configs(q.dtype, tier),
-                lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * H),
-                q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, scale, scale * LOG2E,
-                drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes, **flags,
-                RNE_BF16=needs_bf16_rounding(dq),
+            launch_tiled(
+                attn_bwd_dq_kernel, dq_configs(q.dtype, tier), blocks_grid(Sq, B * H),
+                (q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, scale, scale * LOG2E,
+                 drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes),
+                {**flags, "RNE_BF16": needs_bf16_rounding(dq)}, keys=TUNE_KEYS,
             )  # fmt: skip
     return dq, dk, dv, dmask

@@ -16,6 +16,7 @@ import torch
 
 from fastattn import _checks, dispatch, reference
 from fastattn._triton import (
+    checked_grid,
     device_guard,
     jit,
     needs_bf16_rounding,
@@ -99,7 +100,7 @@ def _norm_bwd_kernel(DY, DH, HIN, W, MEAN, RSTD, DX, DW, DB, n_rows, n_cols, row
                      RMS: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
                      RNE_BF16: tl.constexpr):
     """dx for rows [pid * rows_per_prog, ...) and this program's partial dweight/dbias row."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # pid * rows_per_prog can pass 2**31
     offs = tl.arange(0, BLOCK)
     dw_acc = tl.zeros([BLOCK], tl.float32)
     db_acc = tl.zeros([BLOCK], tl.float32)
@@ -139,12 +140,12 @@ def _norm_bwd_kernel(DY, DH, HIN, W, MEAN, RSTD, DX, DW, DB, n_rows, n_cols, row
                 dx = round_to_bf16(dx)
             tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=inb)
             if not SINGLE:  # this program's own partial row: read-modify-write, no races
-                p = pid.to(tl.int64) * n_cols + cols
+                p = pid * n_cols + cols
                 tl.store(DW + p, tl.load(DW + p, mask=inb) + dy * xhat, mask=inb)
                 tl.store(DB + p, tl.load(DB + p, mask=inb) + dy, mask=inb)
     if SINGLE:
-        tl.store(DW + pid.to(tl.int64) * n_cols + offs, dw_acc, mask=offs < n_cols)
-        tl.store(DB + pid.to(tl.int64) * n_cols + offs, db_acc, mask=offs < n_cols)
+        tl.store(DW + pid * n_cols + offs, dw_acc, mask=offs < n_cols)
+        tl.store(DB + pid * n_cols + offs, db_acc, mask=offs < n_cols)
 # fmt: on
 
 
@@ -177,7 +178,7 @@ def _triton_forward(x, residual, weight, bias, eps, rms):
     cfg = launch_config(n_cols)
     r, w, b = (t.contiguous() if t is not None else x for t in (residual, weight, bias))
     with device_guard(x):
-        _norm_fwd_kernel[(rows,)](
+        _norm_fwd_kernel[checked_grid((rows,))](
             x, r, w, b, y, h, mean, rstd, n_cols, eps, HAS_RES=residual is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, SINGLE=cfg["SINGLE"],
             BLOCK=cfg["BLOCK"], RNE_BF16=needs_bf16_rounding(x), num_warps=cfg["num_warps"],
@@ -197,13 +198,18 @@ def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):
         cfg = launch_config(n_cols)
         g2, w = (t.contiguous() if t is not None else inp for t in (dh, weight))
         with device_guard(inp):
-            _norm_bwd_kernel[(progs,)](
+            _norm_bwd_kernel[checked_grid((progs,))](
                 dy, g2, inp, w, mean if not rms else rstd, rstd, dx, dw_part, db_part, rows,
                 n_cols, math.ceil(rows / progs), HAS_DH=dh is not None, HAS_W=weight is not None,
                 HAS_B=has_bias, RMS=rms, SINGLE=cfg["SINGLE"], BLOCK=cfg["BLOCK"],
                 RNE_BF16=needs_bf16_rounding(dx), num_warps=cfg["num_warps"],
             )  # fmt: skip
     return dx, dw_part.sum(0), db_part.sum(0) if has_bias else dw_part.new_empty(0)
+
+
+# The AOT compile adds the aligned specialisation from this row tier up (below it, 4 warps over
+# at most 512 columns: the same code but for the width of the loads).
+ALIGNED_FROM = 1024
 
 
 def aot_specs() -> Any:
@@ -223,6 +229,7 @@ def aot_specs() -> Any:
                     "constexprs": {"HAS_RES": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
                                    **tiers, "RNE_BF16": t == "bf16"},
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }  # fmt: skip
                 names = "DY DH HIN W MEAN RSTD DX DW DB n_rows n_cols rows_per_prog"
                 types = [f"*{t}"] * 3 + ["*fp32"] * 6 + ["i32"] * 3
@@ -233,6 +240,7 @@ def aot_specs() -> Any:
                     "constexprs": {"HAS_DH": True, "HAS_W": True, "HAS_B": not rms, "RMS": rms,
                                    **tiers, "RNE_BF16": t == "bf16"},
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }  # fmt: skip
 
 

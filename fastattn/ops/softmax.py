@@ -14,6 +14,7 @@ import torch
 
 from fastattn import _checks, dispatch, reference
 from fastattn._triton import (
+    checked_grid,
     device_guard,
     jit,
     needs_bf16_rounding,
@@ -34,7 +35,8 @@ LOOP_BLOCK = 4096
 @jit
 def _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2, m_sc,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr):
-    """z = x * scale + mask for columns ``cols`` of ``row`` in fp32; -inf where masked/outside."""
+    """z = x * scale + mask for columns ``cols`` of ``row`` (int64) in fp32; -inf where masked or
+    outside. Offsets are int64: a mask's column stride times the column can pass 2**31."""
     inb = cols < n_cols
     z = tl.load(X + row * n_cols + cols, mask=inb, other=0.0).to(tl.float32) * scale
     if HAS_MASK:
@@ -42,7 +44,7 @@ def _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m
         i2 = row % m_d2
         i1 = (row // m_d2) % m_d1
         i0 = row // (m_d2 * m_d1)
-        m_ptr = M + i0 * m_s0 + i1 * m_s1 + i2 * m_s2 + cols * m_sc
+        m_ptr = M + i0 * m_s0 + i1 * m_s1 + i2 * m_s2 + cols.to(tl.int64) * m_sc
         if MASK_BOOL:
             # Added as 0 / -inf like a float mask, so a NaN logit still poisons its row.
             keep = tl.load(m_ptr, mask=inb, other=0).to(tl.int32) != 0
@@ -181,7 +183,7 @@ def _triton_forward(
             m_arg = m_arg.view(torch.uint8)  # Triton loads bool pointers as int1; bytes are safer
     cfg = launch_config(n_cols)
     with device_guard(x):
-        _softmax_fwd_kernel[(rows,)](
+        _softmax_fwd_kernel[checked_grid((rows,))](
             x, y, m_arg, n_cols, x.shape[-2] if x.dim() >= 2 else 1, scale, *strides,
             HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
             CAUSAL=causal, LOG=log, SINGLE=cfg["SINGLE"], BLOCK=cfg["BLOCK"],
@@ -199,7 +201,7 @@ def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: boo
         return dx
     cfg = launch_config(n_cols)
     with device_guard(y):
-        _softmax_bwd_kernel[(rows,)](
+        _softmax_bwd_kernel[checked_grid((rows,))](
             grad, y, dx, n_cols, scale, LOG=log, BLOCK=cfg["BLOCK"],
             RNE_BF16=needs_bf16_rounding(dx), num_warps=cfg["num_warps"],
         )  # fmt: skip
@@ -207,6 +209,11 @@ def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: boo
 
 
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# The AOT compile adds the aligned specialisation from this row tier up (below it, 4 warps over
+# at most 512 columns: the same code but for the width of the loads).
+ALIGNED_FROM = 1024
 
 
 def aot_specs() -> Any:
@@ -243,6 +250,7 @@ def aot_specs() -> Any:
                         "RNE_BF16": False,
                     },
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }
             for log in (False, True):
                 yield {
@@ -258,6 +266,7 @@ def aot_specs() -> Any:
                     # RNE_BF16 (interpreter-only rounding) must stay valid GPU code too.
                     "constexprs": {"LOG": log, "BLOCK": cfg["BLOCK"], "RNE_BF16": t == "bf16"},
                     "num_warps": cfg["num_warps"],
+                    "aligned_too": cols >= ALIGNED_FROM,
                 }
 
 

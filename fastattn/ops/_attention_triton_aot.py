@@ -1,0 +1,113 @@
+"""The AOT spec list of the Triton attention kernels, for ``fastattn._aot`` (which compiles each
+for sm_80 and sm_90, with and without the 16-byte alignment hints the JIT adds at run time)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastattn.ops._attention_triton import (
+    MAX_SPLITS,
+    attn_combine_kernel,
+    attn_fwd_kernel,
+    dkdv_configs,
+    dot_precision,
+    dq_configs,
+    fwd_configs,
+    split_config,
+)
+from fastattn.ops._attention_triton_bwd import (
+    attn_bwd_dkdv_kernel,
+    attn_bwd_dq_kernel,
+    attn_bwd_pre_kernel,
+    pre_block_m,
+)
+
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FLOATS = {"scale", "qk_scale", "drop_scale"}
+
+
+def _signature(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
+    """Every non-constexpr argument of ``kernel``: pointers from ``ptrs``, floats, else i32."""
+    return {
+        a: ptrs.get(a) or ("fp32" if a in _FLOATS else "i32")
+        for a in kernel.arg_names
+        if a not in constexprs
+    }
+
+
+def _spec(name: str, kernel: Any, ptrs: dict[str, str], cx: dict[str, Any], cfg: tuple) -> dict:
+    m, n, w, s = cfg
+    constexprs = {**cx, "BLOCK_M": m, "BLOCK_N": n}
+    return {
+        "id": f"{name}-m{m}n{n}w{w}s{s}",
+        "kernel": kernel,
+        "signature": _signature(kernel, ptrs, constexprs),
+        "constexprs": constexprs,
+        "num_warps": w,
+        "num_stages": s,
+        # the JIT's usual specialisation: a contiguous mask row (column stride 1)
+        "aligned_constexprs": {"s_mn": 1} if cx.get("HAS_MASK") else {},
+    }
+
+
+def aot_specs() -> Any:
+    """A representative subset of the attention kernels' configurations.
+
+    Per head-dim tier (BLOCK_D 64, 128, 256): every autotune tile of the forward, dK/dV and dQ
+    kernels in fp16 with every feature on (mask of q's dtype, causal, dropout, dmask, atomic
+    dQ: the most code and registers); the pinned tile in bf16 with the other mask kind (bool)
+    and nothing else (the deterministic dQ path of dK/dV), and in fp32 (own tiles, tf32x3
+    dots) with every feature on; the split-K forward in fp16 and fp32; the combine in each
+    dtype; the dO.O preprocess. The full cross-product (tiles x dtypes x flags x 5 head-dim
+    blocks) would be ~1000 compiles; the flags only add elementwise code to the same tiles, so
+    shared memory, registers and the tensor-core path are those checked here. BLOCK_D 16 and 32
+    use the 64-tier tiles with less memory.
+    """
+    for tier in (64, 128, 256):
+        block_d = tier
+        pre = {"Out": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}
+        yield {
+            "id": f"attn_bwd_pre-d{block_d}",
+            "kernel": attn_bwd_pre_kernel,
+            "signature": _signature(attn_bwd_pre_kernel, pre, {"BLOCK_M": 0, "BLOCK_D": 0}),
+            "constexprs": {"BLOCK_M": pre_block_m(block_d), "BLOCK_D": block_d},
+            "num_warps": 4,
+        }
+        for dtype, t in _TRITON_TYPE.items():
+            on = t != "bf16"  # every feature on, or a bool mask and nothing else
+            mk = t if on else "u8"
+            base = f"{tier}-{t}-mask_{mk}-c{int(on)}-p{int(on)}"
+            cx = {"HAS_MASK": True, "MASK_BOOL": not on, "CAUSAL": on, "DROPOUT": on,
+                  "UPCAST": False, "PREC": dot_precision(dtype), "BLOCK_D": block_d}  # fmt: skip
+            io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32", "M": f"*{mk}",
+                  "RNG": "*i64"}  # fmt: skip
+            every = t == "fp16"
+            fwd, dkdv, dq = (f(dtype, tier) for f in (fwd_configs, dkdv_configs, dq_configs))
+            for cfg in fwd if every else fwd[:1]:
+                cxf = {**cx, "RNE_BF16": False}
+                yield _spec(f"attn_fwd-{base}", attn_fwd_kernel, {**io, "Out": f"*{t}"}, cxf, cfg)
+            bwd_io = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32", "DK": f"*{t}",
+                      "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
+            for cfg in dkdv if every else dkdv[:1]:
+                cxb = {**cx, "MASK_GRAD": on, "ATOMIC_DQ": on, "RNE_BF16": False}
+                yield _spec(f"attn_bwd_dkdv-{base}", attn_bwd_dkdv_kernel, bwd_io, cxb, cfg)
+            for cfg in dq if every else dq[:1]:
+                cxq = {**cx, "RNE_BF16": False}
+                ptrs = {**bwd_io, "DQ": f"*{t}"}
+                yield _spec(f"attn_bwd_dq-{base}", attn_bwd_dq_kernel, ptrs, cxq, cfg)
+            if on:  # decode split-K, writing fp32 partials
+                cxf = {**cx, "RNE_BF16": False}
+                ptrs = {**io, "Out": "*fp32"}
+                cfg = split_config(dtype, tier)
+                yield _spec(f"attn_fwd_split-{base}", attn_fwd_kernel, ptrs, cxf, cfg)
+            cxc = {"SPLITS": MAX_SPLITS, "BLOCK_D": block_d, "RNE_BF16": t == "bf16"}
+            ptrs = {"OP": "*fp32", "LP": "*fp32", "Out": f"*{t}", "LSE": "*fp32"}
+            yield {
+                "id": f"attn_combine-d{block_d}-{t}",
+                "kernel": attn_combine_kernel,
+                "signature": _signature(attn_combine_kernel, ptrs, cxc),
+                "constexprs": cxc,
+                "num_warps": 4,
+            }
