@@ -42,7 +42,12 @@ TOTAL_S = 480  # the issue's 8 minutes of wall time, every step included
 # Triton specialisation they meet; the benchmark is what is left.
 LIMITS: dict[str, float] = {"deps": 90, "env": 30, "build": 150, "tests": 210, "bench": 90}
 REQUIRED = ["torch", "triton", "pytest", "ninja", "pybind11"]  # "xdist" is optional
-GPU_TEST_FILES = ["tests/test_attention.py", "tests/test_norm.py", "tests/test_softmax.py"]
+GPU_TEST_FILES = [
+    "tests/test_attention.py",
+    "tests/test_norm.py",
+    "tests/test_softmax.py",
+    "tests/test_cuda_device.py",  # the CUDA C++ paths only a device shows: streams, guards, 2**31
+]
 
 PROBE = r"""
 import json, subprocess, torch
