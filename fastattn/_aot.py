@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from fastattn._triton import jit, tl
+from fastattn._triton import interpreting, jit, tl
 
 # Shared memory per block (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SMEM_LIMIT = {80: 166_912, 90: 232_448}
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="compile processes"
     )
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     _SPECS[:] = [s for s in all_specs() if args.k in s["id"]] + ([CANARY] if args.canary else [])

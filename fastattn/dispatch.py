@@ -1,5 +1,7 @@
 """Chooses the backend of each call: ``backend=`` argument, else ``FASTATTN_BACKEND``, else auto.
 
+(Registering ops, calling them and allocating their outputs is ``fastattn/ops/opcall.py``.)
+
 ``auto`` takes the first backend that can serve the call: for CUDA tensors ``triton`` then
 ``cuda``; for CPU tensors ``cpu``; ``reference`` (eager PyTorch) last. Every backend computes the
 same function within the tolerances the tests check, so ``auto`` never changes results. A backend
@@ -10,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fastattn import _extension
+from fastattn._triton import interpreting
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
@@ -34,11 +36,6 @@ def _probe_triton() -> str | None:
 _TRITON_ERROR = _probe_triton()
 _EXTENSION_ERROR = None if _extension.load() is not None else _extension.error()
 _CUDA_BUILT = bool(_extension.build_info().get("cuda", False))
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``) on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cpp_kernels(op: str) -> frozenset[str]:
@@ -66,7 +63,7 @@ def unavailable_reason(
             return _TRITON_ERROR
         if device.type == "cuda":
             return None if dtype != torch.float64 else "the Triton kernels do not take float64"
-        if device.type == "cpu" and triton_interpreting():
+        if device.type == "cpu" and interpreting():
             if dtype == torch.float64:
                 return "the Triton kernels do not take float64"
             return None
@@ -141,53 +138,6 @@ def backends() -> dict[str, Any]:
         report["triton"] = triton.__version__
     except ImportError:
         report["triton"] = None
-    report["triton_interpret"] = triton_interpreting()
+    report["triton_interpret"] = interpreting()
     report["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return report
-
-
-def new_output(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised contiguous output; NaN-filled when ``FASTATTN_POISON_OUTPUTS=1``.
-
-    The tests set that variable so that any element a kernel fails to write shows up as NaN
-    (the C++ kernels honour the same variable).
-    """
-    out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    if os.environ.get("FASTATTN_POISON_OUTPUTS") == "1":
-        out.fill_(float("nan"))
-    return out
-
-
-def call(op: Any, *args: Any) -> Any:
-    """``op(*args)`` for a fastattn op registered with :func:`register_op`.
-
-    When autograd has nothing to record (grad mode off, or no input requires grad) the call
-    goes straight to the backend kernel: the op's autograd kernel would do just that, after a
-    detour through Python that costs more than a small kernel itself (a decode step's attention
-    and norms). Under ``torch.compile`` the op is called as is, for Dynamo to trace.
-    """
-    # The overload itself: a packet (torch.ops.fastattn.norm) resolves it on every call.
-    op = getattr(op, "default", op)
-    if torch.compiler.is_dynamo_compiling() or (
-        torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
-    ):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
-def register_op(
-    fwd: str,
-    bwd: str,
-    fake_forward: Callable[..., Any],
-    fake_backward: Callable[..., Any],
-    make_backward: Callable[[Any], Any],
-    setup_context: Callable[..., None],
-) -> None:
-    """Fake kernels for an op and its backward op, and the forward's autograd formula, which
-    calls the backward op (``make_backward(torch.ops.fastattn.<bwd>)``). Used for the C++ op
-    and the Triton custom op of each fastattn op alike."""
-    torch.library.register_fake(fwd)(fake_forward)
-    torch.library.register_fake(bwd)(fake_backward)
-    bwd_op = getattr(torch.ops.fastattn, bwd.split("::")[1])
-    torch.library.register_autograd(fwd, make_backward(bwd_op), setup_context=setup_context)

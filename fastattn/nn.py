@@ -210,8 +210,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 mask = torch.cat([mask, pad.expand(*mask.shape[:-1], 1)], dim=-1)
         q, k, v = (t.unflatten(-1, (H, hd)).transpose(1, 2) for t in (q, k, v))  # (N, H, T, hd)
         p = self.dropout if self.training else 0.0
-        o = attention(q, k, v, attn_mask=mask, dropout_p=p, causal=causal, backend=self.backend,
-                      _causal_offset=0)  # fmt: skip
+        o = attention(q, k, v, attn_mask=mask, dropout_p=p, backend=self.backend,
+                      causal="top_left" if causal else False)  # fmt: skip
         assert isinstance(o, torch.Tensor)
         out = self.out_proj(o.transpose(1, 2).flatten(2))  # (N, L, E)
         if not batched:

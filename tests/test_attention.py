@@ -189,13 +189,17 @@ def test_fully_masked_rows_give_zeros_not_nan(backend, device, dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_causal_alignment(backend):
-    # attention(): bottom-right (FlashAttention); SDPA drop-in: top-left (torch). Decode rows
+    # attention(): bottom-right (FlashAttention) for True, either by name; SDPA drop-in: top-left
+    # (torch). Decode rows
     # (Sq=3 against 10 keys) see keys up to 7, 8, 9 bottom-right.
     q, k, v = make_qkv(1, 2, 2, 3, 10, 8, torch.float64 if backend != "triton" else torch.float32)
     qd, kd, vd = (t.double() for t in (q, k, v))
     keep = torch.arange(10).view(1, 10) <= torch.arange(3).view(3, 1) + 7
     want = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=keep)
     assert_parity(fastattn.attention(q, k, v, causal=True, backend=backend), want)
+    assert_parity(fastattn.attention(q, k, v, causal="bottom_right", backend=backend), want)
+    top = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)  # keys j <= i
+    assert_parity(fastattn.attention(q, k, v, causal="top_left", backend=backend), top)
     os.environ["FASTATTN_BACKEND"] = backend
     try:
         got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -327,6 +331,8 @@ BAD_INPUTS = [
         "head_dim 300 exceeds",
     ),
     (lambda: fastattn.attention(*_qkv(), dropout_p=1.0), ValueError, r"dropout_p .*\[0, 1\)"),
+    (lambda: fastattn.attention(*_qkv(), causal="topleft"), ValueError, "got 'topleft'"),
+    (lambda: fastattn.attention(*_qkv(), causal=1), TypeError, "causal must be a bool"),
     (
         lambda: fastattn.attention(*_qkv(), attn_mask=torch.ones(2, 1, 8, 9, dtype=torch.bool)),
         ValueError,

@@ -200,7 +200,7 @@ def test_every_cpu_isa_path_of_attention_matches_reference(path):
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_call_skips_autograd_only_when_it_has_nothing_to_record(grad):
-    # dispatch.call goes straight to the kernel when no gradient can flow; same result either way.
+    # opcall.call goes straight to the kernel when no gradient can flow; same result either way.
     q, k, v = (torch.randn(1, 2, 3, 8, requires_grad=True) for _ in range(3))
     x, w = torch.randn(3, 8), torch.rand(8, requires_grad=True)
     with torch.set_grad_enabled(grad):

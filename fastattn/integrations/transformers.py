@@ -60,8 +60,8 @@ def attention_forward(
             mask = bias + mask
     # transformers' causal flag is SDPA's (top-left): with an empty static cache the keys past
     # the queries are then hidden, as its sdpa path gets by cropping them.
-    out = attention(query, key, value, causal=causal, scale=scaling, attn_mask=mask,
-                    dropout_p=dropout, _causal_offset=0)  # fmt: skip
+    out = attention(query, key, value, causal="top_left" if causal else False, scale=scaling,
+                    attn_mask=mask, dropout_p=dropout)  # fmt: skip
     assert isinstance(out, torch.Tensor)
     return out.transpose(1, 2).contiguous(), None
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fastattn import dispatch, reference
+from fastattn import reference
 from fastattn._triton import (
     Tile,
     checked_grid,
@@ -39,6 +39,7 @@ from fastattn._triton import (
     triton,
 )
 from fastattn._triton import next_power_of_2 as _p2
+from fastattn.ops import opcall
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -284,7 +285,7 @@ def blocks_grid(n_rows: int, heads: int, block: str = "BLOCK_M", splits: int = 1
 
 
 def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return dispatch.new_output(torch.empty(shape, dtype=dtype, device=device))
+    return opcall.new_output(torch.empty(shape, dtype=dtype, device=device))
 
 
 def mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, list[int], dict]:
@@ -328,7 +329,7 @@ def triton_forward(
     """(out, lse) of exact attention; ``num_splits`` forces the key splits (tests)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    out = dispatch.new_output(q)
+    out = opcall.new_output(q)
     lse = _new((B, H, Sq), torch.float32, q.device)
     if B * H * Sq == 0 or Sk == 0 or D == 0:  # no launch; the oracle on empty data is free
         ref_out, ref_lse = reference.attention(q, k, v, mask, scale, causal, causal_offset,

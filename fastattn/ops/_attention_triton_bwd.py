@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from fastattn import dispatch
 from fastattn._triton import (
     checked_grid,
     device_guard,
@@ -17,6 +16,7 @@ from fastattn._triton import (
     round_to_bf16,
     tl,
 )
+from fastattn.ops import opcall
 from fastattn.ops._attention_triton import (
     LOG2E,
     TUNE_KEYS,
@@ -250,7 +250,7 @@ def triton_backward(
     """(dq, dk, dv, dmask) of exact attention; dmask is dS in fp32, or empty(0)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    dq, dk, dv = dispatch.new_output(q), dispatch.new_output(k), dispatch.new_output(v)
+    dq, dk, dv = opcall.new_output(q), opcall.new_output(k), opcall.new_output(v)
     shape = (B, H, Sq, Sk) if mask_grad else (0,)
     # Zero-filled: entries of skipped (causal) blocks are never written and are 0.
     dmask = torch.zeros(shape, dtype=torch.float32, device=q.device)

@@ -17,6 +17,7 @@ import torch
 from fastattn import _checks, dispatch, reference
 from fastattn.ops import _attention_triton as _tri
 from fastattn.ops import _attention_triton_bwd as _tri_bwd
+from fastattn.ops import opcall
 
 MAX_HEAD_DIM = 256
 OP = "attention"
@@ -105,7 +106,7 @@ def _make_backward(backward_op: Any) -> Any:
 
 
 def _register(fwd: str, bwd: str) -> None:
-    dispatch.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
+    opcall.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
 
 
 _register("fastattn::attention_triton", "fastattn::attention_triton_backward")
@@ -159,6 +160,26 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
         _checks.mask(OP, attn_mask, q.new_empty(()).expand(*q.shape[:-1], k.shape[2]))
 
 
+CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def _causal_alignment(causal: Any) -> bool:
+    """True for top-left causal alignment; validates ``causal`` (a bool or an alignment name)."""
+    if causal is True or causal is False:
+        return False
+    if isinstance(causal, str):
+        if causal not in CAUSAL_ALIGNMENTS:
+            raise ValueError(
+                f"fastattn.attention: causal must be True, False, 'bottom_right' or 'top_left', "
+                f"got {causal!r}"
+            )
+        return causal == "top_left"
+    raise TypeError(
+        f"fastattn.attention: causal must be a bool or 'bottom_right' / 'top_left', got "
+        f"{type(causal).__name__}"
+    )
+
+
 def _plain(q: Any, k: Any, v: Any) -> bool:
     """q, k, v are tensors that the checks below accept: what most calls pass."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
@@ -192,14 +213,13 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    causal: bool = False,
+    causal: bool | str = False,
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
-    _causal_offset: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention ``softmax(scale * q @ k^T + mask) @ v``, fused (memory linear in seqlen).
 
@@ -207,8 +227,10 @@ def attention(
         q: ``(batch, heads, seqlen_q, head_dim)``.
         k, v: ``(batch, kv_heads, seqlen_k, head_dim)``; ``heads`` a multiple of ``kv_heads``
             (grouped-query / multi-query attention; k and v are never expanded in memory).
-        causal: query i sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned, as
-            FlashAttention; the same as top-left when the lengths are equal).
+        causal: ``True`` or ``"bottom_right"``: query i sees keys ``j <= i + seqlen_k -
+            seqlen_q`` (as FlashAttention: the last query sees every key, what decoding with a
+            KV cache needs); ``"top_left"``: keys ``j <= i`` (as torch's SDPA ``is_causal``);
+            the two agree when the lengths are equal. ``False``: no causal mask.
         scale: multiplies ``q @ k^T`` (default ``head_dim ** -0.5``).
         attn_mask: bool (True = keep) or additive float, broadcastable to
             ``(batch, heads, seqlen_q, seqlen_k)``; broadcast dims are read with stride 0. A
@@ -225,10 +247,12 @@ def attention(
     Saved for backward: q, k, v, out and lse only.
     """
     _check(q, k, v, attn_mask, dropout_p, scale)
+    top_left = _causal_alignment(causal)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     scale_f = D**-0.5 if scale is None else float(scale)
-    offset = Sk - Sq if _causal_offset is None else _causal_offset
+    offset = 0 if top_left else Sk - Sq
+    causal = causal is not False
     mask = attn_mask
     if mask is not None:
         if mask.dtype != torch.bool and mask.dtype not in (q.dtype, torch.float32):
@@ -246,9 +270,9 @@ def attention(
             q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
         args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p))
         if name == "triton":
-            out, lse = dispatch.call(torch.ops.fastattn.attention_triton, *args, deterministic)
+            out, lse = opcall.call(torch.ops.fastattn.attention_triton, *args, deterministic)
         else:
-            out, lse = dispatch.call(torch.ops.fastattn.attention, *args)
+            out, lse = opcall.call(torch.ops.fastattn.attention, *args)
     return (out, lse) if return_lse else out
 
 
@@ -308,7 +332,7 @@ def scaled_dot_product_attention(
         rng = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=q4.device)
         res = reference.attention(q4, k4, v4, mask4, s, is_causal, 0, dropout_p, rng)[0]
     else:
-        res = attention(q4, k4, v4, causal=is_causal, scale=s, attn_mask=mask4,
-                        dropout_p=dropout_p, _causal_offset=0)  # fmt: skip
+        res = attention(q4, k4, v4, causal="top_left" if is_causal else False, scale=s,
+                        attn_mask=mask4, dropout_p=dropout_p)  # fmt: skip
     out = res if isinstance(res, torch.Tensor) else res[0]
     return out.reshape(*query.shape[:-1], value.shape[-1])  # back to the input's rank

@@ -25,6 +25,7 @@ from fastattn._triton import (
     row_tiers,
     tl,
 )
+from fastattn.ops import opcall
 
 # Rows up to this size stay in registers (one read); longer rows are streamed three times.
 MAX_SINGLE_PASS = 16384
@@ -169,8 +170,8 @@ def _triton_forward(x, residual, weight, bias, eps, rms):
     x = x.contiguous()
     n_cols = x.shape[-1]
     rows = x.numel() // n_cols if n_cols else 0
-    y = dispatch.new_output(x)
-    h = dispatch.new_output(x) if residual is not None else x.new_empty(0)
+    y = opcall.new_output(x)
+    h = opcall.new_output(x) if residual is not None else x.new_empty(0)
     mean = x.new_empty(rows if not rms else 0, dtype=torch.float32)
     rstd = x.new_empty(rows, dtype=torch.float32)
     if rows == 0:
@@ -190,7 +191,7 @@ def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):
     dy, inp = dy.contiguous(), inp.contiguous()
     n_cols = inp.shape[-1]
     rows = inp.numel() // n_cols if n_cols else 0
-    dx = dispatch.new_output(inp)
+    dx = opcall.new_output(inp)
     progs = _backward_programs(rows, inp.device)
     dw_part = torch.zeros(progs, n_cols, dtype=torch.float32, device=inp.device)
     db_part = torch.zeros(progs, n_cols, dtype=torch.float32, device=inp.device)
@@ -310,7 +311,7 @@ def _make_backward(backward_op: Any) -> Any:
 
 
 def _register(fwd: str, bwd: str) -> None:
-    dispatch.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
+    opcall.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
 
 
 _register("fastattn::norm_triton", "fastattn::norm_triton_backward")
@@ -408,7 +409,7 @@ def _normalize(
         y, h = reference.norm(x2, w, b, eps_f, rms, r2)
     else:
         kernel = getattr(torch.ops.fastattn, _KERNELS[name])
-        y, h, _, _ = dispatch.call(kernel, x2, r2, w, b, eps_f, rms)
+        y, h, _, _ = opcall.call(kernel, x2, r2, w, b, eps_f, rms)
     if residual is None:
         return y.view_as(x) if k > 1 else y
     assert h is not None

@@ -23,6 +23,7 @@ from fastattn._triton import (
     row_tiers,
     tl,
 )
+from fastattn.ops import opcall
 
 # Rows up to this many columns are held in registers and read once; longer rows are streamed
 # twice (online max/sum, then normalise). 16K fp32 over 16 warps is 32 registers a thread.
@@ -170,7 +171,7 @@ def _triton_forward(
     x: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool, log: bool
 ) -> torch.Tensor:
     x = x.contiguous()
-    y = dispatch.new_output(x)
+    y = opcall.new_output(x)
     n_cols = x.shape[-1]
     rows = x.numel() // n_cols if n_cols else 0
     if rows == 0:
@@ -194,7 +195,7 @@ def _triton_forward(
 
 def _triton_backward(grad: torch.Tensor, y: torch.Tensor, scale: float, log: bool) -> torch.Tensor:
     grad, y = grad.contiguous(), y.contiguous()
-    dx = dispatch.new_output(y)
+    dx = opcall.new_output(y)
     n_cols = y.shape[-1]
     rows = y.numel() // n_cols if n_cols else 0
     if rows == 0:
@@ -317,7 +318,7 @@ def _make_backward(backward_op: Any) -> Any:
 
 
 def _register(fwd: str, bwd: str) -> None:
-    dispatch.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
+    opcall.register_op(fwd, bwd, _fake_forward, _fake_backward, _make_backward, _setup_context)
 
 
 _register("fastattn::softmax_triton", "fastattn::softmax_triton_backward")
@@ -383,5 +384,5 @@ def softmax(
         y = reference.softmax(xt, mask, scale_f, causal, log)
     else:
         kernel = getattr(torch.ops.fastattn, _KERNELS[name])
-        y = dispatch.call(kernel, xt, mask, scale_f, causal, log)
+        y = opcall.call(kernel, xt, mask, scale_f, causal, log)
     return y.movedim(last, d) if d != last else y
