@@ -20,6 +20,7 @@ from fastattn import _triton as T
 from fastattn import reference
 from fastattn._triton import HAS_TRITON
 from fastattn.ops import _attention_triton as A
+from fastattn.ops import _attention_triton_common as C
 from fastattn.ops import _attention_triton_aot as AOT
 from fastattn.ops import _attention_triton_bwd as AB
 
@@ -155,7 +156,7 @@ def test_fp16_and_auto_split():
     # Decode with many keys takes the split-K path on its own (interpreter: 8 pseudo-SMs).
     B, H, Sk = 1, 2, 4 * 64 + 17
     q, k, v = _inputs(B, H, 1, 2, Sk, 64, torch.float16)
-    assert A.decode_splits(q, B * H, Sk, A.SPLIT_CONFIG[64][1]) > 1
+    assert C.decode_splits(q, B * H, Sk, C.SPLIT_CONFIG[64][1]) > 1
     _run(B, H, 1, 2, Sk, 64, dtype=torch.float16, mask="float")
 
 
@@ -227,8 +228,8 @@ def test_autotuning_times_on_the_gpu(monkeypatch):
 def test_aot_specs_cover_every_config():
     ids = [s["id"] for s in AOT.aot_specs()]
     assert len(ids) == len(set(ids))
-    for kern, table in (("attn_fwd", A.FWD_CONFIGS), ("attn_bwd_dkdv", A.DKDV_CONFIGS),
-                        ("attn_bwd_dq", A.DQ_CONFIGS)):  # fmt: skip
+    for kern, table in (("attn_fwd", C.FWD_CONFIGS), ("attn_bwd_dkdv", C.DKDV_CONFIGS),
+                        ("attn_bwd_dq", C.DQ_CONFIGS)):  # fmt: skip
         for tier, cfgs in table.items():
             for m, n, w, s in cfgs:
                 assert any(i.startswith(f"{kern}-{tier}-") and i.endswith(f"m{m}n{n}w{w}s{s}")
@@ -332,7 +333,7 @@ def test_fitting_prunes_tiles_over_shared_memory_or_spilling(usage, kept):
 def test_launch_uses_only_fitting_tiles(monkeypatch):
     # The first fp16 forward tile of head dim 64 "does not fit": launches take the next, and
     # the fit is decided once per specialisation (dtypes, alignment, flags).
-    first, second = A.FWD_CONFIGS[64][:2]
+    first, second = C.FWD_CONFIGS[64][:2]
     asked = []
 
     def usage(kernel, tile, grid, args, kw):

@@ -7,21 +7,20 @@ from typing import Any
 
 import torch
 
-from fastattn.ops._attention_triton import (
-    MAX_SPLITS,
-    attn_combine_kernel,
-    attn_fwd_kernel,
-    dkdv_configs,
-    dot_precision,
-    dq_configs,
-    fwd_configs,
-    split_config,
-)
+from fastattn.ops._attention_triton import attn_combine_kernel, attn_fwd_kernel
 from fastattn.ops._attention_triton_bwd import (
     attn_bwd_dkdv_kernel,
     attn_bwd_dq_kernel,
     attn_bwd_pre_kernel,
     pre_block_m,
+)
+from fastattn.ops._attention_triton_common import (
+    MAX_SPLITS,
+    dkdv_configs,
+    dot_precision,
+    dq_configs,
+    fwd_configs,
+    split_config,
 )
 
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

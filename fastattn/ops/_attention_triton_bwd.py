@@ -1,6 +1,7 @@
-"""Triton backward kernels of exact attention and their launcher ``triton_backward`` (the
-algorithm, grids and offset rules are described in ``_attention_triton.py``, whose tile helpers,
-configurations and launch helpers these use; the contract is docs/attention.md)."""
+"""Triton backward kernels of exact attention and their launcher ``triton_backward``. The
+algorithm, grids and offset rules are described in ``_attention_triton.py``; the tile helpers,
+configurations and launch helpers these use are in ``_attention_triton_common.py``; the contract
+is docs/attention.md."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fastattn._triton import (
     tl,
 )
 from fastattn.ops import opcall
-from fastattn.ops._attention_triton import (
+from fastattn.ops._attention_triton_common import (
     LOG2E,
     TUNE_KEYS,
     blocks_grid,
