@@ -20,9 +20,9 @@ from fastattn import _triton as T
 from fastattn import reference
 from fastattn._triton import HAS_TRITON
 from fastattn.ops import _attention_triton as A
-from fastattn.ops import _attention_triton_common as C
 from fastattn.ops import _attention_triton_aot as AOT
 from fastattn.ops import _attention_triton_bwd as AB
+from fastattn.ops import _attention_triton_common as C
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
