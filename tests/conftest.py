@@ -106,6 +106,26 @@ def assert_parity(
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} ({dt})"
 
 
+def refuses_as_the_full_checks(monkeypatch: pytest.MonkeyPatch, module: object, call, exc) -> None:
+    """``call()`` raises the same error with ``module``'s fast accept path (``_plain``) as with
+    the full checks alone: the fast path accepts nothing the full checks refuse."""
+    with pytest.raises(exc) as fast:
+        call()
+    monkeypatch.setattr(module, "_plain", lambda *a: False)
+    with pytest.raises(exc) as full:
+        call()
+    assert str(fast.value) == str(full.value)
+
+
+def accepts_as_the_full_checks(monkeypatch: pytest.MonkeyPatch, module: object, calls) -> None:
+    """Each of ``calls`` gives the same bits with the fast accept path as with the full checks."""
+    fast = [c() for c in calls]
+    monkeypatch.setattr(module, "_plain", lambda *a: False)
+    for got, want in zip(fast, [c() for c in calls], strict=True):
+        for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want)), strict=True):
+            assert torch.equal(g, w)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -13,7 +13,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_BACKENDS, assert_parity, on_devices
+from conftest import (
+    CPU_BACKENDS,
+    accepts_as_the_full_checks,
+    assert_parity,
+    on_devices,
+    refuses_as_the_full_checks,
+)
 
 import fastattn
 from fastattn import reference
@@ -381,12 +387,7 @@ def test_fast_accept_path_refuses_exactly_what_the_full_checks_refuse(monkeypatc
                                                                       match):  # fmt: skip
     import fastattn.ops.attention as ops
 
-    with pytest.raises(exc) as fast:
-        call()
-    monkeypatch.setattr(ops, "_plain", lambda *a: False)
-    with pytest.raises(exc) as full:
-        call()
-    assert str(fast.value) == str(full.value)
+    refuses_as_the_full_checks(monkeypatch, ops, call, exc)
 
 
 def test_fast_accept_path_accepts_the_common_call_as_the_full_checks_do(monkeypatch):
@@ -395,11 +396,7 @@ def test_fast_accept_path_accepts_the_common_call_as_the_full_checks_do(monkeypa
     q, k, v = _qkv()
     calls = [lambda: fastattn.attention(q, k, v), lambda: fastattn.attention(q, k, v, causal=True)]
     assert ops._plain(q, k, v)  # the common call does take the fast path
-    fast = [c() for c in calls]
-    monkeypatch.setattr(ops, "_plain", lambda *a: False)
-    for got, want in zip(fast, [c() for c in calls], strict=True):
-        for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want)), strict=True):
-            assert torch.equal(g, w)
+    accepts_as_the_full_checks(monkeypatch, ops, calls)
 
 
 def test_device_mismatch_is_rejected():

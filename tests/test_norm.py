@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, GPU_BACKENDS, ROUNDED, assert_parity, on_devices
+from conftest import (
+    CPU_BACKENDS,
+    GPU_BACKENDS,
+    ROUNDED,
+    accepts_as_the_full_checks,
+    assert_parity,
+    on_devices,
+    refuses_as_the_full_checks,
+)
 
 import fastattn
 from fastattn import reference
@@ -240,12 +248,7 @@ def test_fast_accept_path_refuses_exactly_what_the_full_checks_refuse(monkeypatc
                                                                       match):  # fmt: skip
     import fastattn.ops.norm as ops
 
-    with pytest.raises(exc) as fast:
-        call()
-    monkeypatch.setattr(ops, "_plain", lambda *a: False)
-    with pytest.raises(exc) as full:
-        call()
-    assert str(fast.value) == str(full.value)
+    refuses_as_the_full_checks(monkeypatch, ops, call, exc)
 
 
 def test_fast_accept_path_accepts_the_common_call_as_the_full_checks_do(monkeypatch):
@@ -258,11 +261,7 @@ def test_fast_accept_path_accepts_the_common_call_as_the_full_checks_do(monkeypa
         lambda: fastattn.rms_norm(x, 8, w, residual=r),
     ]
     assert ops._plain(x, (8,), w, b, None, r)  # the common call does take the fast path
-    fast = [c() for c in calls]
-    monkeypatch.setattr(ops, "_plain", lambda *a: False)
-    for got, want in zip(fast, [c() for c in calls], strict=True):
-        for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want)), strict=True):
-            assert torch.equal(g, w)
+    accepts_as_the_full_checks(monkeypatch, ops, calls)
 
 
 CPP_BAD_INPUTS = [
