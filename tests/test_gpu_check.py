@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -134,15 +135,22 @@ def test_a_step_with_no_time_left_is_skipped(tmp_path):
 
 
 def test_sigint_at_the_limit_lets_pytest_write_its_junit_xml(tmp_path):
-    # 20 s: time for the child pytest to start and reach the slow test on a loaded machine (a
-    # parallel `make test` on 2 cores took more than 8 s once); it would sleep for 300.
+    # 20 s: time for the child pytest to start and reach the slow test on a loaded machine; it
+    # would sleep for 300. SIGINT ignored here, as in a pytest-xdist worker or a background job
+    # of a non-interactive shell: the child must get it back (it ignored it, and died at the
+    # SIGKILL without its XML, in `make test`).
     (tmp_path / "test_slow.py").write_text(
         "import time\ndef test_fast():\n    pass\ndef test_slow():\n    time.sleep(300)\n"
     )
     junit = tmp_path / "j.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
            "-p", "no:benchmark", f"--junitxml={junit}", str(tmp_path / "test_slow.py")]  # fmt: skip
-    step = gpu_check.run_step(gpu_check.Step("tests"), cmd, 20, tmp_path / "t.log", cwd=tmp_path)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        step = gpu_check.run_step(gpu_check.Step("tests"), cmd, 20, tmp_path / "t.log",
+                                  cwd=tmp_path)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert step.status == "timeout" and step.seconds < 60, (tmp_path / "t.log").read_text()
     got = gpu_check.summarise_junit(junit)
     assert got["passed"] == 1 and got["interrupted"] == 1 and got["failed"] == 0

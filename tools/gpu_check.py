@@ -113,7 +113,7 @@ def run_step(step: Step, cmd: list[str], limit_s: float, log: Path, env: dict | 
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, preexec_fn=_interruptible)  # fmt: skip
         try:
             rc = proc.wait(timeout=limit_s)
             step.status = "ok" if rc == 0 else "failed"
@@ -123,6 +123,13 @@ def run_step(step: Step, cmd: list[str], limit_s: float, log: Path, env: dict | 
             step.status, step.detail = "timeout", f"stopped at its {limit_s:.0f} s limit"
     step.seconds = round(time.monotonic() - t0, 1)
     return step
+
+
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default. A process started in the background
+    by a non-interactive shell (or by a pytest-xdist worker) inherits SIGINT ignored, and Python
+    then never raises KeyboardInterrupt: pytest would die at the SIGKILL without its JUnit XML."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop(proc: subprocess.Popen) -> None:
