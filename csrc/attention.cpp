@@ -37,7 +37,7 @@ constexpr const char* kBwd = "fastattn::attention_backward";
 
 // The kernel table of the best ISA path in use; float64 always takes the scalar (fp64 math) path.
 AttnKernels kernels_for(const char* op, DType x, bool has_mask, DType mask) {
-  static constexpr AttnKernels (*kGet[4])(DType, bool, DType) = {
+  static constexpr AttnKernels (*kGet[])(DType, bool, DType) = {
       cpu::attention_kernels_scalar, cpu::attention_kernels_avx2, cpu::attention_kernels_avx512,
       cpu::attention_kernels_avx512bf16};
   const auto serves = [](const AttnKernels& t) { return t.fwd != nullptr; };

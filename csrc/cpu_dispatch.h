@@ -59,9 +59,10 @@ inline cpu::DType dtype_of(const char* op, at::ScalarType st) {
 // AVX2, AVX-512, AVX-512 + BF16, in that order). From the best path the CPU runs (or the scalar
 // one when `scalar_only`, e.g. for float64 math) down, the first table `serves` accepts is used.
 // A getter returns an empty table for dtype combinations its path does not serve.
+// `get` has exactly one getter per tier: a table left short by a new tier fails to compile.
 template <class Table, class Serves, class... A, class... B>
-Table best_kernels(Table (*const (&get)[4])(A...), bool scalar_only, Serves serves, B... args) {
-  static_assert(cpu::kIsaTiers == 4, "one table getter per tier");
+Table best_kernels(Table (*const (&get)[cpu::kIsaTiers])(A...), bool scalar_only, Serves serves,
+                   B... args) {
   const int top = scalar_only ? 0 : static_cast<int>(cpu::isa());
   for (int i = top; i > 0; --i) {
     const Table k = get[i](args...);

@@ -27,7 +27,7 @@ using OptTensor = std::optional<Tensor>;
 
 // The widest supported ISA's kernels for this dtype (float64: the scalar path's).
 cpu::NormKernels kernels_for(at::ScalarType st, cpu::NormVariant v) {
-  static constexpr cpu::NormKernels (*kGet[4])(cpu::DType, cpu::NormVariant) = {
+  static constexpr cpu::NormKernels (*kGet[])(cpu::DType, cpu::NormVariant) = {
       cpu::norm_kernels_scalar, cpu::norm_kernels_avx2, cpu::norm_kernels_avx512,
       cpu::norm_kernels_avx512bf16};
   const cpu::DType dt = dtype_of("fastattn::norm", st);

@@ -31,7 +31,7 @@ constexpr const char* kBwd = "fastattn::softmax_backward";
 
 // The kernel table of the best ISA path in use; float64 always takes the scalar (fp64 math) path.
 SoftmaxKernels kernels_for(const char* op, DType x, DType mask, bool per_column) {
-  static constexpr SoftmaxKernels (*kGet[4])(DType, DType, bool) = {
+  static constexpr SoftmaxKernels (*kGet[])(DType, DType, bool) = {
       cpu::softmax_kernels_scalar, cpu::softmax_kernels_avx2, cpu::softmax_kernels_avx512,
       cpu::softmax_kernels_avx512bf16};
   const auto serves = [](const SoftmaxKernels& t) { return t.fwd_rows != nullptr; };

@@ -253,8 +253,7 @@ def test_submodules_load_on_first_attribute_access():
         print("OK")
         """
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+    _check_in_fresh_process(code, {})
 
 
 def test_isa_tiers_are_one_enum_with_both_environment_variables():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -273,15 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu_bench: {label}", flush=True)
             doc["rows"].extend(measure(case, time_ms, peaks))
             with open(args.out, "w") as f:
-                json.dump(doc, f, indent=1, default=_json_default)
+                json.dump(doc, f, indent=1, default=str)
     with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1, default=_json_default)
+        json.dump(doc, f, indent=1, default=str)
     bad = [r for r in doc["rows"] if r["impl"].startswith("fastattn") and r["check"] != "ok"]
     return 1 if bad else 0
-
-
-def _json_default(o: Any) -> Any:
-    return None if isinstance(o, float) and math.isnan(o) else str(o)
 
 
 if __name__ == "__main__":
