@@ -11,8 +11,9 @@ from fastattn import nn
 from fastattn._extension import cpu_cache_info, empty_cpu_cache
 from fastattn._version import __version__
 from fastattn.dispatch import backends
-from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.attention import attention
 from fastattn.ops.norm import layer_norm, rms_norm
+from fastattn.ops.sdpa import scaled_dot_product_attention
 from fastattn.ops.softmax import softmax
 from fastattn.patching import PatchReport, patch, unpatch
 

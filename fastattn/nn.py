@@ -7,14 +7,18 @@ keyword-only and default to torch's behaviour.
 
 from __future__ import annotations
 
-import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fastattn.ops.attention import attention
 from fastattn.ops.norm import layer_norm, rms_norm
-from fastattn.ops.softmax import softmax
+from fastattn.ops.softmax import implicit_dim, softmax
+
+# torch's own MultiheadAttention checks and in-projection (names private to torch.nn.functional,
+# called as torch's forward calls them; tests/test_nn.py compares acceptance with torch's module).
+_TORCH_MHA: Any = F
 
 __all__ = [
     "FusedAddLayerNorm",
@@ -26,16 +30,6 @@ __all__ = [
     "Softmax",
     "from_torch",
 ]
-
-
-def _legacy_softmax_dim(ndim: int) -> int:
-    # torch.nn.Softmax(dim=None) picks this dim (with a deprecation warning); keep it identical.
-    warnings.warn(
-        "Implicit dimension choice for softmax has been deprecated. Change the call to include "
-        "dim=X as an argument.",
-        stacklevel=3,
-    )
-    return 0 if ndim in (0, 1, 3) else 1
 
 
 class Softmax(torch.nn.Softmax):
@@ -58,7 +52,7 @@ class Softmax(torch.nn.Softmax):
         self.scale, self.causal, self.log, self.backend = scale, causal, log, backend
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        dim = self.dim if self.dim is not None else _legacy_softmax_dim(input.dim())
+        dim = self.dim if self.dim is not None else implicit_dim(input.dim())
         return softmax(
             input,
             dim,
@@ -167,58 +161,100 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if need_weights:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)  # fmt: skip
+        # torch's own checks and in-projection, called as its forward calls them (on its (L, N,
+        # E) layout), so that what it accepts and refuses, and the dtypes it gets, are the same.
+        batched = _TORCH_MHA._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
+                                     self.num_heads)  # fmt: skip
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask, mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+            target_type=query.dtype,
+        )  # fmt: skip
+        attn_mask = F._canonical_mask(
+            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+            target_type=query.dtype, check_other=False,
+        )  # fmt: skip
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "fastattn.nn.MultiheadAttention: is_causal is a hint that attn_mask is causal; "
                 "pass the causal attn_mask too (as torch.nn.MultiheadAttention requires)"
             )
-        batched = query.dim() == 3
-        if not batched:  # (L, E) -> (1, L, E)
-            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:  # (L, N, E) -> (N, L, E)
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        N, L, E = query.shape
-        H, hd = self.num_heads, self.head_dim
-        if self._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        b_q = b_k = b_v = None
-        if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q)
-        k = F.linear(key, w_k, b_k)
-        v = F.linear(value, w_v, b_v)
-        # As torch: without a padding mask the is_causal hint replaces attn_mask by a top-left
-        # causal mask over all keys (appended bias/zero keys included).
+        # As torch: without a padding mask the hint replaces attn_mask by a top-left causal mask.
         causal = is_causal and key_padding_mask is None
         if causal:
             attn_mask = None
-        mask = _merged_mask(key_padding_mask, attn_mask, N, H, L, key.shape[1], q.dtype)
-        extra = []  # columns appended to the keys: the learned bias_k/v, then a zero key
-        if self.bias_k is not None and self.bias_v is not None:
-            extra.append((self.bias_k.expand(N, 1, E), self.bias_v.expand(N, 1, E)))
-        if self.add_zero_attn:
-            zero = q.new_zeros(N, 1, E)
-            extra.append((zero, zero))
-        for kx, vx in extra:
-            k, v = torch.cat([k, kx], dim=1), torch.cat([v, vx], dim=1)
-            if mask is not None:  # the new key is visible to every query
-                pad = mask.new_ones(()) if mask.dtype == torch.bool else mask.new_zeros(())
-                mask = torch.cat([mask, pad.expand(*mask.shape[:-1], 1)], dim=-1)
-        q, k, v = (t.unflatten(-1, (H, hd)).transpose(1, 2) for t in (q, k, v))  # (N, H, T, hd)
+        if query.shape[-1] != self.embed_dim:
+            raise AssertionError(
+                f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}"
+            )
+        q, k, v = self._projected(query, key, value, batched)  # (L|S, N, E)
+        L, N, E = q.shape
+        S = k.shape[0]
+        if attn_mask is not None:
+            want = (L, S) if attn_mask.dim() == 2 else (N * self.num_heads, L, S)
+            if attn_mask.dim() not in (2, 3):
+                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+            if tuple(attn_mask.shape) != want:
+                raise RuntimeError(
+                    f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but "
+                    f"should be {want}."
+                )
+        if self.bias_k is not None and self.bias_v is not None:  # a learned key, seen by all
+            k = torch.cat([k, self.bias_k.repeat(1, N, 1)])
+            v = torch.cat([v, self.bias_v.repeat(1, N, 1)])
+            attn_mask, key_padding_mask = (F.pad(m, (0, 1)) if m is not None else None
+                                           for m in (attn_mask, key_padding_mask))  # fmt: skip
+        if self.add_zero_attn:  # a zero key and value, seen by all
+            k = torch.cat([k, k.new_zeros(1, N, E)])
+            v = torch.cat([v, v.new_zeros(1, N, E)])
+            attn_mask, key_padding_mask = (F.pad(m, (0, 1)) if m is not None else None
+                                           for m in (attn_mask, key_padding_mask))  # fmt: skip
+        if key_padding_mask is not None:
+            _TORCH_MHA._check_key_padding_mask(key_padding_mask, k.shape[0], N)
+        H, hd = self.num_heads, self.head_dim
+        q, k, v = (t.unflatten(-1, (H, hd)).permute(1, 2, 0, 3) for t in (q, k, v))  # (N, H, T, hd)
+        mask = _merged_mask(key_padding_mask, attn_mask, N, H, L, k.shape[2])
         p = self.dropout if self.training else 0.0
         o = attention(q, k, v, attn_mask=mask, dropout_p=p, backend=self.backend,
                       causal="top_left" if causal else False)  # fmt: skip
         assert isinstance(o, torch.Tensor)
-        out = self.out_proj(o.transpose(1, 2).flatten(2))  # (N, L, E)
+        out = self.out_proj(o.permute(2, 0, 1, 3).flatten(2))  # (L, N, E)
         if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+            return out.squeeze(1), None
+        return (out.transpose(0, 1) if self.batch_first else out), None
+
+    def _projected(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batched: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v in-projected by torch's own helpers on torch's ``(seqlen, batch, embed)``
+        layout (self-attention projected by one matmul when query is key is value)."""
+        if not batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+        elif self.batch_first:
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (t.transpose(1, 0) for t in (query, key))
+                    value = key
+            else:
+                query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        if self._qkv_same_embed_dim:
+            if key.shape != value.shape:
+                raise AssertionError(
+                    f"key shape {key.shape} does not match value shape {value.shape}"
+                )
+            return _TORCH_MHA._in_projection_packed(query, key, value, self.in_proj_weight,
+                                           self.in_proj_bias)  # fmt: skip
+        if key.shape[:2] != value.shape[:2]:
+            raise AssertionError(
+                f"key's sequence and batch dims {key.shape[:2]} do not match value's "
+                f"{value.shape[:2]}"
+            )
+        b = self.in_proj_bias
+        b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
+        return _TORCH_MHA._in_projection(query, key, value, self.q_proj_weight, self.k_proj_weight,
+                                self.v_proj_weight, b_q, b_k, b_v)  # fmt: skip
 
 
 def _merged_mask(
@@ -228,27 +264,17 @@ def _merged_mask(
     H: int,
     L: int,
     S: int,
-    dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """torch's MHA masks (bool True = masked out, or additive float) as one fastattn mask
-    broadcastable to ``(N, H, L, S)``: bool True = keep when both are bool, else additive."""
+    """torch's canonical MHA masks (additive float: ``(N, S)`` padding, ``(L, S)`` or ``(N*H,
+    L, S)`` attention) as one additive mask broadcastable to ``(N, H, L, S)``."""
     parts = []
     if key_padding_mask is not None:
-        parts.append(key_padding_mask.reshape(N, 1, 1, S))
+        parts.append(key_padding_mask.view(N, 1, 1, S))
     if attn_mask is not None:
-        parts.append(attn_mask.reshape(N, H, L, S) if attn_mask.dim() == 3 else attn_mask)
+        parts.append(attn_mask.view(N, H, L, S) if attn_mask.dim() == 3 else attn_mask)
     if not parts:
         return None
-    if all(m.dtype == torch.bool for m in parts):
-        keep = ~parts[0]
-        return keep if len(parts) == 1 else keep & ~parts[1]
-    add = [
-        torch.zeros((), dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
-        if m.dtype == torch.bool
-        else m.to(dtype)
-        for m in parts
-    ]
-    return add[0] if len(add) == 1 else add[0] + add[1]
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
 def _converted(cls: type[torch.nn.Module], module: torch.nn.Module) -> torch.nn.Module:

@@ -216,6 +216,65 @@ def test_multihead_attention_inside_transformer_layers():
                   eager=want_dec)  # fmt: skip
 
 
+# Inputs torch's module refuses or accepts with need_weights=False, beside the mask grid above:
+# a 1-D attn_mask, (1, S) and (L, 1) masks, an integer mask, a 3-D mask of the wrong batch, a
+# padding mask of the wrong length, a float padding mask with a bool attn_mask (torch warns and
+# accepts), unbatched with a 3-D mask, key and value of different lengths.
+N_, L_, S_, E_, H_ = 2, 5, 6, 8, 2
+MHA_EDGE = [
+    ("1-D attn_mask", {"attn_mask": torch.zeros(S_, dtype=torch.bool)}),
+    ("(1, S) attn_mask", {"attn_mask": torch.zeros(1, S_, dtype=torch.bool)}),
+    ("(L, 1) attn_mask", {"attn_mask": torch.zeros(L_, 1, dtype=torch.bool)}),
+    ("integer attn_mask", {"attn_mask": torch.zeros(L_, S_, dtype=torch.int64)}),
+    ("3-D attn_mask of N not N*H", {"attn_mask": torch.zeros(N_, L_, S_)}),
+    ("4-D attn_mask", {"attn_mask": torch.zeros(N_, H_, L_, S_)}),
+    ("padding mask of S+1", {"key_padding_mask": torch.zeros(N_, S_ + 1, dtype=torch.bool)}),
+    ("float padding, bool attn", {"key_padding_mask": torch.zeros(N_, S_),
+                                   "attn_mask": torch.zeros(L_, S_, dtype=torch.bool)}),
+    ("integer padding mask", {"key_padding_mask": torch.zeros(N_, S_, dtype=torch.int32)}),
+    ("value of other length", {"value": torch.randn(N_, S_ + 1, E_)}),
+    ("query of other width", {"query": torch.randn(N_, L_, E_ + 2)}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "extra"), MHA_EDGE, ids=[m[0] for m in MHA_EDGE])
+def test_multihead_attention_accepts_and_refuses_as_torch(name, extra):
+    theirs = torch.nn.MultiheadAttention(E_, H_, batch_first=True)
+    ours = fastattn.nn.from_torch(theirs)
+    args = {"query": torch.randn(N_, L_, E_), "key": torch.randn(N_, S_, E_),
+            "value": torch.randn(N_, S_, E_), **extra}  # fmt: skip
+    try:
+        want = theirs(**args, need_weights=False)[0]
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        with pytest.raises(type(e)):
+            ours(**args, need_weights=False)
+        return
+    got = ours(**args, need_weights=False)[0]
+    ref = copy.deepcopy(theirs).double()
+    dargs = {n: t.double() if t.is_floating_point() else t for n, t in args.items()}
+    assert_parity(got, ref(**dargs, need_weights=False)[0], eager=want)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float64])
+def test_multihead_attention_in_proj_bias_of_another_dtype(bias_dtype, batched):
+    """torch's module takes an in_proj_bias of another dtype than the query where its own
+    in-projection does (type promotion on its transposed layout); the same calls must work."""
+    theirs = torch.nn.MultiheadAttention(E_, H_, batch_first=True)
+    theirs.in_proj_bias.data = theirs.in_proj_bias.data.to(bias_dtype)
+    ours = fastattn.nn.from_torch(theirs)
+    x = torch.randn(N_, L_, E_) if batched else torch.randn(L_, E_)
+    try:
+        want = theirs(x, x, x, need_weights=False)[0]
+    except RuntimeError as e:
+        with pytest.raises(type(e)):
+            ours(x, x, x, need_weights=False)
+        return
+    got = ours(x, x, x, need_weights=False)[0]
+    assert got.dtype == want.dtype
+    assert_parity(got, want.double(), eager=want)
+
+
 def test_multihead_attention_requires_mask_with_causal_hint():
     m = fastattn.nn.MultiheadAttention(8, 2)
     x = torch.randn(3, 1, 8)

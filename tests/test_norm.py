@@ -230,7 +230,7 @@ BAD_INPUTS = [
     (lambda: _ln(_X(), 8, _W(), _W().long()), TypeError, "bias must be a floating point"),
     (lambda: _ln(_X(), 8, _W(), _W("meta")), ValueError, "bias is on meta"),
     (lambda: _ln(_X(), 8, _W(), _W(), "1e-5"), TypeError, "eps must be a Python number"),
-    (lambda: _ln(_X().long(), 8, _W(), _W()), TypeError, "x must be a floating point"),
+    (lambda: _ln(_X().long(), 8, _W(), _W()), TypeError, "input must be a floating point"),
     (lambda: _ln(_X(), 7, torch.randn(7), _W()), ValueError, r"normalized_shape \[7\]"),
 ]  # fmt: skip
 

@@ -9,7 +9,6 @@ both, the input checks, and the public functions ``attention`` and
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -124,38 +123,42 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.floating_tensor(OP, name, t)
         if t.dim() != 4:
-            raise ValueError(
+            raise _checks.ShapeError(
                 f"fastattn.attention: {name} must be 4-D (batch, heads, seqlen, head_dim), got "
                 f"shape {tuple(t.shape)}"
             )
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(
+        raise _checks.DTypeError(
             f"fastattn.attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
-            raise ValueError(f"fastattn.attention: {name} is on {t.device} but q is on {q.device}")
+            raise _checks.ShapeError(
+                f"fastattn.attention: {name} is on {t.device} but q is on {q.device}"
+            )
     B, H, _, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(
+        raise _checks.ShapeError(
             "fastattn.attention: expected k and v of shape (batch, kv_heads, seqlen_k, head_dim) "
             f"matching q's batch and head_dim; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
             f"v {tuple(v.shape)}"
         )
     Hkv = k.shape[1]
     if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(
+        raise _checks.ShapeError(
             f"fastattn.attention: q's heads ({H}) must be a multiple of k/v's heads ({Hkv}) "
             f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
         )
     if D > MAX_HEAD_DIM:
-        raise ValueError(
+        raise _checks.ShapeError(
             f"fastattn.attention: head_dim {D} exceeds the supported maximum {MAX_HEAD_DIM}"
         )
     _checks.number(OP, "scale", scale)
     _checks.number(OP, "dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"fastattn.attention: dropout_p must be in [0, 1), got {dropout_p}")
+        raise _checks.ShapeError(
+            f"fastattn.attention: dropout_p must be in [0, 1), got {dropout_p}"
+        )
     if attn_mask is not None:
         _checks.mask(OP, attn_mask, q.new_empty(()).expand(*q.shape[:-1], k.shape[2]))
 
@@ -169,7 +172,7 @@ def _causal_alignment(causal: Any) -> bool:
         return False
     if isinstance(causal, str):
         if causal not in CAUSAL_ALIGNMENTS:
-            raise ValueError(
+            raise _checks.ShapeError(
                 f"fastattn.attention: causal must be True, False, 'bottom_right' or 'top_left', "
                 f"got {causal!r}"
             )
@@ -274,65 +277,3 @@ def attention(
         else:
             out, lse = opcall.call(torch.ops.fastattn.attention, *args)
     return (out, lse) if return_lse else out
-
-
-def scaled_dot_product_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` with fastattn's kernels: the same
-    signature and semantics (causal masks are top-left aligned, as torch defines them), so it
-    can replace it by assignment. Inputs ``(..., heads, seqlen, head_dim)``; 3-D inputs have one
-    implicit head. A value head_dim other than the query's runs the eager reference."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _checks.floating_tensor("scaled_dot_product_attention", name, t)
-        if t.dim() < 3:
-            raise ValueError(
-                "fastattn.scaled_dot_product_attention: inputs must have at least 3 dims "
-                f"(batch, seqlen, head_dim); {name} has shape {tuple(t.shape)}"
-            )
-    if is_causal and attn_mask is not None:
-        raise ValueError(
-            "fastattn.scaled_dot_product_attention: pass either attn_mask or is_causal=True, "
-            "not both (as torch)"
-        )
-    if not enable_gqa and key.dim() > 3 and key.shape[-3] != query.shape[-3]:
-        raise ValueError(
-            f"fastattn.scaled_dot_product_attention: query has {query.shape[-3]} heads but key "
-            f"has {key.shape[-3]}; pass enable_gqa=True for grouped-query attention"
-        )
-    S = key.shape[-2]
-
-    def as4d(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, seqlen, head_dim)
-        if t.dim() == 3:
-            return t.unsqueeze(1)
-        return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
-
-    q4, k4, v4 = as4d(query), as4d(key), as4d(value)
-    mask4 = None
-    if attn_mask is not None:
-        full = (*query.shape[:-1], S)
-        try:
-            mask4 = attn_mask.expand(full)
-        except RuntimeError as e:
-            raise ValueError(
-                f"fastattn.scaled_dot_product_attention: attn_mask of shape "
-                f"{tuple(attn_mask.shape)} is not broadcastable to {full}"
-            ) from e
-        mask4 = mask4.unsqueeze(1) if query.dim() == 3 else mask4.reshape(-1, *full[-3:])
-    s = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    res: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-    if v4.shape[-1] != q4.shape[-1]:  # the kernels take one head_dim for q, k and v
-        rng = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=q4.device)
-        res = reference.attention(q4, k4, v4, mask4, s, is_causal, 0, dropout_p, rng)[0]
-    else:
-        res = attention(q4, k4, v4, causal="top_left" if is_causal else False, scale=s,
-                        attn_mask=mask4, dropout_p=dropout_p)  # fmt: skip
-    out = res if isinstance(res, torch.Tensor) else res[0]
-    return out.reshape(*query.shape[:-1], value.shape[-1])  # back to the input's rank

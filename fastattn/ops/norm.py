@@ -332,10 +332,10 @@ def _check(
     residual: Any,
 ) -> None:
     """The arguments of a norm call, before anything is allocated."""
-    x = _checks.floating_tensor(op, "x", x)
+    x = _checks.floating_tensor(op, "input", x)
     k = len(shape)
     if k == 0 or k > x.dim() or x.shape[x.dim() - k :] != shape:
-        raise ValueError(
+        raise _checks.ShapeError(
             f"fastattn.{op}: normalized_shape {list(shape)} does not match the trailing "
             f"dimensions of x of shape {tuple(x.shape)}"
         )
@@ -345,7 +345,7 @@ def _check(
             _checks.floating_tensor(op, name, t)
             _checks.same_device(op, name, t, x)
             if t.shape != shape:
-                raise ValueError(
+                raise _checks.ShapeError(
                     f"fastattn.{op}: {name} has shape {tuple(t.shape)} but normalized_shape is "
                     f"{list(shape)}"
                 )
@@ -353,7 +353,7 @@ def _check(
         _checks.floating_tensor(op, "residual", residual)
         _checks.same_device(op, "residual", residual, x)
         if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(
+            raise _checks.ShapeError(
                 f"fastattn.{op}: residual ({tuple(residual.shape)}, {residual.dtype}) must have "
                 f"x's shape and dtype ({tuple(x.shape)}, {x.dtype})"
             )
@@ -417,7 +417,7 @@ def _normalize(
 
 
 def layer_norm(
-    x: torch.Tensor,
+    input: torch.Tensor,
     normalized_shape: int | Sequence[int],
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -426,18 +426,18 @@ def layer_norm(
     residual: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> Any:
-    """``F.layer_norm`` over the trailing ``normalized_shape`` dims of ``x``, fused.
+    """``F.layer_norm`` over the trailing ``normalized_shape`` dims of ``input``, fused.
 
-    With ``residual`` (x's shape and dtype) it computes ``h = x + residual`` and returns
+    With ``residual`` (input's shape and dtype) it computes ``h = input + residual`` and returns
     ``(layer_norm(h), h)`` in one pass: the add-and-normalise of a pre-norm Transformer block.
-    ``weight``/``bias`` may have another float dtype than x (e.g. fp32 weights, bf16
-    activations); statistics are fp32. Shapes: x ``(*, *normalized_shape)``.
+    ``weight``/``bias`` may have another float dtype than input (e.g. fp32 weights, bf16
+    activations); statistics are fp32. Shapes: input ``(*, *normalized_shape)``.
     """
-    return _normalize("layer_norm", x, normalized_shape, weight, bias, eps, residual, backend)
+    return _normalize("layer_norm", input, normalized_shape, weight, bias, eps, residual, backend)
 
 
 def rms_norm(
-    x: torch.Tensor,
+    input: torch.Tensor,
     normalized_shape: int | Sequence[int],
     weight: torch.Tensor | None = None,
     eps: float | None = None,
@@ -445,6 +445,6 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> Any:
-    """``F.rms_norm`` (``eps=None`` means ``torch.finfo(x.dtype).eps``), optionally fused with
+    """``F.rms_norm`` (``eps=None`` means ``torch.finfo(input.dtype).eps``), optionally fused with
     a residual add like :func:`layer_norm`."""
-    return _normalize("rms_norm", x, normalized_shape, weight, None, eps, residual, backend)
+    return _normalize("rms_norm", input, normalized_shape, weight, None, eps, residual, backend)

@@ -8,6 +8,7 @@ and autograd for every backend, then the public function. The C++ kernels live i
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -330,22 +331,40 @@ _KERNELS = {"triton": "softmax_triton", "cpu": "softmax", "cuda": "softmax"}
 
 
 # ------------------------------------------------------------------------------ public API
+def implicit_dim(ndim: int, stacklevel: int = 3) -> int:
+    """The dim torch's softmax picks when given ``dim=None`` (0 for 0-, 1- and 3-D inputs, else
+    1), with torch's deprecation warning: kept identical for the drop-ins."""
+    warnings.warn(
+        "Implicit dimension choice for softmax has been deprecated. Change the call to include "
+        "dim=X as an argument.",
+        stacklevel=stacklevel,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
 def softmax(
-    x: torch.Tensor,
-    dim: int = -1,
+    input: torch.Tensor,
+    dim: int | None = -1,
+    _stacklevel: int | torch.dtype = 3,
+    dtype: torch.dtype | None = None,
     *,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
     causal: bool = False,
     log: bool = False,
-    dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Softmax (or log-softmax) of ``x * scale + mask`` along ``dim``, fused in one kernel.
 
+    The positional forms of ``F.softmax(input, dim, _stacklevel, dtype)`` and
+    ``torch.softmax(input, dim, dtype)`` both work; the fastattn options are keyword-only.
+
     Args:
-        x: input of any shape, e.g. attention scores ``(batch, heads, seqlen_q, seqlen_k)``.
-        dim: the dimension to normalise; must be the last one when ``causal``.
+        input: any shape (a 0-dim tensor too), e.g. attention scores ``(batch, heads,
+            seqlen_q, seqlen_k)``.
+        dim: the dimension to normalise; must be the last one when ``causal``. ``None`` picks
+            torch's deprecated implicit dim, with its warning (unlike ``F.softmax``, the default
+            is the last dim).
         scale: multiplies ``x`` before the mask is added (default 1).
         mask: bool (True = keep) or additive float tensor broadcastable to ``x``; broadcast dims
             are read with stride 0, never expanded in memory. A float mask that requires grad
@@ -359,13 +378,26 @@ def softmax(
     A row whose entries are all masked returns zeros (log-softmax: -inf) and a zero gradient,
     never NaN; NaN inputs propagate. Math is in fp32 (fp64 for float64 inputs).
     """
+    if isinstance(_stacklevel, torch.dtype):  # torch.softmax(input, dim, dtype)
+        dtype, _stacklevel = _stacklevel, 3
+    x = input
     if dtype is not None and isinstance(x, torch.Tensor):
-        x = x.to(dtype)
-    x = _checks.floating_tensor("softmax", "x", x)
+        x = x.to(dtype)  # as torch: cast first (integer and bool inputs too)
+    x = _checks.floating_tensor("softmax", "input", x)
+    if dim is None:
+        dim = implicit_dim(x.dim(), _stacklevel + 1)
+    if x.dim() == 0:  # torch: the softmax of a scalar is 1 (log: 0), for dim 0 or -1
+        if dim not in (-1, 0):
+            raise _checks.DimError(
+                f"fastattn.softmax: dim {dim} is out of range for input of shape () (a scalar "
+                "takes dim 0 or -1)"
+            )
+        y0 = softmax(x.reshape(1), 0, scale=scale, mask=mask, log=log, backend=backend)
+        return y0.reshape(())
     d = _checks.dim_index("softmax", x, dim)
     _checks.number("softmax", "scale", scale)
     if causal and d != x.dim() - 1:
-        raise ValueError(
+        raise _checks.ShapeError(
             "fastattn.softmax: causal=True masks the last two dims, so dim must be the last "
             f"({x.dim() - 1} or -1), got {dim}"
         )
