@@ -194,3 +194,8 @@ def test_nn_softmax_on_a_scalar():
     with pytest.warns(UserWarning):
         got = fastattn.nn.Softmax()(x)
     assert torch.equal(got, want)
+
+
+def test_deviation_softmax_default_dim_is_the_last():
+    x = torch.randn(2, 3, 4)
+    assert_parity(fastattn.softmax(x), torch.softmax(x.double(), -1))  # F.softmax(x): dim 0

@@ -359,3 +359,21 @@ def test_grid_covers_both_outcomes():
         except RuntimeError:
             outcomes.add("refused")
     assert outcomes == {"ok", "refused"}
+
+
+# ------------------------------------------ the deviations listed in docs/api.md, as tested facts
+def test_deviation_negative_dropout_is_refused():
+    q, k, v = _t(2, 3, L, E), _t(2, 3, S, E), _t(2, 3, S, E)
+    _torch(q, k, v, dropout_p=-0.1)  # torch's math backend takes it
+    with pytest.raises(RuntimeError, match="dropout_p must be between 0 and 1"):
+        fastattn.scaled_dot_product_attention(q, k, v, dropout_p=-0.1)
+
+
+def test_deviation_lower_right_bias_rows_without_keys_are_zeros():
+    q, k, v = _t(1, 2, S, E), _t(1, 2, L, E), _t(1, 2, L, E)  # Sq > Sk: the first rows see none
+    with pytest.warns(UserWarning, match="NaN"):
+        bias = causal_lower_right(S, L)
+    got = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    dead = S - L  # rows 0 .. Sq - Sk - 1 see no key
+    assert torch.equal(got[..., :dead, :], torch.zeros_like(got[..., :dead, :]))
+    assert torch.isfinite(got).all()
