@@ -18,8 +18,9 @@ class DimError(IndexError, ValueError):
     """A ``dim`` out of range: the IndexError torch raises, also a ValueError."""
 
 
-class DTypeError(TypeError, RuntimeError):
-    """A dtype the op refuses: a TypeError that is also the RuntimeError torch raises."""
+class DTypeError(TypeError, NotImplementedError):
+    """A dtype the op refuses: a TypeError that is also what torch raises (a RuntimeError, or
+    for an integer input its NotImplementedError, a RuntimeError too)."""
 
 
 def floating_tensor(op: str, name: str, t: Any) -> torch.Tensor:

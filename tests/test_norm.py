@@ -232,6 +232,10 @@ BAD_INPUTS = [
     (lambda: _ln(_X(), 8, _W(), _W(), "1e-5"), TypeError, "eps must be a Python number"),
     (lambda: _ln(_X().long(), 8, _W(), _W()), TypeError, "input must be a floating point"),
     (lambda: _ln(_X(), 7, torch.randn(7), _W()), ValueError, r"normalized_shape \[7\]"),
+    # torch's layer_norm refuses parameters of another dtype, but float32 ones for bf16/fp16.
+    (lambda: _ln(_X().double(), 8, _W(), _W()), TypeError, "weight is torch.float32 but input"),
+    (lambda: _ln(_X(), 8, _W().bfloat16(), _W().bfloat16()), TypeError, "weight is torch.bfloat16"),
+    (lambda: _ln(_X(), 8, _W(), _W().double()), TypeError, "bias is torch.float64"),
 ]  # fmt: skip
 
 

@@ -199,3 +199,26 @@ def test_nn_softmax_on_a_scalar():
 def test_deviation_softmax_default_dim_is_the_last():
     x = torch.randn(2, 3, 4)
     assert_parity(fastattn.softmax(x), torch.softmax(x.double(), -1))  # F.softmax(x): dim 0
+
+
+NORM_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("w_dtype", NORM_DTYPES)
+@pytest.mark.parametrize("x_dtype", NORM_DTYPES)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_parameter_dtypes_accepted_and_refused_as_torch(op, x_dtype, w_dtype):
+    """torch's layer_norm takes parameters in x's dtype, or float32 for bf16/fp16 x, and refuses
+    the rest; its rms_norm takes any: fastattn the same, with torch's output dtype."""
+    x, w = torch.randn(2, 3, dtype=x_dtype), torch.randn(3, dtype=w_dtype)
+    theirs, ours = getattr(F, op), getattr(fastattn, op)
+    args = (w, w) if op == "layer_norm" else (w,)
+    try:
+        want = theirs(x, (3,), *args)
+    except RuntimeError as e:
+        with pytest.raises(type(e)):
+            ours(x, (3,), *args)
+        return
+    got = ours(x, (3,), *args)
+    assert got.dtype == want.dtype
+    assert_parity(got, theirs(x.double(), (3,), *(a.double() for a in args)), want)

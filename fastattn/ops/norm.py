@@ -349,6 +349,13 @@ def _check(
                     f"fastattn.{op}: {name} has shape {tuple(t.shape)} but normalized_shape is "
                     f"{list(shape)}"
                 )
+            if op == "layer_norm" and not _layer_norm_param_dtype(x.dtype, t.dtype):
+                # torch's layer_norm takes x's dtype, or float32 for a bf16/fp16 x (rms_norm
+                # takes any float dtype): refuse the rest as it does.
+                raise _checks.DTypeError(
+                    f"fastattn.layer_norm: {name} is {t.dtype} but input is {x.dtype}; the "
+                    "parameters must have input's dtype, or float32 for a bfloat16/float16 input"
+                )
     if residual is not None:
         _checks.floating_tensor(op, "residual", residual)
         _checks.same_device(op, "residual", residual, x)
@@ -357,6 +364,10 @@ def _check(
                 f"fastattn.{op}: residual ({tuple(residual.shape)}, {residual.dtype}) must have "
                 f"x's shape and dtype ({tuple(x.shape)}, {x.dtype})"
             )
+
+
+def _layer_norm_param_dtype(x: torch.dtype, p: torch.dtype) -> bool:
+    return p == x or (p == torch.float32 and x in (torch.bfloat16, torch.float16))
 
 
 # ------------------------------------------------------------------------------ public API
@@ -372,9 +383,9 @@ def _plain(x: Any, shape: tuple, weight: Any, bias: Any, eps: Any, residual: Any
         and (eps is None or type(eps) is float)
         and isinstance(weight, torch.Tensor)
         and weight.shape == shape
-        and weight.is_floating_point()
+        and (weight.dtype == x.dtype or weight.dtype == torch.float32 and x.element_size() == 2)
         and (bias is None or isinstance(bias, torch.Tensor) and bias.shape == shape)
-        and (bias is None or bias.is_floating_point() and bias.device == weight.device)
+        and (bias is None or bias.dtype == weight.dtype and bias.device == weight.device)
         and (residual is None or isinstance(residual, torch.Tensor) and residual.shape == x.shape)
         and (residual is None or residual.dtype == x.dtype and residual.device == x.device)
         and weight.device == x.device
