@@ -144,16 +144,16 @@ def test_plot_panels_pick_the_axis_metric_and_limit() -> None:
         "row size",
         "GB/s",
         40.0,
-        {"fa": [(1024, 20.0), (4096, 30.0)], "torch": [(1024, 10.0)]},
+        {"fa": [(1024, 20.0, "64x_"), (4096, 30.0, "64x_")], "torch": [(1024, 10.0, "64x_")]},
     )
     assert p[("attention", "fwd", "fp32")] == (
         "sequence length",
         "GFLOP/s",
         200.0,
-        {"fa": [(2048, 50.0)]},
+        {"fa": [(2048, 50.0, "1x8x_x64")]},
     )
     xlabel, ylabel, limit, series = p[("transformer", "fwd", "fp32")]
-    assert (xlabel, ylabel, series) == ("sequence length", "median ms", {"fa": [(128, 1.0)]})
+    assert (xlabel, ylabel, series) == ("sequence length", "median ms", {"fa": [(128, 1.0, "1x_")]})
     assert math.isnan(limit)
 
 

@@ -16,8 +16,10 @@ __all__ = ["MISSING", "Series", "panels", "require", "write_plot", "x_of"]
 
 MISSING = "--plot needs matplotlib, which is not installed (pip install matplotlib)"
 
-# (op, variant, dtype) -> (x label, y label, limit or nan, {impl: [(x, y)]})
-Series = dict[tuple[str, str, str], tuple[str, str, float, dict[str, list[tuple[int, float]]]]]
+# (op, variant, dtype) -> (x label, y label, limit or nan, {impl: [(x, y, rest of the shape)]});
+# the rest of the shape (the x dim replaced by "_") keeps e.g. head dims 64 and 128 on two lines.
+Point = tuple[int, float, str]
+Series = dict[tuple[str, str, str], tuple[str, str, float, dict[str, list[Point]]]]
 
 
 def require() -> None:
@@ -28,15 +30,15 @@ def require() -> None:
         raise RuntimeError(MISSING) from e
 
 
-def x_of(r: Row) -> tuple[int, str]:
-    """The x value of a row and its axis label: the key sequence length of attention
-    (``BxHxSxD``, ``BxHxHkvxSqxSkxD``) and of the model cases (``1xS``), else the row size."""
-    dims = [int(d) for d in r.shape.split("x")]
-    if r.op == "attention":
-        return dims[-2], "sequence length"
-    if r.tokens:
-        return dims[-1], "sequence length"
-    return dims[-1], "row size"
+def x_of(r: Row) -> tuple[int, str, str]:
+    """The x value of a row, its axis label and the rest of the shape: the key sequence length
+    of attention (``BxHxSxD``, ``BxHxHkvxSqxSkxD``) and of the model cases (``1xS``), else the
+    row size."""
+    dims = r.shape.split("x")
+    i = len(dims) - 2 if r.op == "attention" else len(dims) - 1
+    rest = "x".join("_" if j == i else d for j, d in enumerate(dims))
+    label = "sequence length" if r.op == "attention" or r.tokens else "row size"
+    return int(dims[i]), label, rest
 
 
 def _metric(r: Row, copy_gbps: float, peak: Mapping[str, float]) -> tuple[str, float, float]:
@@ -54,10 +56,10 @@ def panels(rows: list[Row], copy_gbps: float, peak: Mapping[str, float]) -> Seri
         if r.error is not None or not math.isfinite(r.median_ms):
             continue
         ylabel, y, limit = _metric(r, copy_gbps, peak)
-        x, xlabel = x_of(r)
+        x, xlabel, rest = x_of(r)
         key = (r.op, r.variant, r.dtype)
         panel = out.setdefault(key, (xlabel, ylabel, limit, {}))
-        panel[3].setdefault(r.impl, []).append((x, y))
+        panel[3].setdefault(r.impl, []).append((x, y, rest))
     for _, _, _, series in out.values():
         for pts in series.values():
             pts.sort()
@@ -81,8 +83,12 @@ def write_plot(path: str, rows: list[Row], copy_gbps: float, peak: Mapping[str, 
     for ax, ((op, variant, dtype), (xlabel, ylabel, limit, series)) in zip(
         axes, data.items(), strict=False
     ):
-        for impl, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        for n_impl, (impl, pts) in enumerate(series.items()):
+            color = f"C{n_impl % 10}"
+            for n_line, rest in enumerate(dict.fromkeys(p[2] for p in pts)):  # one line a shape
+                line = [p for p in pts if p[2] == rest]
+                ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", color=color,
+                        label=impl if n_line == 0 else None)  # fmt: skip
         if math.isfinite(limit):
             what = "copy bandwidth" if ylabel == "GB/s" else "peak"
             ax.axhline(limit, color="black", linestyle="--", linewidth=1,
