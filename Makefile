@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 TEST_JOBS ?= $(shell nproc)
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: test test-tiers bench bench-attention bench-model build lint format check-cuda gpu-check clean
+.PHONY: fuzz test test-tiers bench bench-attention bench-model build lint format check-cuda gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test: build lint  ## lint, the whole suite (Triton in the interpreter), then the
 
 test-tiers: build  ## the CPU-kernel parity grids on every CPU tier (ISA path + ATen), all threads
 	TRITON_INTERPRET=1 $(BIN)/python tools/cpu_tiers.py
+
+fuzz: build  ## the property-based fuzzing of every op at length (randomised, thousands of cases)
+	FASTATTN_FUZZ_PROFILE=long TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) \
+	  tests/test_fuzz.py
 
 bench: build  ## the benchmark CLI's default suite on this machine (softmax, the norms)
 	$(BIN)/fastattn-bench --json bench-results/latest.json

@@ -180,7 +180,9 @@ def attention(
     dead = masked.all(dim=-1, keepdim=True)  # rows with no visible key
     s = s.masked_fill(dead, 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse).masked_fill(masked, 0.0)
+    # softmax subtracts the row max: exp(s - lse) loses P when |s| is huge (lse = max + log(n)
+    # rounds to max at |s| ~ 1e30 even in float64, and every P becomes 1).
+    p = torch.softmax(s, dim=-1).masked_fill(masked, 0.0)
     if dropout_p > 0.0:
         if rng is None:
             raise ValueError("reference.attention: dropout_p > 0 needs the rng seeds")

@@ -505,6 +505,11 @@ struct Attn {
         Acc* s = S + r * NF;
         const Acc mnew = mx[r];
         if (mnew == Acc(-__builtin_inf())) {  // nothing visible yet in this row
+          // ... or only NaN scores, which the max dropped: they poison the row (as in the
+          // reference) instead of making it look fully masked.
+          bool nan = false;
+          for (int64_t j = 0; j < n; ++j) nan |= s[j] != s[j];
+          if (nan) sm[r] = Acc(__builtin_nan(""));
           for (int64_t j = 0; j < n; j += W) V::store(s + j, V::zero());
           continue;
         }
@@ -571,7 +576,7 @@ struct Attn {
   static void write_row(const AttnArgs& a, int64_t row, const Acc* o, Acc m, Acc l, Acc mul) {
     const int64_t D = a.D;
     T* out = static_cast<T*>(a.out) + row * D;
-    const bool dead = !(l > Acc(0));
+    const bool dead = l == Acc(0);  // a NaN sum (a NaN score) gives NaN, not zeros
     const R sc = V::set1(dead ? Acc(0) : mul / l);
     int64_t d = 0;
     for (; d + W <= D; d += W) V::store(out + d, V::mul(V::load(o + d), sc));
@@ -594,7 +599,11 @@ struct Attn {
       }
       for (int64_t d = 0; d < D; ++d) o[d] = 0;
       Acc l = 0;
-      if (m != Acc(-__builtin_inf())) {
+      for (int64_t c = 0; c < nsplit; ++c) {  // a NaN partial sum poisons the row
+        const Acc lc = part[c * pstride + r * (D + 2) + 1];
+        if (lc != lc) l = lc;
+      }
+      if (l == Acc(0) && m != Acc(-__builtin_inf())) {
         for (int64_t c = 0; c < nsplit; ++c) {
           const Acc* p = part + c * pstride + r * (D + 2);
           if (p[0] == Acc(-__builtin_inf())) continue;
