@@ -30,7 +30,7 @@ import fastattn
 from fastattn import reference
 
 settings.register_profile(
-    "ci", max_examples=60, derandomize=True, deadline=None, database=None,
+    "ci", max_examples=200, derandomize=True, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )  # fmt: skip
 settings.register_profile(

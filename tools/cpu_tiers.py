@@ -25,9 +25,15 @@ import time
 
 # fastattn's ISA path and torch's ATEN_CPU_CAPABILITY of the same level, best first.
 TIERS = [("avx512bf16", "avx512"), ("avx512", "avx512"), ("avx2", "avx2"), ("scalar", "default")]
-# The parity grids of the CPU kernels, cpu backend only (the others do not depend on the tier).
-TARGETS = ["tests/test_softmax.py", "tests/test_norm.py", "tests/test_attention.py"]
-SELECT = "test_parity_grid and cpu"
+# The parity grids of the CPU kernels, cpu backend only (the others do not depend on the tier),
+# and the seeded fuzz profile with its regressions (tests/test_fuzz.py).
+TARGETS = [
+    "tests/test_softmax.py",
+    "tests/test_norm.py",
+    "tests/test_attention.py",
+    "tests/test_fuzz.py",
+]
+SELECT = "(test_parity_grid and cpu) or test_fuzz or test_regressions"
 
 
 def tiers() -> list[dict[str, str]]:
