@@ -79,8 +79,9 @@ def tile_scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_
     valid = r_ok[:, None] & (cols < Sk)[None, :]
     if HAS_MASK:
         mp = M + m_row[:, None] + cols.to(tl.int64)[None, :] * s_mn
-        if MASK_BOOL:
-            valid = valid & (tl.load(mp, mask=valid, other=0).to(tl.int32) != 0)
+        if MASK_BOOL:  # added as 0 / -inf, as torch and the CPU kernel: a NaN score stays NaN
+            keep = tl.load(mp, mask=valid, other=0).to(tl.int32) != 0
+            s += tl.where(keep, 0.0, float("-inf"))
         else:
             s += tl.load(mp, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
     if CAUSAL:
