@@ -14,6 +14,25 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
               t.scalar_type());
 }
 
+// The data dtypes every CPU kernel takes (softmax's x, the norms' x, attention's q/k/v), math in
+// fp32 (fp64 for float64). fastattn._C.build_info()["cpu_dtypes"] reports them, so that
+// fastattn/dispatch.py sends any other floating dtype (float8, ...) to the reference backend.
+inline constexpr at::ScalarType kCpuDataTypes[] = {at::kFloat, at::kBFloat16, at::kHalf,
+                                                   at::kDouble};
+
+inline bool is_cpu_data_type(at::ScalarType st) {
+  for (const at::ScalarType t : kCpuDataTypes)
+    if (st == t) return true;
+  return false;
+}
+
+// `t` is floating and of a dtype the CPU kernels take.
+inline void check_cpu_data(const char* op, const char* name, const at::Tensor& t) {
+  check_floating(op, name, t);
+  TORCH_CHECK(is_cpu_data_type(t.scalar_type()), op, ": the CPU kernels take float32, bfloat16, ",
+              "float16 or float64 ", name, ", got ", t.scalar_type());
+}
+
 // The CUDA kernels' inputs: `t` must live on a CUDA device.
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name,
@@ -92,9 +111,9 @@ inline void check_row_stats(const char* op, const char* name, const at::Tensor& 
 }
 
 // q (B, H, Sq, D), k and v (B, Hkv, Sk, D) of attention: 4-D, one floating dtype the CPU kernels
-// serve (float32, bfloat16, float64), one device, H % Hkv == 0, 1 <= D <= 256, last dims
-// contiguous. mask: bool, float32 or q's dtype, of shape (B, H, Sq, Sk) (an expanded view).
-// rng: int64 with 2 elements when dropout_p > 0; 0 <= dropout_p <= 1.
+// serve (kCpuDataTypes: float32, bfloat16, float16, float64), one device, H % Hkv == 0, 1 <= D <=
+// 256, last dims contiguous. mask: bool, float32 or q's dtype, of shape (B, H, Sq, Sk) (an expanded
+// view). rng: int64 with 2 elements when dropout_p > 0; 0 <= dropout_p <= 1.
 inline void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                    const std::optional<at::Tensor>& rng, double dropout_p) {
@@ -105,9 +124,8 @@ inline void check_attention_inputs(const char* op, const at::Tensor& q, const at
                 " must be 4-D (batch, heads, seqlen, head_dim), got shape ", ts[t]->sizes());
     check_same_device(op, names[t], *ts[t], q);
   }
+  check_cpu_data(op, "q", q);
   const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kDouble, op,
-              ": the CPU kernels take float32, bfloat16 or float64 q/k/v, got ", st);
   TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
               ": q, k, v must share one dtype, got ", st, ", ", k.scalar_type(), ", ",
               v.scalar_type());

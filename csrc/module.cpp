@@ -2,6 +2,9 @@
 // are dispatcher ops (torch.ops.fastattn.*), registered by static initialisers when this .so loads.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "checks.h"
 #include "cpu_isa.h"
 #include "output_pool.h"
 
@@ -13,6 +16,24 @@
 #endif
 
 namespace py = pybind11;
+
+namespace {
+// The name of st as a torch attribute (torch.float32, ...), for the dtypes of kCpuDataTypes.
+const char* torch_dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat:
+      return "float32";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kHalf:
+      return "float16";
+    case at::kDouble:
+      return "float64";
+    default:
+      return "unknown";
+  }
+}
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastattn compiled extension (build facts; ops live in torch.ops.fastattn)";
@@ -27,6 +48,13 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_archs"] = FASTATTN_CUDA_ARCHS;
     d["cpu_isas_compiled"] = fastattn::cpu::compiled_isas();
     d["cpu_isa"] = fastattn::cpu::isa_name(fastattn::cpu::isa());
+    // torch's names of the data dtypes the CPU kernels take ("float32,bfloat16,float16,float64").
+    std::string dtypes;
+    for (const at::ScalarType st : fastattn::kCpuDataTypes) {
+      if (!dtypes.empty()) dtypes += ",";
+      dtypes += torch_dtype_name(st);
+    }
+    d["cpu_dtypes"] = dtypes;
     return d;
   });
   m.def("cpu_cache_info", [] {

@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_cpu(const Tensor& x_in, const Op
                                                     const OptTensor& weight, const OptTensor& bias,
                                                     double eps, bool rms) {
   constexpr const char* op = "fastattn::norm";
-  check_floating(op, "x", x_in);
+  check_cpu_data(op, "x", x_in);
   check_min_dim(op, "x", x_in, 1);
   if (residual.has_value()) {
     check_same_device(op, "residual", *residual, x_in);
@@ -172,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward_cpu(const Tensor& grad_out,
                                                      const Tensor& mean, const Tensor& rstd,
                                                      bool rms, bool has_bias) {
   constexpr const char* op = "fastattn::norm_backward";
-  check_floating(op, "input", input);
+  check_cpu_data(op, "input", input);
   check_min_dim(op, "input", input, 1);
   check_same_device(op, "grad_out", grad_out, input);
   check_same_shape(op, "grad_out", grad_out, input);

@@ -155,7 +155,7 @@ RowStats merge(const RowStats* s, int n) {
 at::Tensor softmax_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
                        double scale, bool causal, bool log) {
   check_min_dim(kFwd, "x", x_in, 1);
-  check_floating(kFwd, "x", x_in);
+  check_cpu_data(kFwd, "x", x_in);
   if (mask_in.has_value()) check_mask(kFwd, *mask_in, x_in);
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = new_output(x.sizes(), x.options());
@@ -200,7 +200,7 @@ at::Tensor softmax_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& 
 at::Tensor softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out_in, double scale,
                                 bool log) {
   check_min_dim(kBwd, "out", out_in, 1);
-  check_floating(kBwd, "out", out_in);
+  check_cpu_data(kBwd, "out", out_in);
   check_same_device(kBwd, "grad_out", grad_in, out_in);
   check_same_shape(kBwd, "grad_out", grad_in, out_in);
   check_same_dtype(kBwd, "grad_out", grad_in, out_in);

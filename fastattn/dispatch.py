@@ -38,6 +38,25 @@ _EXTENSION_ERROR = None if _extension.load() is not None else _extension.error()
 _CUDA_BUILT = bool(_extension.build_info().get("cuda", False))
 
 
+def _dtypes(names: str) -> frozenset[torch.dtype]:
+    """The torch dtypes of a comma-separated list of their names ("float32,float16")."""
+    found = (getattr(torch, n.strip(), None) for n in names.split(","))
+    return frozenset(d for d in found if isinstance(d, torch.dtype))
+
+
+# The data dtypes each compiled backend's kernels take; under auto any other floating dtype
+# (float8, ...) goes on to the next backend, the reference last. The CPU kernels report theirs
+# (csrc/checks.h kCpuDataTypes); the CUDA C++ kernels dispatch over float32, float64, float16 and
+# bfloat16 (csrc/cuda/*.cu); the Triton kernels take float32, float16 and bfloat16.
+_CPU_DTYPES = _dtypes(str(_extension.build_info().get("cpu_dtypes", "")))
+_CUDA_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+_TRITON_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def _names(dtypes: frozenset[torch.dtype]) -> str:
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)) or "no dtype"
+
+
 def cpp_kernels(op: str) -> frozenset[str]:
     """The backends ("cpu", "cuda") for which ``fastattn._C`` registered a kernel of ``op``."""
     if _EXTENSION_ERROR is not None or not hasattr(torch.ops.fastattn, op):
@@ -61,13 +80,13 @@ def unavailable_reason(
     if backend == "triton":
         if _TRITON_ERROR is not None:
             return _TRITON_ERROR
-        if device.type == "cuda":
-            return None if dtype != torch.float64 else "the Triton kernels do not take float64"
-        if device.type == "cpu" and interpreting():
-            if dtype == torch.float64:
-                return "the Triton kernels do not take float64"
-            return None
-        return f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            return (
+                f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+            )
+        if dtype not in _TRITON_DTYPES:
+            return f"the Triton kernels take {_names(_TRITON_DTYPES)}, not {dtype}"
+        return None
     if backend in ("cpu", "cuda"):
         if _EXTENSION_ERROR is not None:
             return f"the compiled extension is unavailable ({_EXTENSION_ERROR})"
@@ -77,6 +96,9 @@ def unavailable_reason(
             return "fastattn._C was built without CUDA kernels"
         if backend not in cpp:
             return f"fastattn._C has no {backend} kernel for this op"
+        served = _CPU_DTYPES if backend == "cpu" else _CUDA_DTYPES
+        if dtype not in served:
+            return f"the {backend} kernels of fastattn._C take {_names(served)}, not {dtype}"
         return None
     return f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}"
 
@@ -121,7 +143,7 @@ def backends() -> dict[str, Any]:
     """Reports which backends are usable here, and why not for the others.
 
     Returns a dict: ``{"backends": {name: {"available": bool, "reason": str | None}}, "extension":
-    build facts of fastattn._C (version, cpu_isa, cpu_isas_compiled, cuda, cuda_archs),
+    build facts of fastattn._C (version, cpu_isa, cpu_isas_compiled, cpu_dtypes, cuda, cuda_archs),
     "torch": version, "triton": version or None, "cuda_device": name or None}``.
     """
     gpu_or_cpu = "cuda" if torch.cuda.is_available() else "cpu"

@@ -78,7 +78,9 @@ def norm(
     before it is normalised, so ``y`` is exactly the norm of the ``h`` returned. Statistics in
     fp32 (fp64 for float64 inputs); weight and bias may have another float dtype than x.
     """
-    h = x if residual is None else (x.to(_opmath(x.dtype)) + residual).to(x.dtype)
+    # (both operands converted: torch promotes no float8 dtype)
+    h = x if residual is None else (x.to(_opmath(x.dtype)) + residual.to(_opmath(x.dtype)))
+    h = h.to(x.dtype)
     dt = opmath or _opmath(x.dtype)
     hf = h.to(dt)
     if rms:

@@ -35,7 +35,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # fp16/bf16 use the FlashAttention rule: |fast - ref| <= 2 * |eager_same_dtype - ref| + atol, with
 # atol = ATOL * max(1, max|ref|): about one unit of rounding of the dtype at the data's own scale
 # (as FlashAttention-3's atol, 2 * |(ref + 0.3 - 0.3) - ref|), since values such as log-softmax
-# outputs or their gradients reach 20-30 where one fp16 ulp is already 0.016.
+# outputs or their gradients reach 20-30 where one fp16 ulp is already 0.016. eager_same_dtype is
+# torch's own ops run in that dtype on the same device (fp16 and bf16 on the CPU too), never the
+# kernel under test.
 # fp32: |fast - ref| <= max(ATOL + RTOL * max|ref|, 2 * |eager_fp32 - ref| + ATOL) when the test
 # passes eager fp32's result (every parity grid does): a fixed relative bound alone is wrong for
 # results that sum many terms (a 65537-column softmax gradient, a long attention row), whose

@@ -24,7 +24,7 @@ from conftest import (
 import fastattn
 from fastattn import reference
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (seqlen_q, seqlen_k): one token; decode against 200 keys; odd lengths past one block on both
 # axes; one exact block; more keys than a few blocks with ragged ends (255 / 1025 = 1024 + 1);
 # more queries than keys (bottom-right causal then hides every key from the first rows).
@@ -100,18 +100,29 @@ def grid():
                 if backend == "triton" and (d == 256 or sq * sk * d >= TRITON_MAX_WORK // 4):
                     continue  # the interpreter: the largest cases run on the CPU backend only
                 h, hkv = HEADS[(i + j) % len(HEADS)]
-                yield backend, 1 + (i + j) % 2, h, hkv, sq, sk, d
+                for dtype in DTYPES:
+                    # fp16 runs bf16's kernel code but for its loads and stores: on the CPU
+                    # kernel, a third of the cells (each seqlen, head dim, batch size and head
+                    # layout at least twice); the Triton ones in fp16 on a GPU (test_parity_gpu).
+                    if dtype == torch.float16 and (backend != "cpu" or (i + 2 * j) % 3 != 0):
+                        continue
+                    yield backend, dtype, 1 + (i + j) % 2, h, hkv, sq, sk, d
+
+
+def _dtype_id(v):
+    return str(v) if isinstance(v, torch.dtype) else None
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("backend", "B", "H", "Hkv", "Sq", "Sk", "D"), list(grid()))
-def test_parity_grid(backend, B, H, Hkv, Sq, Sk, D, dtype, causal):
+@pytest.mark.parametrize(("backend", "dtype", "B", "H", "Hkv", "Sq", "Sk", "D"), list(grid()),
+                         ids=_dtype_id)  # fmt: skip
+def test_parity_grid(backend, dtype, B, H, Hkv, Sq, Sk, D, causal):
     check(backend, *make_qkv(B, H, Hkv, Sq, Sk, D, dtype), causal=causal)
 
 
-def mask_of(kind, B, H, Sq, Sk, device="cpu"):
-    """Masks as users pass them: broadcast (never expanded), bool or additive float."""
+def mask_of(kind, B, H, Sq, Sk, device="cpu", dtype=torch.float32):
+    """Masks as users pass them: broadcast (never expanded), bool or additive float (``dtype``:
+    q's, for the kinds in it)."""
     dev = {"device": device}
     if kind == "key_padding":  # (B, 1, 1, Sk): the last keys of batch 0 are padding
         m = torch.ones(B, 1, 1, Sk, dtype=torch.bool, **dev)
@@ -126,10 +137,14 @@ def mask_of(kind, B, H, Sq, Sk, device="cpu"):
     if kind == "float_2d_inf":  # (Sq, Sk) float with -inf entries, as torch builds causal masks
         m = torch.randn(Sq, Sk, **dev)
         return m.masked_fill(torch.rand(Sq, Sk, **dev) < 0.2, float("-inf"))
+    if kind == "own_dtype_grad":  # (B, 1, Sq, Sk) trained bias in q's dtype, some -inf: read as is
+        m = torch.randn(B, 1, Sq, Sk, **dev).masked_fill(torch.rand(B, 1, Sq, Sk, **dev) < 0.1,
+                                                        float("-inf"))  # fmt: skip
+        return m.to(dtype).requires_grad_()
     raise AssertionError(kind)
 
 
-MASKS = ["key_padding", "bool_dead_row", "float_grad", "float_2d_inf"]
+MASKS = ["key_padding", "bool_dead_row", "float_grad", "float_2d_inf", "own_dtype_grad"]
 # The GPU rows of the feature tests: attention has Triton kernels on the GPU (no CUDA C++ yet).
 GPU_FEATURES = ["triton"]
 
@@ -141,7 +156,7 @@ GPU_FEATURES = ["triton"]
 def test_masks(backend, device, dtype, kind, causal):
     B, H, Hkv, Sq, Sk, D = 2, 4, 2, 37, 70, 40
     check(backend, *make_qkv(B, H, Hkv, Sq, Sk, D, dtype, device),
-          mask_of(kind, B, H, Sq, Sk, device), causal=causal)  # fmt: skip
+          mask_of(kind, B, H, Sq, Sk, device, dtype), causal=causal)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -191,6 +206,38 @@ def test_fully_masked_rows_give_zeros_not_nan(backend, device, dtype):
     for g in (q.grad, k.grad, v.grad):
         assert torch.isfinite(g).all()
     assert torch.all(q.grad[1] == 0) and torch.all(q.grad[:, :, :5] == 0)
+
+
+# fp16 holds at most 65504. Scores of large q and k (here around 1e5) and the products dO V^T of
+# values near the maximum exist in fp32 only: the kernels compute S, P, O and every gradient in
+# fp32, as torch's fp16 SDPA on the CPU does, which is the eager result here (the reference chain
+# in fp16 would overflow the scores).
+@pytest.mark.parametrize("big_scores", [False, True])
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_float16_extremes_stay_finite(backend, device, big_scores):
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 19, 70, 64
+    q, k, v = make_qkv(B, H, Hkv, Sq, Sk, D, torch.float32, device)
+    if big_scores:  # |scale * q.k| up to ~1e5: P nearly one-hot, lse ~1e5
+        q, k = q * 300, k * 300
+    v = (v * 20000).clamp(-65504, 65504)  # values (and so outputs) near fp16's maximum
+    leaves = [t.half().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn(B, H, Sq, D, dtype=torch.float64, device=device)
+    out, lse = fastattn.attention(*leaves, return_lse=True, causal=True, backend=backend)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    eager = [t.detach().clone().requires_grad_() for t in leaves]
+    want = reference.attention(*ref, None, None, True, Sk - Sq)
+    # torch's own fp16 SDPA (bottom-right causal as an explicit mask)
+    keep = torch.ones(Sq, Sk, dtype=torch.bool, device=device).tril(Sk - Sq)
+    base = F.scaled_dot_product_attention(*eager, attn_mask=keep, enable_gqa=True)
+    assert_parity(out, want[0], base, "out")
+    assert_parity(lse.double(), want[1], what="lse", dtype=torch.float32)
+    if big_scores:
+        return  # gradients of nearly one-hot rows this large leave fp16's range legitimately
+    got = torch.autograd.grad(out, leaves, grad.half())
+    wants = torch.autograd.grad(want[0], ref, grad)
+    bases = torch.autograd.grad(base, eager, grad.half())
+    for name, g, w, e in zip(["dq", "dk", "dv"], got, wants, bases, strict=True):
+        assert_parity(g, w, e, name)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

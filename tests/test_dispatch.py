@@ -21,6 +21,52 @@ def test_extension_is_built():
     assert info["cpu_isa"] in info["cpu_isas_compiled"].split(",")
 
 
+# The CPU kernels take these four dtypes (fp32 math; fp64 for float64), and the build says so.
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Floating dtypes no compiled kernel takes: auto sends them to the reference backend.
+OTHER_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def test_build_reports_the_cpu_dtypes():
+    names = _extension.build_info()["cpu_dtypes"].split(",")
+    assert {getattr(torch, n) for n in names} == set(CPU_DTYPES)
+
+
+def _every_op(dtype, backend):
+    """Each public op once on small CPU inputs of ``dtype`` (attention with a mask in ``dtype``),
+    the same inputs on every call."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8).to(dtype)
+    q = torch.randn(1, 2, 3, 8).to(dtype)
+    bias = torch.randn(1, 1, 3, 3).to(dtype)
+    return [
+        fastattn.softmax(x, mask=x, backend=backend),
+        fastattn.layer_norm(x, 8, torch.ones(8).to(dtype), backend=backend),
+        fastattn.rms_norm(x, 8, residual=x, backend=backend)[0],
+        fastattn.attention(q, q, q, attn_mask=bias, backend=backend),
+    ]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES + OTHER_DTYPES, ids=str)
+def test_auto_takes_the_cpu_kernels_where_they_serve_else_the_reference(monkeypatch, dtype):
+    monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
+    served = dtype in CPU_DTYPES
+    for op in ("softmax", "layer_norm", "rms_norm", "attention"):
+        assert dispatch.select("auto", torch.device("cpu"), dtype, op) == (
+            "cpu" if served else "reference"
+        )
+    got = _every_op(dtype, "auto")  # never raises: what the CPU kernels refuse runs eagerly
+    for a, b in zip(got, _every_op(dtype, "reference"), strict=True):
+        assert a.dtype == dtype and a.shape == b.shape
+        if not served:  # the reference backend's own result, bit for bit
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    if not served:
+        with pytest.raises(RuntimeError, match=f"backend 'cpu' cannot run this call: .*{dtype}"):
+            fastattn.softmax(torch.randn(2, 3).to(dtype), backend="cpu")
+        with pytest.raises(RuntimeError, match="the CPU kernels take float32, bfloat16, float16"):
+            torch.ops.fastattn.softmax(torch.randn(2, 3).to(dtype), None, 1.0, False, False)
+
+
 def test_backends_report():
     rep = fastattn.backends()
     assert set(rep["backends"]) == {"triton", "cuda", "cpu", "reference"}
@@ -162,7 +208,8 @@ def test_norm_streaming_stores_match_reference(path):
     _check_in_fresh_process(STREAM_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
 
 
-# The attention kernels have a path per ISA (and, for bf16, one with vdpbf16ps and one without):
+# The attention kernels have a path per ISA (and, for bf16, one with vdpbf16ps and one without;
+# fp16 takes the fp32 products on every tier, the avx512bf16 one included):
 # the main suite runs the best; each other one is checked here with test_attention's own checks.
 ATTN_ISA_CHECK = textwrap.dedent(
     """
@@ -172,7 +219,7 @@ ATTN_ISA_CHECK = textwrap.dedent(
     from fastattn import _extension
     assert _extension.build_info()["cpu_isa"] == os.environ["FASTATTN_CPU_ISA"]
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         # GQA with odd lengths and a non-power-of-two head dim; a padded, masked batch; dropout;
         # a decode row against many keys; a head dim of 256.
         check("cpu", *make_qkv(2, 4, 2, 37, 70, 40, dtype), causal=True)

@@ -11,6 +11,7 @@ from conftest import (
     ROUNDED,
     accepts_as_the_full_checks,
     assert_parity,
+    finite_parts_match,
     on_devices,
     refuses_as_the_full_checks,
 )
@@ -129,6 +130,41 @@ def test_layer_norm_rows_far_from_zero(backend, rows, hidden):
 
 # The GPU rows of the feature tests: both GPU backends (reference is covered by the parity grid).
 GPU_FEATURES = ["triton", "cuda"]
+
+
+# fp16 holds at most 65504: rows near it have sums of squares (here ~4e12) that exist in fp32 only;
+# the kernels sum in fp32, as torch's fp16 norms do. Judged against the float64 result rounded to
+# fp16, the best an fp16 output can be.
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_float16_extremes_stay_finite(backend, device, rms):
+    fn = fastattn.rms_norm if rms else fastattn.layer_norm
+    x = torch.randn(3, 1000, device=device) * 3
+    x[0] = x[0].sign() * 60000 + x[0]  # every |value| near fp16's max
+    x[1] = 65504 - (x[1] * 10).abs()  # all near the max, small spread: the mean dwarfs it
+    x[2, :3] = torch.tensor([65504.0, -65504.0, 65504.0], device=device)
+    x = x.half().requires_grad_()
+    w = (torch.rand(1000, device=device) + 0.5).half().requires_grad_()
+    y = fn(x, 1000, w, eps=1e-5, backend=backend)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    want = reference.norm(x64, w64, None, 1e-5, rms)[0]
+    assert_parity(y, want, want.half(), "y")
+    g = torch.randn(3, 1000, dtype=torch.float64, device=device)
+    got = torch.autograd.grad(y, (x, w), g.half())
+    for name, a, b in zip(["dx", "dw"], got, torch.autograd.grad(want, (x64, w64), g), strict=True):
+        assert_parity(a, b, b.half(), name)
+    # x + residual past 65504 rounds h to inf, as torch's fp16 add does: that row's y is NaN
+    # (RMSNorm: where h is inf), never a finite value from an unrounded h; the other row is intact.
+    x2 = torch.randn(2, 1000, device=device).half()
+    x2[0] += 65000
+    r = torch.zeros_like(x2)
+    r[0, ::2] = 1000
+    y2, h2 = fn(x2, 1000, w.detach(), eps=1e-5, residual=r, backend=backend)
+    want_y, want_h = reference.norm(x2, w.detach(), None, 1e-5, rms, r)
+    assert torch.isinf(want_h[0, ::2]).all() and torch.equal(h2, want_h)
+    finite_parts_match(y2, want_y)
+    in_range = reference.norm(x2[1:].double(), w.detach().double(), None, 1e-5, rms, r[1:].double())
+    assert_parity(y2[1:], in_range[0], want_y[1:], "y, the row in range")
 
 
 @pytest.mark.parametrize("rms", [False, True])

@@ -165,6 +165,44 @@ def test_nan_propagates_and_large_logits_stay_finite(backend, device, log):
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
 
 
+# fp16 holds at most 65504, so logits near it times a scale, and their sums, exist in fp32 only:
+# the kernels scale and sum in fp32 as the reference does. Judged against the float64 result
+# rounded to fp16 (the best an fp16 output can be; torch's fp16 chain would overflow x * scale).
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
+def test_float16_extremes_stay_finite(backend, device, log):
+    x = torch.randn(4, 300, device=device) * 3
+    x[0] = 65504 - (x[0] * 20).abs()  # every logit near fp16's max
+    x[1] = -x[0]  # and near its min
+    if not log:  # (log-softmax outputs x - max would leave fp16's range: -131008)
+        x[2, :2] = torch.tensor([65504.0, -65504.0], device=device)
+    x[2, 7] = float("-inf")  # an entry that drops out (as a masked one)
+    x[3, 11] = float("nan")  # poisons its row
+    x = x.half().requires_grad_()
+    scale = 1.0 if log else 3.0  # 3 * 65504 is past fp16's range, well within fp32's
+    y = fastattn.softmax(x, scale=scale, log=log, backend=backend)
+    ref = reference.softmax(x.detach().double(), None, scale, False, log)
+    assert torch.isnan(y[3]).all()
+    assert_parity(y[:3], ref[:3], ref[:3].half(), "out")
+    g = torch.randn(3, 300, device=device, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y[:3], x, g.half())
+    x64 = x.detach()[:3].double().requires_grad_()
+    (dx64,) = torch.autograd.grad(reference.softmax(x64, None, scale, False, log), x64, g)
+    assert_parity(dx[:3], dx64, dx64.half(), "dx")
+
+
+def test_float16_subnormal_outputs_are_kept_cpu():
+    # Probabilities below fp16's smallest normal (6.1e-5) are fp16 subnormals, which torch keeps;
+    # the kernels run with subnormal fp32 flushed (far below these) but must round these exactly.
+    x = torch.tensor([[0.0, -10.0, -12.0, -15.0, -16.5]] * 3, dtype=torch.float16)
+    y = fastattn.softmax(x, backend="cpu")
+    want = torch.softmax(x.double(), -1)
+    assert (want[:, 1:] < 6.1e-5).all()
+    assert (y[:, 1:] > 0).all()
+    # rounded to the nearest unit of fp16's subnormals (2**-24), not flushed to 0
+    assert (y[:, 1:].double() - want[:, 1:]).abs().max().item() <= 2**-24
+
+
 @pytest.mark.parametrize("dim", [0, 1, -2])
 @pytest.mark.parametrize(("backend", "device"), on_devices(CPU_BACKENDS, GPU_FEATURES))
 def test_other_dims_and_noncontiguous(backend, device, dim):

@@ -1,4 +1,4 @@
-// AVX2 instantiation of the attention kernels (attention_impl.h) for fp32 and bf16 data.
+// AVX2 instantiation of the attention kernels (attention_impl.h) for fp32, bf16 and fp16 data.
 #include "attention_kernels.h"
 #include "vec_avx2.h"
 
@@ -17,6 +17,8 @@ AttnKernels attention_kernels_avx2(DType x, bool has_mask, DType mask) {
       return K::table<float>(x, has_mask, mask);
     case DType::kBFloat16:
       return K::table<bf16_t>(x, has_mask, mask);
+    case DType::kFloat16:
+      return K::table<f16_t>(x, has_mask, mask);
     default:
       return AttnKernels{};
   }

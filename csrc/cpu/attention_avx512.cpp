@@ -1,4 +1,4 @@
-// AVX-512 instantiation of the attention kernels (attention_impl.h) for fp32 and bf16 data.
+// AVX-512 instantiation of the attention kernels (attention_impl.h) for fp32, bf16 and fp16 data.
 #include "attention_kernels.h"
 #include "vec_avx512.h"
 
@@ -20,6 +20,8 @@ AttnKernels attention_kernels_avx512(DType x, bool has_mask, DType mask) {
       return K::table<float>(x, has_mask, mask);
     case DType::kBFloat16:
       return K::table<bf16_t>(x, has_mask, mask);
+    case DType::kFloat16:
+      return K::table<f16_t>(x, has_mask, mask);
     default:
       return AttnKernels{};
   }

@@ -23,6 +23,7 @@ struct AttnSame<A, A> {
 inline double attn_elem(const float* p) { return *p; }
 inline double attn_elem(const double* p) { return *p; }
 inline double attn_elem(const bf16_t* p) { return bf16_to_f32(*p); }
+inline double attn_elem(const f16_t* p) { return f16_to_f32(*p); }
 inline double attn_elem(const uint8_t* p) { return *p ? 0.0 : -__builtin_inf(); }
 
 inline uint32_t attn_mix32(uint32_t x) {
@@ -325,6 +326,8 @@ struct Attn {
   // ---------------------------------------------------------------- forward
   static constexpr int64_t NF = kFwdKeyBlock;
   // bf16 pair path: Q (unscaled, as given), K^T, P and V as bf16 pairs; scale applied to S.
+  // bf16 only: fp16 data take the fp32 products on every tier, converted as K/V are packed (or
+  // loaded, on the decode path), as bf16 does without AVX512_BF16.
   template <class T>
   static constexpr bool dot_for() {
     return kDot && AttnSame<T, bf16_t>::value;

@@ -56,7 +56,7 @@ struct AttnArgs {
   float* dmask;
 };
 
-// Opmath element size (4 for fp32/bf16 data, 8 for fp64): the partial and dq buffers hold these.
+// Opmath element size (4 for fp32/bf16/fp16, 8 for fp64): the partial and dq buffers hold these.
 // Forward: rows [i0, i1) of all heads of kv head hkv in batch b, keys [j0, j1) (j0 a multiple
 // of kFwdKeyBlock). packed: nullptr (K/V blocks packed on the fly) or this (b, hkv)'s blocks
 // written by fwd_pack (attn_fwd_block_bytes each). part == nullptr: write out/lse; else write
@@ -111,7 +111,7 @@ inline int64_t attn_bwd_scratch_bytes(int64_t D, int64_t elem) {
          512;
 }
 
-// Kernel tables per ISA for the data dtype (fp32, bf16; fp64 on the scalar path only) and the
+// Kernel tables per ISA for the data dtype (fp32, bf16, fp16; fp64 on the scalar path only) and the
 // mask's dtype (pass the data dtype when there is no mask, with has_mask false). Entries are
 // null for combinations a path does not serve. Call only tables of ISAs the CPU supports.
 AttnKernels attention_kernels_avx512(DType x, bool has_mask, DType mask);

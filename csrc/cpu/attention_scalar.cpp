@@ -15,6 +15,8 @@ AttnKernels attention_kernels_scalar(DType x, bool has_mask, DType mask) {
       return scalar::Attn<scalar::Vec<float>>::table<float>(x, has_mask, mask);
     case DType::kBFloat16:
       return scalar::Attn<scalar::Vec<float>>::table<bf16_t>(x, has_mask, mask);
+    case DType::kFloat16:
+      return scalar::Attn<scalar::Vec<float>>::table<f16_t>(x, has_mask, mask);
     case DType::kFloat64:
       return scalar::Attn<scalar::Vec<double>>::table<double>(x, has_mask, mask);
     default:
