@@ -72,17 +72,18 @@ ACCEPTED = ["float32", "bfloat16", "float64"]
 REFUSED = ["int32", "int64", "bool", "complex64"]  # must be refused, never read as floats
 LAYOUTS = ["contiguous", "offset", "sliced", "transposed", "expanded"]
 VALUES = ["normal", "normal", "normal", "specials", "huge", "subnormal"]
-BACKENDS = ["cpu", "reference"]
+BACKENDS = ["cpu", "cpu", "reference", "triton"]  # triton: under the interpreter without CUDA
 MAX_ELEMENTS = 1 << 15  # per tensor: keeps a case to milliseconds on the CPU kernels
+TRITON_MAX_ELEMENTS = 1 << 11  # the interpreter costs ~ms per block step
 
 
 # ------------------------------------------------------------------------------- strategies
 @st.composite
-def _shape(draw: Any, rank_min: int, rank_max: int, last: list[int]) -> list[int]:
+def _shape(draw: Any, rank_min: int, rank_max: int, last: list[int], cap: int) -> list[int]:
     rank = draw(st.integers(rank_min, rank_max))
     dims = [draw(st.sampled_from([0, 1, 2, 3, 5])) for _ in range(rank - 1)]
     dims.append(draw(st.sampled_from(last)))
-    while math.prod(dims) > MAX_ELEMENTS:  # halve the largest dim until the case is small
+    while math.prod(dims) > cap:  # halve the largest dim until the case is small
         i = max(range(len(dims)), key=lambda j: dims[j])
         dims[i] //= 2
     return dims
@@ -115,8 +116,9 @@ def cases(draw: Any) -> dict[str, Any]:
         "seed": draw(st.integers(0, 2**31 - 1)),
         "grad": draw(st.booleans()),
     }
+    cap = TRITON_MAX_ELEMENTS if case["backend"] == "triton" else MAX_ELEMENTS
     if op in ("softmax", "log_softmax"):
-        shape = draw(_shape(1, 4, SIZES + LONG_ROWS))
+        shape = draw(_shape(1, 4, SIZES + LONG_ROWS, cap))
         case["x"] = _tensor_spec(draw, shape)
         case["dim"] = draw(st.integers(-len(shape), len(shape) - 1))
         case["scale"] = draw(st.sampled_from([None, 0.125, 3.0]))
@@ -124,7 +126,7 @@ def cases(draw: Any) -> dict[str, Any]:
             _mask_spec(draw, shape, len(shape)) if case["dim"] in (-1, len(shape) - 1) else None
         )
     elif op in ("layer_norm", "rms_norm"):
-        shape = draw(_shape(1, 3, SIZES + LONG_ROWS))
+        shape = draw(_shape(1, 3, SIZES + LONG_ROWS, cap))
         case["x"] = _tensor_spec(draw, shape)
         case["affine"] = draw(st.sampled_from(["none", "weight", "weight+bias"]))
         case["residual"] = draw(st.booleans())
@@ -134,7 +136,7 @@ def cases(draw: Any) -> dict[str, Any]:
         H = Hkv * draw(st.sampled_from([1, 2, 3]))  # MHA, GQA 2:1, 3:1 (MQA when Hkv = 1)
         Sq, Sk = draw(st.sampled_from(SIZES[1:])), draw(st.sampled_from(SIZES[1:]))
         D = draw(st.sampled_from(HEAD_DIMS))
-        while B * H * max(Sq, Sk) * D > MAX_ELEMENTS:
+        while B * H * max(Sq, Sk) * D > cap:
             Sq, Sk = max(1, Sq // 2), max(1, Sk // 2)
         case["q"] = _tensor_spec(draw, [B, H, Sq, D])
         case["k"] = _tensor_spec(draw, [B, Hkv, Sk, D])
@@ -279,6 +281,10 @@ def check(case: dict[str, Any]) -> None:
     if not dtype.is_floating_point:
         with pytest.raises((TypeError, ValueError, RuntimeError), match=r"^fastattn\."):
             _run(case, t, case["backend"], None)
+        return
+    if case["backend"] == "triton" and dtype == torch.float64:  # named, so it must say why not
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run this call"):
+            _run(case, t, "triton", None)
         return
     finite = all(torch.isfinite(v.double()).all() for v in t.values() if isinstance(v, torch.Tensor)
                  and v.is_floating_point() and v is not t.get("mask"))  # fmt: skip
