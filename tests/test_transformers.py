@@ -247,3 +247,20 @@ def test_output_attentions_warns_and_returns_eager_weights(name, kernel_calls):
     torch.testing.assert_close(got[key][keep], want[key][keep], rtol=1e-4, atol=1e-5)
     fast(input_ids=ids, attention_mask=mask)  # without it, the kernel again
     assert len(kernel_calls) == 2
+
+
+@pytest.mark.parametrize("dv", [8, 40])
+def test_value_head_dim_other_than_the_querys(dv):
+    # Latent attention (DeepSeek-style MLA, GLM-4 MoE lite) has v's head_dim differ from q's.
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 24), torch.randn(2, 2, 9, 24)
+    v = torch.randn(2, 2, 9, dv)
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    mask[1, ..., :3] = False
+    module = torch.nn.Module()
+    out, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=0.3, enable_gqa=True
+    )
+    assert out.shape == (2, 9, 4, dv)
+    assert_parity(out, want.transpose(1, 2))
