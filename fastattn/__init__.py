@@ -15,7 +15,7 @@ from fastattn.ops.attention import attention
 from fastattn.ops.norm import layer_norm, rms_norm
 from fastattn.ops.sdpa import scaled_dot_product_attention
 from fastattn.ops.softmax import softmax
-from fastattn.patching import PatchReport, patch, unpatch
+from fastattn.patching import PatchReport, patch, sdpa_scope, unpatch
 
 # Submodules that load on first attribute access, so that `import fastattn` stays light and
 # `fastattn.models.Transformer(...)` works without importing fastattn.models first.
@@ -44,6 +44,7 @@ __all__ = [
     "patch",
     "rms_norm",
     "scaled_dot_product_attention",
+    "sdpa_scope",
     "softmax",
     "unpatch",
 ]

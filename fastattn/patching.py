@@ -4,11 +4,18 @@
 The swapped module shares the original's parameters and buffers (the same ``nn.Parameter``
 objects: devices, dtypes, ``requires_grad``, optimizer state and train/eval mode carry over) and
 keeps its ``state_dict`` keys, so checkpoints load either way.
+
+A model that calls ``torch.nn.functional.scaled_dot_product_attention`` itself (nanoGPT style)
+has no module to swap: ``patch`` says so in its report, and ``with fastattn.sdpa_scope():`` runs
+such a model on fastattn's attention for the duration of a block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import inspect
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +70,29 @@ def _rmsnorm_like(module: torch.nn.Module) -> tuple[str | None, str]:
     return eps_attr, ""
 
 
+SDPA_HINT = (
+    "calls torch.nn.functional.scaled_dot_product_attention itself, which patch() cannot swap "
+    "(no module to replace): run it inside `with fastattn.sdpa_scope():` to route that call to "
+    "fastattn.scaled_dot_product_attention"
+)
+
+
+_SDPA_CALLERS: dict[type, bool] = {}
+
+
+def _calls_sdpa(cls: type[torch.nn.Module]) -> bool:
+    """Whether ``cls.forward`` (a class outside torch) names scaled_dot_product_attention."""
+    if cls not in _SDPA_CALLERS:
+        found = False
+        if not cls.__module__.startswith(("torch.", "fastattn.")):
+            try:
+                found = "scaled_dot_product_attention" in inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                pass
+        _SDPA_CALLERS[cls] = found
+    return _SDPA_CALLERS[cls]
+
+
 def _swap(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
     if isinstance(module, torch.nn.Softmax):  # no parameters: a fresh module, same mode
         return cls(module.dim).train(module.training)
@@ -96,6 +126,8 @@ def patch(model: torch.nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
             report.left.append((name, cls.__name__, "already a fastattn module"))
             continue
         if cls not in _SWAPS:
+            if "attention" in wanted and _calls_sdpa(cls):
+                report.left.append((name, cls.__name__, SDPA_HINT))
             if "rms_norm" in wanted and "rmsnorm" in cls.__name__.lower() and name:
                 eps_attr, why = _rmsnorm_like(module)  # e.g. transformers' LlamaRMSNorm
                 if eps_attr is None:
@@ -127,3 +159,38 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         if torch_cls is not None and name:
             _replace(model, name, _swap(module, torch_cls))
     return model
+
+
+_scope_lock = threading.Lock()
+_scope_depth = 0
+_scope_saved: object = None
+
+
+@contextlib.contextmanager
+def sdpa_scope() -> Iterator[None]:
+    """Inside the block, ``torch.nn.functional.scaled_dot_product_attention`` is
+    ``fastattn.scaled_dot_product_attention`` (the same signature and semantics); on leaving it,
+    torch's function is back. For models that call ``F.scaled_dot_product_attention`` themselves
+    (nanoGPT style), which :func:`patch` cannot reach. Scopes nest; the swap is of the module
+    attribute, so it is process-wide while any scope is open: other threads calling
+    ``F.scaled_dot_product_attention`` meanwhile get fastattn's too, and code that imported the
+    function by name (``from torch.nn.functional import scaled_dot_product_attention``) before
+    the block keeps torch's."""
+    global _scope_depth, _scope_saved
+    import torch.nn.functional as F
+
+    from fastattn.ops.attention import scaled_dot_product_attention
+
+    with _scope_lock:
+        if _scope_depth == 0:
+            _scope_saved = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+        _scope_depth += 1
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope_depth -= 1
+            if _scope_depth == 0:
+                F.scaled_dot_product_attention = _scope_saved  # type: ignore[assignment]
+                _scope_saved = None

@@ -101,3 +101,107 @@ def test_patch_subset_reports_what_it_left():
     assert ("blocks.0.attn", "MultiheadAttention", "op 'attention' not in ops") in report.left
     with pytest.raises(ValueError, match="unknown ops"):
         fastattn.patch(model, ops=("conv",))
+
+
+class NanoAttention(torch.nn.Module):
+    """nanoGPT-style causal self-attention: calls F.scaled_dot_product_attention itself."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class NanoGPT(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([NanoAttention(), NanoAttention()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_patch_says_why_a_model_calling_sdpa_itself_is_left():
+    model = NanoGPT()
+    report = fastattn.patch(model)
+    assert report.replaced == []
+    left = {n: why for n, _, why in report.left}
+    assert set(left) == {"blocks.0", "blocks.1"}, str(report)
+    assert "scaled_dot_product_attention itself" in left["blocks.0"]
+    assert "fastattn.sdpa_scope()" in str(report)
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Counts the calls that reach fastattn.scaled_dot_product_attention."""
+    calls = []
+    real = fastattn.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("fastattn.ops.attention.scaled_dot_product_attention", counted)
+    return calls
+
+
+def test_sdpa_scope_routes_the_call_inside_the_block_only(sdpa_calls):
+    torch.manual_seed(0)
+    model = NanoGPT().eval()
+    ref = copy.deepcopy(model).double()
+    x = torch.randn(2, 11, 32)
+    torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+    outside = model(x)
+    assert sdpa_calls == []
+    with fastattn.sdpa_scope():
+        assert torch.nn.functional.scaled_dot_product_attention is not torch_sdpa
+        y = model(x)
+        assert len(sdpa_calls) == 2  # one per block
+        with fastattn.sdpa_scope():  # nested: still routed, and still after the inner block
+            model(x)
+        model(x)
+        assert len(sdpa_calls) == 6
+    assert torch.nn.functional.scaled_dot_product_attention is torch_sdpa
+    model(x)
+    assert len(sdpa_calls) == 6
+    want = ref(x.double())
+    assert_parity(y, want, eager=outside)
+    with pytest.raises(RuntimeError, match="boom"), fastattn.sdpa_scope():
+        raise RuntimeError("boom")
+    assert torch.nn.functional.scaled_dot_product_attention is torch_sdpa
+
+
+def test_sdpa_scope_overlapping_threads_restore_torch():
+    import threading
+
+    torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+    entered, release = threading.Barrier(2), threading.Event()
+    seen = []
+
+    def worker(first):
+        with fastattn.sdpa_scope():
+            entered.wait()
+            if first:  # leaves while the other thread is still inside
+                return
+            release.wait()
+            seen.append(torch.nn.functional.scaled_dot_product_attention is not torch_sdpa)
+
+    a = threading.Thread(target=worker, args=(True,))
+    b = threading.Thread(target=worker, args=(False,))
+    a.start()
+    b.start()
+    a.join()
+    release.set()
+    b.join()
+    assert seen == [True]  # the second scope was still routed after the first one closed
+    assert torch.nn.functional.scaled_dot_product_attention is torch_sdpa

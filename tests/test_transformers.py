@@ -160,3 +160,107 @@ def test_norm_recognition_checks_the_formula_and_unpatch_restores():
     assert not any(isinstance(m, fastattn.nn.RMSNormAdapter) for m in model.modules())
     assert list(model.state_dict()) == keys
     assert type(model.model.norm).__name__ == "LlamaRMSNorm"
+
+
+def own_attention_model(name):
+    """Models whose attention is their own code (they only take transformers' mask helpers):
+    BLOOM (alibi, no sdpa support) and Falcon (its own eager/sdpa branches)."""
+    if name == "bloom":
+        cfg = transformers.BloomConfig(vocab_size=97, hidden_size=64, n_layer=2, n_head=4)
+        return transformers.BloomForCausalLM, cfg
+    if name == "falcon":
+        cfg = transformers.FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, new_decoder_architecture=True,
+                                        num_kv_heads=2)  # fmt: skip
+        return transformers.FalconForCausalLM, cfg
+    if name == "codegen":
+        cfg = transformers.CodeGenConfig(vocab_size=97, n_embd=64, n_layer=2, n_head=4,
+                                         rotary_dim=8, n_positions=64)  # fmt: skip
+        return transformers.CodeGenForCausalLM, cfg
+    if name == "mpt":
+        cfg = transformers.MptConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4,
+                                     max_seq_len=64)  # fmt: skip
+        return transformers.MptForCausalLM, cfg
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon"])
+def test_apply_refuses_a_model_whose_attention_is_its_own(name):
+    cls, cfg = own_attention_model(name)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    before = model.config._attn_implementation  # transformers cannot switch Falcon at run time
+    why = "_supports_sdpa" if name == "bloom" else "AttentionInterface"
+    with pytest.raises(fa_hf.UnsupportedModelError, match=why):
+        fa_hf.apply(model)
+    assert model.config._attn_implementation == before  # refused before changing anything
+    assert fa_hf.unsupported_reason(model) == fa_hf.unsupported_reason(cls)
+    report = fa_hf.apply(model, attention=False)  # the norms alone are still swapped
+    assert report.replaced and all("Norm" in d for _, _, d in report.replaced), str(report)
+
+
+# (Falcon built with attn_implementation="fastattn" already fails in transformers, with a
+# KeyError: it looks its attention class up by that name.)
+@pytest.mark.parametrize("name", ["bloom", "codegen", "mpt"])
+def test_construction_with_fastattn_is_refused_at_the_first_forward(name, kernel_calls):
+    fa_hf.register()
+    cls, cfg = own_attention_model(name)
+    model = cls._from_config(cfg, attn_implementation="fastattn").eval()
+    ids, mask = inputs(True, pad=True)
+    for m in (mask, None):  # with padding, and without (then sdpa's mask would be None)
+        with pytest.raises(fa_hf.UnsupportedModelError, match="not supported for this model"):
+            model(input_ids=ids, attention_mask=m)
+    assert kernel_calls == []
+
+
+def test_apply_reports_replaced_only_when_transformers_switched(monkeypatch):
+    model, _, _ = build("llama")
+    # A transformers that ignores the request (as it does, with a warning, for models it cannot
+    # switch at run time) must not be reported as switched.
+    monkeypatch.setattr(model, "set_attn_implementation", lambda impl: None)
+    with pytest.raises(fa_hf.UnsupportedModelError, match="transformers kept LlamaForCausalLM"):
+        fa_hf.apply(model)
+
+
+# GPT-2 does not pass output_attentions down to its attention function: transformers' sdpa
+# then returns an empty attentions tuple without a word.
+@pytest.mark.parametrize("name", ["llama", "bert", "gpt2"])
+def test_output_attentions_warns_and_returns_eager_weights(name, kernel_calls):
+    torch.manual_seed(0)
+    model, causal, _ = build(name)
+    model.set_attn_implementation("eager")
+    model.eval()
+    fast = copy.deepcopy(model)
+    fa_hf.apply(fast, norms=False)
+    ids, mask = inputs(causal, pad=True)
+    want = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    with pytest.warns(UserWarning, match="does not compute attention weights"):
+        got = fast(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert kernel_calls == []  # the weights came from the unfused path
+    assert len(got.attentions) == 2 and all(a is not None for a in got.attentions)
+    keep = mask.bool()
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        assert a.shape == b.shape == (2, 4, 14, 14)
+        rows = a.transpose(1, 2)[keep], b.transpose(1, 2)[keep]  # the kept queries' weights
+        torch.testing.assert_close(*rows, rtol=1e-4, atol=1e-6)
+    key = "logits" if causal else "last_hidden_state"
+    torch.testing.assert_close(got[key][keep], want[key][keep], rtol=1e-4, atol=1e-5)
+    fast(input_ids=ids, attention_mask=mask)  # without it, the kernel again
+    assert len(kernel_calls) == 2
+
+
+@pytest.mark.parametrize("dv", [8, 40])
+def test_value_head_dim_other_than_the_querys(dv):
+    # Latent attention (DeepSeek-style MLA, GLM-4 MoE lite) has v's head_dim differ from q's.
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 24), torch.randn(2, 2, 9, 24)
+    v = torch.randn(2, 2, 9, dv)
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    mask[1, ..., :3] = False
+    module = torch.nn.Module()
+    out, _ = fa_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=0.3, enable_gqa=True
+    )
+    assert out.shape == (2, 9, 4, dv)
+    assert_parity(out, want.transpose(1, 2))
