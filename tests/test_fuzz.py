@@ -68,7 +68,7 @@ HEAD_DIMS = [
     255,
     256,
 ]
-ACCEPTED = ["float32", "bfloat16", "float64"]
+ACCEPTED = ["float32", "bfloat16", "float16", "float64"]
 REFUSED = ["int32", "int64", "bool", "complex64"]  # must be refused, never read as floats
 LAYOUTS = ["contiguous", "offset", "sliced", "transposed", "expanded"]
 VALUES = ["normal", "normal", "normal", "specials", "huge", "subnormal"]
