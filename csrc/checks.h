@@ -98,14 +98,16 @@ inline void check_norm_param(const char* op, const char* name, const at::Tensor&
               t.sizes());
 }
 
-// Per-row statistics saved by a norm forward (mean, rstd): float32, on x's device, one value per
-// row of x (x.numel() / x.size(-1) rows; none when the last dim is empty).
+// Per-row statistics saved by a norm forward (mean, rstd): float32 (float64 for float64 x), on
+// x's device, one value per row of x (x.numel() / x.size(-1) rows; none when the last dim is
+// empty).
 inline void check_row_stats(const char* op, const char* name, const at::Tensor& t,
                             const at::Tensor& x) {
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
   check_same_device(op, name, t, x);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-              t.scalar_type());
+  const at::ScalarType want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, " for ", x.scalar_type(),
+              " input, got ", t.scalar_type());
   TORCH_CHECK(t.numel() == rows, op, ": ", name, " must hold one value per row (", rows,
               ") of the input of shape ", x.sizes(), ", got shape ", t.sizes());
 }

@@ -71,11 +71,17 @@ int threads_for(int64_t work, int64_t parts) {
   return static_cast<int>(std::min<int64_t>({int64_t{at::get_num_threads()}, by_work, parts}));
 }
 
-// weight/bias in the kernels' math type (float32; float64 for float64 x), contiguous. A copy
-// only when the dtype differs: fp32 weights under bf16 x (mixed precision) are used in place.
+// The kernels' math type for data of type x_type: float32, float64 for float64 data. The
+// statistics (mean, rstd) and the weight/bias gradients are returned in it too.
+at::ScalarType math_type(at::ScalarType x_type) {
+  return x_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// weight/bias in the kernels' math type, contiguous. A copy only when the dtype differs: fp32
+// weights under bf16 x (mixed precision) are used in place.
 OptTensor in_math_type(const OptTensor& t, at::ScalarType x_type) {
   if (!t.has_value()) return std::nullopt;
-  return t->to(x_type == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  return t->to(math_type(x_type)).contiguous();
 }
 
 OptTensor contiguous(const OptTensor& t) {
@@ -103,16 +109,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_cpu(const Tensor& x_in, const Op
   const OptTensor w = in_math_type(weight, x.scalar_type());
   const OptTensor b = in_math_type(bias, x.scalar_type());
   const int64_t rows = rows_of(x), n = x.size(-1);
-  const auto f32 = x.options().dtype(at::kFloat);
+  const auto mt = x.options().dtype(math_type(x.scalar_type()));
   Tensor y = new_output(x.sizes(), x.options());
   Tensor h = res.has_value() ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
-  Tensor mean = new_output({rms ? 0 : rows}, f32);
-  Tensor rstd = new_output({rows}, f32);
+  Tensor mean = new_output({rms ? 0 : rows}, mt);  // statistics in the math type (see ops.cpp)
+  Tensor rstd = new_output({rows}, mt);
   if (rows == 0) return {y, h, mean, rstd};
 
   // affine 2 reads w and b: a bias without a weight gets w = 1 (a rare case, not worth a variant).
   const int affine = b.has_value() ? 2 : w.has_value() ? 1 : 0;
-  const auto mt = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const Tensor w_ = b.has_value() && !w.has_value() ? at::ones({n}, mt) : w.value_or(Tensor());
   const cpu::NormVariant v{rms, res.has_value(), affine, false, false};
   const cpu::NormFwdFn fwd = kernels_for(x.scalar_type(), v).fwd;
@@ -123,8 +128,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_cpu(const Tensor& x_in, const Op
   a.b = ptr(b);
   a.y = y.mutable_data_ptr();
   a.h = res.has_value() ? h.mutable_data_ptr() : nullptr;
-  a.mean = rms ? nullptr : mean.mutable_data_ptr<float>();
-  a.rstd = rstd.mutable_data_ptr<float>();
+  a.mean = rms ? nullptr : mean.mutable_data_ptr();
+  a.rstd = rstd.mutable_data_ptr();
   a.n = n;
   a.eps = eps;
   const size_t out_bytes = y.nbytes() + h.nbytes();
@@ -146,9 +151,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_cpu(const Tensor& x_in, const Op
   return {y, h, mean, rstd};
 }
 
-// out[j] = sum over chunks c = 0, 1, ... (in that order) of part[c][j], as float32.
+// out[j] = sum over chunks c = 0, 1, ... (in that order) of part[c][j], in the math type Acc.
 template <class Acc>
-void sum_partials(const Tensor& part, int64_t chunks, int64_t n, float* out) {
+void sum_partials(const Tensor& part, int64_t chunks, int64_t n, Acc* out) {
   constexpr int64_t kCols = 1024;  // a column block's running sums stay in L1
   const Acc* p = part.const_data_ptr<Acc>();
   const int64_t blocks = (n + kCols - 1) / kCols;
@@ -162,7 +167,7 @@ void sum_partials(const Tensor& part, int64_t chunks, int64_t n, float* out) {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) acc[j] += row[j];
     }
-    for (int64_t j = 0; j < len; ++j) out[j0 + j] = static_cast<float>(acc[j]);
+    for (int64_t j = 0; j < len; ++j) out[j0 + j] = acc[j];
   }
 }
 
@@ -190,13 +195,12 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward_cpu(const Tensor& grad_out,
   const OptTensor dh = contiguous(grad_residual_out);
   const int64_t rows = rows_of(h), n = h.size(-1);
   const bool f64 = h.scalar_type() == at::kDouble;  // math (and partial sum) type: double
-  const auto mt = h.options().dtype(f64 ? at::kDouble : at::kFloat);
+  const auto mt = h.options().dtype(math_type(h.scalar_type()));
   const Tensor w = weight.has_value() ? *in_math_type(weight, h.scalar_type()) : at::ones({n}, mt);
   const Tensor mean_c = rms ? mean : mean.contiguous(), rstd_c = rstd.contiguous();
-  const auto f32 = h.options().dtype(at::kFloat);
   Tensor dx = new_output(h.sizes(), h.options());
-  Tensor dw = at::zeros({n}, f32);
-  Tensor db = has_bias ? at::zeros({n}, f32) : at::empty({0}, f32);
+  Tensor dw = at::zeros({n}, mt);  // the math type, as the partial sums (see ops.cpp)
+  Tensor db = has_bias ? at::zeros({n}, mt) : at::empty({0}, mt);
   if (rows == 0) return {dx, dw, db};
 
   const int64_t per_row_bytes = n * int64_t{f64 ? 8 : 4} * (has_bias ? 2 : 1);
@@ -213,8 +217,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward_cpu(const Tensor& grad_out,
   a.dh = ptr(dh);
   a.h = h.const_data_ptr();
   a.w = w.const_data_ptr();
-  a.mean = rms ? nullptr : mean_c.const_data_ptr<float>();
-  a.rstd = rstd_c.const_data_ptr<float>();
+  a.mean = rms ? nullptr : mean_c.const_data_ptr();
+  a.rstd = rstd_c.const_data_ptr();
   a.dx = dx.mutable_data_ptr();
   a.n = n;
   a.stream = dx.nbytes() >= stream_min_bytes();
@@ -228,8 +232,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward_cpu(const Tensor& grad_out,
         pb != nullptr ? pb + c * stride : nullptr);
   }
   if (f64) {
-    sum_partials<double>(dw_part, chunks, n, dw.mutable_data_ptr<float>());
-    if (has_bias) sum_partials<double>(db_part, chunks, n, db.mutable_data_ptr<float>());
+    sum_partials<double>(dw_part, chunks, n, dw.mutable_data_ptr<double>());
+    if (has_bias) sum_partials<double>(db_part, chunks, n, db.mutable_data_ptr<double>());
   } else {
     sum_partials<float>(dw_part, chunks, n, dw.mutable_data_ptr<float>());
     if (has_bias) sum_partials<float>(db_part, chunks, n, db.mutable_data_ptr<float>());

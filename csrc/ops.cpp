@@ -13,14 +13,15 @@ TORCH_LIBRARY(fastattn, m) {
 
   // LayerNorm (rms=false) or RMSNorm (rms=true) over the last dim of x, optionally of
   // h = x + residual (returned as residual_out, x's dtype; otherwise an empty tensor). weight and
-  // bias are (N,) of any float dtype. mean (empty for RMSNorm) and rstd are fp32 per row, saved
-  // for the backward pass. See fastattn/ops/norm.py.
+  // bias are (N,) of any float dtype. mean (empty for RMSNorm) and rstd are per row in the math
+  // type (float32; float64 for float64 x), saved for the backward pass. See fastattn/ops/norm.py.
   m.def(
       "norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) -> "
       "(Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
   // Gradients of the above, from the normalised input (h, or x without residual). grad_residual_out
-  // (the gradient reaching h directly) is added to dx. dweight/dbias are (N,) fp32 sums reduced
-  // deterministically (fixed partial sums, no atomics); dbias is empty unless has_bias.
+  // (the gradient reaching h directly) is added to dx. dweight/dbias are (N,) sums in the math
+  // type (float32; float64 for float64 input) reduced deterministically (fixed partial sums, no
+  // atomics); dbias is empty unless has_bias.
   m.def(
       "norm_backward(Tensor grad_out, Tensor? grad_residual_out, Tensor input, Tensor? weight, "
       "Tensor mean, Tensor rstd, bool rms, bool has_bias) -> (Tensor dx, Tensor dweight, "

@@ -51,12 +51,16 @@ def _misaligned(shape: tuple[int, ...], dtype: torch.dtype, device: str = "cuda"
 
 # ------------------------------------------------------------------- float64 norm backward
 @pytest.mark.parametrize("n", [100, 200, 1000, 3001, 6000])  # warp, block and looped kernels
-def test_float64_layer_norm_backward_recomputes_the_mean(n):
-    # |mean| / std = 1e5: the float32 mean saved by the forward is off by up to ~4e-3 here, which
-    # shifts every xhat by as much; the float64 backward must not use it.
+def test_float64_layer_norm_backward_is_float64_throughout(n):
+    # |mean| / std = 1e5: a float32 mean would be off by up to ~4e-3 here, shifting every xhat by
+    # as much, and a float32 rstd or dweight/dbias sum would cost ~6e-8 relative: the statistics
+    # and the parameter gradients of float64 data are float64.
     x = (torch.randn(6, n, dtype=torch.float64) + 1e5).cuda().requires_grad_()
     w = torch.randn(n, dtype=torch.float64, device="cuda", requires_grad=True)
     b = torch.randn(n, dtype=torch.float64, device="cuda", requires_grad=True)
+    _, _, mean, rstd = torch.ops.fastattn.norm(x.detach(), None, w.detach(), b.detach(), 1e-5,
+                                               False)  # fmt: skip
+    assert mean.dtype == rstd.dtype == torch.float64
     y = fastattn.layer_norm(x, n, w, b, 1e-5, backend="cuda")
     g = torch.randn_like(y)
     dx, dw, db = torch.autograd.grad(y, (x, w, b), g)
@@ -64,11 +68,10 @@ def test_float64_layer_norm_backward_recomputes_the_mean(n):
     yr = F.layer_norm(xr, (n,), wr, br, 1e-5)
     dxr, dwr, dbr = torch.autograd.grad(yr, (xr, wr, br), g.cpu())
     _close(y, yr, torch.float64)
-    # rstd is saved in float32 (the schema), so dx carries its ~6e-8 relative rounding.
-    torch.testing.assert_close(dx.cpu(), dxr, atol=1e-6 * dxr.abs().max().item(), rtol=1e-6)
-    # dweight/dbias come back as float32 sums.
-    torch.testing.assert_close(dw.cpu(), dwr, atol=1e-5 * dwr.abs().max().item(), rtol=1e-5)
-    torch.testing.assert_close(db.cpu(), dbr, atol=1e-5 * dbr.abs().max().item(), rtol=1e-5)
+    for got, want in ((dx, dxr), (dw, dwr), (db, dbr)):
+        assert got.dtype == torch.float64
+        # x - mean cancels 5 digits: torch's own float64 result is good to ~1e-11 relative.
+        torch.testing.assert_close(got.cpu(), want, atol=1e-9 * want.abs().max().item(), rtol=0)
 
 
 # --------------------------------------------------------------------------------- streams

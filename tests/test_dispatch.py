@@ -245,6 +245,34 @@ def test_every_cpu_isa_path_of_attention_matches_reference(path):
     _check_in_fresh_process(ATTN_ISA_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
 
 
+# fp32 attention by FlashAttention's rule with test_attention's tight atol, on each ISA path (the
+# main suite runs the best one): a representative part of test_parity_grid_fp32_flash_rule.
+ATTN_FP32_CHECK = textwrap.dedent(
+    """
+    import os, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from test_attention import fp32_flash_rule_case
+    from fastattn import _extension
+    assert _extension.build_info()["cpu_isa"] == os.environ["FASTATTN_CPU_ISA"]
+    for i, (sq, sk) in enumerate([(1, 1), (7, 7), (113, 1025), (1023, 1023), (1025, 113),
+                                  (1, 1025)]):
+        for j, kind in enumerate(("plain", "causal", "masked")):
+            if sq == 1 and kind != "plain":
+                continue
+            torch.manual_seed(0)
+            h, hkv = (2, 2) if kind == "plain" else (4, 2)
+            fp32_flash_rule_case(1, h, hkv, sq, sk, (40, 64, 96, 128)[(i + j) % 4], kind)
+    print("OK")
+    """
+)
+
+
+@pytest.mark.parametrize("isa", _supported_isas())
+def test_every_cpu_isa_path_of_fp32_attention_meets_the_flash_rule(isa):
+    env = {"FASTATTN_CPU_ISA": isa}
+    _check_in_fresh_process(ATTN_FP32_CHECK, env, os.path.dirname(os.path.abspath(__file__)))
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_call_skips_autograd_only_when_it_has_nothing_to_record(grad):
     # opcall.call goes straight to the kernel when no gradient can flow; same result either way.

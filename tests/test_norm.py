@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     CPU_BACKENDS,
     GPU_BACKENDS,
@@ -219,6 +220,74 @@ def test_gradcheck_float64_cpu(rms):
     assert torch.autograd.gradcheck(fn, (x, r, w, b))
 
 
+# float64 is float64 throughout: the saved mean/rstd and the dweight/dbias sums too. An fp32 rstd
+# or fp32 weight-gradient sum (the old contract) costs ~6e-8 relative, which these bounds catch.
+F64_RTOL = 1e-12
+
+
+def _float64_case(rms, lead, hidden, offset):
+    x = (torch.randn(*lead, hidden, dtype=torch.float64) + offset).requires_grad_()
+    r = torch.randn(*lead, hidden, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(hidden, dtype=torch.float64) * 0.5 + 1).requires_grad_()
+    b = None if rms else torch.randn(hidden, dtype=torch.float64, requires_grad=True)
+    return x, r, w, b
+
+
+def _float64_impl(impl, x, r, w, b, rms):
+    """(y, h) and the gradients of y.sum-like losses wrt (x, r, w[, b]), of one implementation."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, r, w, b) if t is not None]
+    xs, rs, ws = leaves[:3]
+    bs = leaves[3] if b is not None else None
+    n = (x.shape[-1],)
+    if impl == "torch":  # torch's own float64 kernels
+        h = xs + rs
+        y = F.rms_norm(h, n, ws, 1e-5) if rms else F.layer_norm(h, n, ws, bs, 1e-5)
+    elif impl == "reference":
+        y, h = reference.norm(xs, ws, bs, 1e-5, rms, rs)
+    else:
+        fn = fastattn.rms_norm if rms else fastattn.layer_norm
+        y, h = fn(xs, n[0], ws, *(() if rms else (bs,)), 1e-5, residual=rs, backend=impl)
+    return y, h, leaves
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])  # 1e3: a mean that dwarfs the spread
+@pytest.mark.parametrize("hidden", [4096, 8192])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_float64_gradients_are_float64_throughout_cpu(rms, hidden, offset):
+    x, r, w, b = _float64_case(rms, (3, 5), hidden, offset)
+    gy, gh = torch.randn_like(x), torch.randn_like(x)
+    results = {}
+    for impl in ("cpu", "torch", "reference"):
+        y, h, leaves = _float64_impl(impl, x, r, w, b, rms)
+        grads = torch.autograd.grad((y, h), leaves, (gy, gh))
+        results[impl] = [y.detach(), *grads]
+    names = ["y", "dx", "dresidual", "dweight", "dbias"]
+    for want_impl in ("torch", "reference"):
+        for name, got, want in zip(names, results["cpu"], results[want_impl], strict=False):
+            err = (got - want).abs().max().item()
+            bound = F64_RTOL * want.abs().max().item()
+            assert err <= bound, f"{name} vs {want_impl}: max error {err:.3e} > {bound:.3e}"
+            assert got.dtype == torch.float64, name
+    bd = None if b is None else b.detach()
+    _, _, mean, rstd = torch.ops.fastattn.norm(x.detach(), r.detach(), w.detach(), bd, 1e-5, rms)
+    assert rstd.dtype == torch.float64 and (rms or mean.dtype == torch.float64)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_gradcheck_float64_tight_cpu(rms):
+    # Tolerances 1e-9 (the default is 1e-5 absolute): central differences at eps = 1e-5 are good to
+    # ~1e-10 here, a float32 statistic or gradient sum is off by ~6e-8.
+    x, r, w, b = _float64_case(rms, (4,), 48, 100.0)
+    args = (x, r, w) if rms else (x, r, w, b)
+
+    def fn(x, r, w, b=None):
+        if rms:
+            return fastattn.rms_norm(x, 48, w, 1e-5, residual=r, backend="cpu")
+        return fastattn.layer_norm(x, 48, w, b, 1e-5, residual=r, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-5, atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", HIDDEN + [262144])
@@ -329,14 +398,18 @@ def test_opcheck(op):
         (x.requires_grad_(), r.requires_grad_(), w, b, 1e-5, False),
         (x, r, w, None, 1e-6, True),
     ]
+    dtypes = [torch.float32] + ([torch.float64] if op == "norm" else [])  # Triton: no float64
+    if op == "norm":  # float64: statistics and parameter gradients in float64 (the fake's too)
+        samples.append(tuple(t.double() if isinstance(t, torch.Tensor) else t for t in samples[1]))
     for args in samples:
         torch.library.opcheck(fwd, args)
-    y, h, mean, rstd = (
-        t.detach() for t in fwd(x.detach(), r.detach(), w.detach(), b.detach(), 1e-5, False)
-    )
     bwd = getattr(torch.ops.fastattn, op + "_backward")
-    torch.library.opcheck(bwd, (torch.randn(5, 33), torch.randn(5, 33), h, w.detach(), mean,
-                                rstd, False, True))  # fmt: skip
+    for dt in dtypes:
+        xd, rd, wd, bd = (t.detach().to(dt) for t in (x, r, w, b))
+        y, h, mean, rstd = (t.detach() for t in fwd(xd, rd, wd, bd, 1e-5, False))
+        assert mean.dtype == rstd.dtype == dt
+        g = (torch.randn(5, 33, dtype=dt) for _ in range(2))
+        torch.library.opcheck(bwd, (*g, h, wd, mean, rstd, False, True))
 
 
 @pytest.mark.parametrize(("backend", "device"), on_devices(["cpu", "triton"], GPU_FEATURES))

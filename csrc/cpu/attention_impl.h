@@ -68,6 +68,11 @@ struct Attn {
   // vector read partially), FMA. bf16 pair path (TA = uint32_t, kDot only): A and the rows of B
   // hold 32-bit bf16 pairs, K counts pairs, B rows are padded scratch (always readable in full
   // vectors), vdpbf16ps.
+  // The K products are summed from zero and C is added once at the end (accum), not taken as the
+  // start of the chain: the long sums built over many calls (out over key blocks, dK/dV over
+  // query blocks, dq over key blocks) are then two-level, each call's K terms and one rounding
+  // per call, whose error grows with K + calls instead of K * calls (fp32 attention had 2-3x
+  // eager fp32's error at Sq, Sk ~ 1000 from the single chain; same loads, same cost).
   template <int MR, int NV, bool TAIL, class TA, class TB>
   static inline void mk(int64_t K, const TA* A, int64_t lda, int64_t ask, const TB* B, int64_t ldb,
                         Acc* C, int64_t ldc, bool accum, int ntail) {
@@ -76,14 +81,7 @@ struct Attn {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        if (!accum)
-          c[r][v] = V::zero();
-        else if (TAIL && v == NV - 1)
-          c[r][v] = V::loadn(C + r * ldc + v * W, ntail);
-        else
-          c[r][v] = V::load(C + r * ldc + v * W);
-      }
+      for (int v = 0; v < NV; ++v) c[r][v] = V::zero();
     for (int64_t k = 0; k < K; ++k) {
       const TB* bp = B + k * ldb;
       R bv[NV];
@@ -112,10 +110,11 @@ struct Attn {
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
+        Acc* cp = C + r * ldc + v * W;
         if (TAIL && v == NV - 1)
-          V::storen(C + r * ldc + v * W, c[r][v], ntail);
+          V::storen(cp, accum ? V::add(V::loadn(cp, ntail), c[r][v]) : c[r][v], ntail);
         else
-          V::store(C + r * ldc + v * W, c[r][v]);
+          V::store(cp, accum ? V::add(V::load(cp), c[r][v]) : c[r][v]);
       }
   }
 
@@ -360,6 +359,14 @@ struct Attn {
 
   // Decode path: up to kDirectRows query rows, K and V read in place (attention_kernels.h).
   static constexpr int64_t kDirectRows = 8;
+  // Whether fwd takes that path for this call: G * Sq <= kDirectRows makes the work item every
+  // query row of the group in one block, hence nothing packed ahead (attention.cpp). The backward
+  // then recomputes the scores the same way, bit for bit: a row's P = exp(s - lse) is exactly 1
+  // where it has one visible key, as the exact P is.
+  template <class T>
+  static inline bool fwd_direct(const AttnArgs& a) {
+    return !dot_for<T>() && (a.H / a.Hkv) * a.Sq <= kDirectRows;
+  }
   static constexpr int64_t kDirectKeys = 32;
   // Keys per step of scores_direct: KJ keys x 4 rows of accumulators, the KJ key vectors and a
   // query vector in registers (AVX2: 8 + 2 + 1 of 16; AVX-512: 16 + 4 + 1 of 32).
@@ -373,12 +380,13 @@ struct Attn {
     for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o);
   }
 
-  // S[r * NF + j] = Q_r . k_j for r < rows, keys j < n (rows of k at kp + j * ks, T as given;
+  // S[r * lds + j] = Q_r . k_j for r < rows, keys j < n (rows of k at kp + j * ks, T as given;
   // Q opmath rows ld apart, D valid values each): dot products along head_dim, KJ keys and NR
-  // rows at a time, each key vector loaded (and converted) once for NR rows.
+  // rows at a time, each key vector loaded (and converted) once for NR rows. Each score's bits
+  // depend on its row and key only (not on NR or the tile), so the backward can recompute them.
   template <int NR, class T>
   static inline void scores_direct_rows(int64_t n, int64_t D, const Acc* Q, int64_t ld, const T* kp,
-                                        int64_t ks, Acc* S) {
+                                        int64_t ks, Acc* S, int64_t lds) {
     for (int64_t j = 0; j < n; j += KJ) {
       const int nj = n - j < KJ ? int(n - j) : KJ;
       const T* kr[KJ];
@@ -413,21 +421,22 @@ struct Attn {
         }
       }
       for (int r = 0; r < NR; ++r)
-        for (int x = 0; x < nj; ++x) S[r * NF + j + x] = V::hsum(acc[r][x]);
+        for (int x = 0; x < nj; ++x) S[r * lds + j + x] = V::hsum(acc[r][x]);
     }
   }
   template <class T>
   static void scores_direct(int64_t rows, int64_t n, int64_t D, const Acc* Q, int64_t ld,
-                            const T* kp, int64_t ks, Acc* S) {
+                            const T* kp, int64_t ks, Acc* S, int64_t lds) {
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) scores_direct_rows<4>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+    for (; r + 4 <= rows; r += 4)
+      scores_direct_rows<4>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
     switch (rows - r) {
       case 3:
-        return scores_direct_rows<3>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+        return scores_direct_rows<3>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
       case 2:
-        return scores_direct_rows<2>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+        return scores_direct_rows<2>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
       case 1:
-        return scores_direct_rows<1>(n, D, Q + r * ld, ld, kp, ks, S + r * NF);
+        return scores_direct_rows<1>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
       default:
         return;
     }
@@ -451,7 +460,7 @@ struct Attn {
     const Acc* pk = static_cast<const Acc*>(packed);
     // Decode-sized items (a few query rows, blocks not packed ahead) read K and V as they are:
     // packing a block would cost more than the few rows' products with it.
-    const bool direct = !dot && pk == nullptr && rows <= kDirectRows;
+    const bool direct = !dot && pk == nullptr && rows <= kDirectRows;  // iff fwd_direct(a)
     const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
     const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
     for (int64_t g = 0; g < G; ++g) {
@@ -475,7 +484,7 @@ struct Attn {
       const int64_t n = jend - jb < NF ? jend - jb : NF;
       const Acc* kt = KT;
       if (direct)
-        scores_direct(rows, n, D, Qs, Dp, kp + jb * a.k_str[2], a.k_str[2], S);
+        scores_direct(rows, n, D, Qs, Dp, kp + jb * a.k_str[2], a.k_str[2], S, NF);
       else if (pk != nullptr)
         kt = pk + (jb / NF) * attn_fwd_block_elems(D);
       else
@@ -683,6 +692,7 @@ struct Attn {
     const Acc* lse = static_cast<const Acc*>(a.lse_in);
     const Acc* dlt = static_cast<const Acc*>(a.delta);
     const Acc dsc = Acc(a.drop_scale);
+    const bool direct = fwd_direct<T>(a);  // scores as the forward computed them
     for (int64_t kb = j0; kb < j1; kb += NK) {
       const int64_t n = j1 - kb < NK ? j1 - kb : NK;
       if constexpr (dot) {
@@ -690,7 +700,7 @@ struct Attn {
         pack_kt_pairs(VTp, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
         pack_v_pairs(Kj, Dp, kp + kb * a.k_str[2], a.k_str[2], n, D);
       } else {
-        pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
+        if (!direct) pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
         pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
       }
       for (int64_t j = 0; j < n; ++j)
@@ -720,7 +730,10 @@ struct Attn {
           } else {
             pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
             pack_rows(dOs, Dp, gp, a.do_str[2], mq, D, Acc(1));
-            gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
+            if (direct)
+              scores_direct(mq, n, D, Qs, Dp, kp + kb * a.k_str[2], a.k_str[2], S, NK);
+            else
+              gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
             gemm(mq, n, D, dOs, Dp, 1, VT, NK, dP, NK, false);
           }
           for (int64_t r = 0; r < mq; ++r) {
@@ -735,13 +748,19 @@ struct Attn {
               }
             } else {
               finish_scores<TM>(a, s, b, h, i, kb, n);
-              const R lv = V::set1(l), dv = V::set1(dlt[row]);
+              // dS = P (dP - delta). Where P computes to exactly 1 (a row's only visible key:
+              // the other P underflow or are masked) the exact dS is dP - dP = 0, within fp32
+              // rounding of it for any P that rounds to 1; dP and delta = dO . O are summed in
+              // different orders, whose difference would be fp32 noise of |dP| in dS, dq, dk.
+              // (The scores are recomputed bit for bit, so P is exactly 1 there, see fwd_direct.)
+              const R lv = V::set1(l), dv = V::set1(dlt[row]), one = V::set1(Acc(1));
               if (!a.dropout) {
                 for (int64_t j = 0; j < n; j += W) {
                   const R p =
                       vexp<V>(V::sub(load_pad(s + j, n - j < W ? int(n - j) : W, ninf()), lv));
                   V::store(s + j, p);
-                  V::store(dp + j, V::mul(p, V::sub(V::load(dp + j), dv)));
+                  const R ds = V::mul(p, V::sub(V::load(dp + j), dv));
+                  V::store(dp + j, V::where(V::eq(p, one), V::zero(), ds));
                 }
               } else {
                 for (int64_t j = 0; j < n; j += W)
@@ -753,7 +772,7 @@ struct Attn {
                   const bool kp_ = keep(a, rh, kb + j);
                   const Acc p = s[j];
                   const Acc dpj = kp_ ? dp[j] * dsc : Acc(0);
-                  dp[j] = p * (dpj - di);
+                  dp[j] = p == Acc(1) ? Acc(0) : p * (dpj - di);
                   s[j] = kp_ ? p * dsc : Acc(0);
                 }
               }

@@ -208,8 +208,8 @@ void fwd_rows(const NormFwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
       }
     }
     const Acc rstd = Acc(1.0 / __builtin_sqrt(var + a.eps));
-    if constexpr (!RMS) a.mean[r] = float(mean);
-    a.rstd[r] = float(rstd);
+    if constexpr (!RMS) static_cast<Acc*>(a.mean)[r] = Acc(mean);  // saved in the math type
+    static_cast<Acc*>(a.rstd)[r] = rstd;
     // Rows are read from memory in pass 1 only; while this one is written from cache, fetch the
     // next one, so that memory stays busy (short rows; the prefetcher follows long ones itself).
     const bool pf = r + 1 < r1 && n * int64_t(sizeof(T)) <= kPrefetchRowBytes;
@@ -244,25 +244,16 @@ void bwd_rows(const NormBwdArgs& a, int64_t r0, int64_t r1, void* dw_part, void*
   const Acc* w = static_cast<const Acc*>(a.w);
   Acc* pw = static_cast<Acc*>(dw_part);
   Acc* pb = static_cast<Acc*>(db_part);
+  const Acc* smean = static_cast<const Acc*>(a.mean);  // the forward's statistics, math type
+  const Acc* srstd = static_cast<const Acc*>(a.rstd);
   for (int64_t r = r0; r < r1; r += kBwdGroup) {
     const int rows = int(nmin(kBwdGroup, r1 - r));
     R vm[kBwdGroup], vr[kBwdGroup];
     for (int i = 0; i < rows; ++i) {
       const T* dy = static_cast<const T*>(a.dy) + (r + i) * n;
       const T* h = static_cast<const T*>(a.h) + (r + i) * n;
-      double mean = RMS ? 0.0 : double(a.mean[r + i]);
-      if constexpr (!RMS && sizeof(Acc) == 8) {
-        // float64 data: the saved fp32 mean would cost h - mean its low bits (ruinous for rows
-        // whose spread is tiny next to their mean). Recompute it in double.
-        row_sums<V, 1>(
-            n,
-            [&](int64_t j, int k, R* acc)
-                FASTATTN_NORM_INLINE { acc[0] = V::add(acc[0], load_k<V>(h + j, k)); },
-            &mean);
-        mean /= double(n);
-      }
-      vm[i] = V::set1(Acc(mean));
-      vr[i] = V::set1(Acc(a.rstd[r + i]));
+      vm[i] = V::set1(RMS ? Acc(0) : smean[r + i]);
+      vr[i] = V::set1(srstd[r + i]);
       const R m = vm[i], rs = vr[i];
       auto xhat_at = [&](int64_t j, int k)
                          FASTATTN_NORM_INLINE { return xhat<V, RMS>(load_k<V>(h + j, k), m, rs); };

@@ -10,7 +10,7 @@
 // Backward, from the normalised input h: xhat = (h - mean) * rstd, g = dy * w,
 //   dx = (g - (xhat * mean_row(xhat * g) + (rms ? 0 : mean_row(g)))) * rstd + dh,
 //   dw += dy * xhat, db += dy   (into the caller's partial rows, summed in a fixed order).
-// Math in fp32 (in float64 for float64 data); the statistics are stored as fp32.
+// Math in fp32 (in float64 for float64 data); the statistics are stored in the math type.
 #pragma once
 #include <cstdint>
 
@@ -18,8 +18,9 @@
 
 namespace fastattn::cpu {
 
-// Row-major (rows, n) data of dtype T. w and b have the math type (float, or double for float64
-// data). Nullable: res and h (no residual), w and b (unused by the variant), mean (RMSNorm).
+// Row-major (rows, n) data of dtype T. w and b, mean and rstd have the math type (float, or
+// double for float64 data). Nullable: res and h (no residual), w and b (unused by the variant),
+// mean (RMSNorm).
 struct NormFwdArgs {
   const void* x;
   const void* res;
@@ -27,8 +28,8 @@ struct NormFwdArgs {
   const void* b;
   void* y;
   void* h;  // written: the rounded x + res
-  float* mean;
-  float* rstd;
+  void* mean;
+  void* rstd;
   int64_t n;
   double eps;
   bool stream;  // write y with non-temporal stores (outputs too large to stay cached)
@@ -40,8 +41,8 @@ struct NormBwdArgs {
   const void* dh;
   const void* h;
   const void* w;
-  const float* mean;
-  const float* rstd;
+  const void* mean;
+  const void* rstd;
   void* dx;
   int64_t n;
   bool stream;  // write dx with non-temporal stores

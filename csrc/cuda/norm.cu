@@ -83,14 +83,15 @@ __device__ __forceinline__ void team_sum(A (&v)[K], bool block_team) {
 
 template <typename T, typename W>
 struct FwdArgs {
+  using A = at::opmath_type<T>;
   const T* x;
   const T* res;  // nullptr without residual
   const W* w;    // nullptr without weight
   const W* b;    // nullptr without bias
   T* y;
-  T* h;         // residual_out; nullptr without residual
-  float* mean;  // nullptr for RMSNorm
-  float* rstd;
+  T* h;     // residual_out; nullptr without residual
+  A* mean;  // nullptr for RMSNorm; the statistics are saved in the math type (see ops.cpp)
+  A* rstd;
   int64_t rows, n;
   at::opmath_type<T> eps;
   bool rms;
@@ -180,8 +181,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_reg_kernel(const FwdArgs
     team_sum(q, !a.warp_rows);
     const A rstd = A(1) / acc_sqrt(q[0] / static_cast<A>(a.n) + a.eps);
     if (lane == 0) {
-      if (!a.rms) a.mean[row] = static_cast<float>(mean);
-      a.rstd[row] = static_cast<float>(rstd);
+      if (!a.rms) a.mean[row] = mean;
+      a.rstd[row] = rstd;
     }
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -229,8 +230,8 @@ __global__ void __launch_bounds__(kLoopThreads) norm_fwd_loop_kernel(const FwdAr
     }
     const A rstd = A(1) / acc_sqrt(var + a.eps);
     if (threadIdx.x == 0) {
-      if (!a.rms) a.mean[row] = static_cast<float>(mean);
-      a.rstd[row] = static_cast<float>(rstd);
+      if (!a.rms) a.mean[row] = mean;
+      a.rstd[row] = rstd;
     }
     for (int64_t col = start; col < a.n; col += stride) {
       A v[VEC];
@@ -246,11 +247,11 @@ template <typename T, typename W>
 struct BwdArgs {
   using A = at::opmath_type<T>;
   const T* dy;
-  const T* dh;        // grad_residual_out; nullptr when absent
-  const T* x;         // the normalised input (h, or x without residual)
-  const W* w;         // nullptr without weight
-  const float* mean;  // nullptr for RMSNorm
-  const float* rstd;
+  const T* dh;    // grad_residual_out; nullptr when absent
+  const T* x;     // the normalised input (h, or x without residual)
+  const W* w;     // nullptr without weight
+  const A* mean;  // nullptr for RMSNorm
+  const A* rstd;
   T* dx;
   A* dw_part;  // (blocks, n): block b's sums of dy * xhat over its rows
   A* db_part;  // (blocks, n) sums of dy; nullptr without bias
@@ -261,14 +262,6 @@ struct BwdArgs {
 };
 
 constexpr int kCoefs = 3;  // BwdArgs::coef entries per row
-
-// The mean saved by the forward is float32 for every dtype (the schema's). For float64 data its
-// rounding (relative 6e-8) would cost h - mean its low bits, ruinous for rows whose spread is tiny
-// next to their mean (|mean| / std = 1e4 leaves xhat 4 digits), so the float64 backward recomputes
-// each row's mean in double from the row, as the CPU kernel does (csrc/cpu/norm_impl.h). rstd stays
-// the saved float32 value, as on CPU: recomputing it would need eps, which norm_backward lacks.
-template <typename A>
-constexpr bool kRecomputeMean = std::is_same_v<A, double>;
 
 // xhat = (h - mean) * rstd in place of h, and wdy = dy * w, for VEC columns: the one expression
 // every backward kernel uses, so that c1/c2 and dx see the same bits.
@@ -353,7 +346,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(const BwdArgs
 
   for (int64_t row = r0 + team_id; row < r1; row += teams) {
     const int64_t off = row * a.n;
-    const A rstd = static_cast<A>(a.rstd[row]);
+    const A rstd = a.rstd[row];
     A xh[NV][VEC], wdy[NV][VEC];  // h first, then xhat in place; zeros past the row's end
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -365,20 +358,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(const BwdArgs
         for (int e = 0; e < VEC; ++e) xh[k][e] = wdy[k][e] = A(0);
       }
     }
-    A mean = A(0);
-    if (!a.rms) {
-      if constexpr (kRecomputeMean<A>) {
-        A s[1] = {A(0)};
-#pragma unroll
-        for (int k = 0; k < NV; ++k)
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) s[0] += xh[k][e];
-        team_sum(s, !a.warp_rows);
-        mean = s[0] / static_cast<A>(a.n);
-      } else {
-        mean = static_cast<A>(a.mean[row]);
-      }
-    }
+    const A mean = a.rms ? A(0) : a.mean[row];
     A c[2] = {A(0), A(0)};
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -428,8 +408,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_reg_kernel(const BwdArgs
   if (db_out != nullptr) combine_warps(db, s, db_out, a.n, lane, team_id, teams);
 }
 
-// Looped path, step 1: c1, c2 and the mean used (see kRecomputeMean) of every row (a block per
-// row, any n) into coef.
+// Looped path, step 1: c1, c2 and the mean of every row (a block per row, any n) into coef.
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kLoopThreads) norm_bwd_coef_kernel(const BwdArgs<T, W> a) {
   using A = at::opmath_type<T>;
@@ -437,23 +416,8 @@ __global__ void __launch_bounds__(kLoopThreads) norm_bwd_coef_kernel(const BwdAr
   const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const int64_t off = row * a.n;
-    A mean = A(0);
-    if (!a.rms) {
-      if constexpr (kRecomputeMean<A>) {
-        A s[1] = {A(0)};
-        for (int64_t col = start; col < a.n; col += stride) {
-          A v[VEC];
-          load_pack(v, a.x + off + col);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) s[0] += v[e];
-        }
-        team_sum(s, true);
-        mean = s[0] / static_cast<A>(a.n);
-      } else {
-        mean = static_cast<A>(a.mean[row]);
-      }
-    }
-    const A rstd = static_cast<A>(a.rstd[row]);
+    const A mean = a.rms ? A(0) : a.mean[row];
+    const A rstd = a.rstd[row];
     A c[2] = {A(0), A(0)};
     for (int64_t col = start; col < a.n; col += stride) {
       A wv[VEC], xh[VEC], g[VEC], wdy[VEC];
@@ -493,7 +457,7 @@ __global__ void __launch_bounds__(kTileThreads) norm_bwd_loop_kernel(const BwdAr
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t off = row * a.n;
       const A* cf = a.coef + kCoefs * row;  // c1, c2, mean (as norm_bwd_coef_kernel used it)
-      const A rstd = static_cast<A>(a.rstd[row]);
+      const A rstd = a.rstd[row];
       A xh[VEC], g[VEC], wdy[VEC];
       load_grad(xh, g, wdy, a, off, col, wv, cf[2], rstd);
       store_dx(a, off, col, xh, wdy, cf[0], cf[1], rstd);
@@ -516,11 +480,11 @@ __global__ void __launch_bounds__(kTileThreads) norm_bwd_loop_kernel(const BwdAr
 // thread row y adds p = y, y + kSumRows, ... in turn, then the kSumRows sums in order.
 template <typename A>
 __global__ void __launch_bounds__(kSumCols* kSumRows)
-    norm_sum_partials_kernel(const A* dw_part, const A* db_part, float* dw, float* db,
-                             int64_t parts, int64_t n) {
+    norm_sum_partials_kernel(const A* dw_part, const A* db_part, A* dw, A* db, int64_t parts,
+                             int64_t n) {
   __shared__ A s[kSumRows][kSumCols + 1];
   const A* part = blockIdx.y == 0 ? dw_part : db_part;
-  float* out = blockIdx.y == 0 ? dw : db;
+  A* out = blockIdx.y == 0 ? dw : db;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   A t = 0;
   if (col < n) {
@@ -531,13 +495,16 @@ __global__ void __launch_bounds__(kSumCols* kSumRows)
   if (threadIdx.y == 0 && col < n) {
     A u = 0;
     for (int r = 0; r < kSumRows; ++r) u += s[r][threadIdx.x];
-    out[col] = static_cast<float>(u);
+    out[col] = u;
   }
 }
 
 // -------------------------------------------------------------------------------- host side
 
 int round_up_warp(int64_t v) { return static_cast<int>(ceil_div(v, kWarpSize) * kWarpSize); }
+
+// The math type of data of type st (at::opmath_type's): float32, float64 for float64 data.
+at::ScalarType math_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
 // weight/bias are read as x's dtype when both (where given) have it, else as x's opmath type
 // (converted here; small (n,) tensors): two kernel variants per input dtype, not one per pair.
@@ -599,8 +566,8 @@ void forward(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, cons
   a.b = ptr_or_null<W>(b);
   a.y = y.mutable_data_ptr<T>();
   a.h = r.defined() ? h.mutable_data_ptr<T>() : nullptr;
-  a.mean = rms ? nullptr : mean.mutable_data_ptr<float>();
-  a.rstd = rstd.mutable_data_ptr<float>();
+  a.mean = rms ? nullptr : mean.mutable_data_ptr<at::opmath_type<T>>();
+  a.rstd = rstd.mutable_data_ptr<at::opmath_type<T>>();
   a.n = x.size(-1);
   a.rows = x.numel() / a.n;
   a.eps = static_cast<at::opmath_type<T>>(eps);
@@ -682,8 +649,8 @@ void launch_backward(BwdArgs<T, W> a, const at::Tensor& dw, const at::Tensor& db
               a.n, " elements are too long");
   const dim3 grid(static_cast<unsigned>(col_blocks), has_bias ? 2 : 1);
   norm_sum_partials_kernel<A><<<grid, dim3(kSumCols, kSumRows), 0, stream>>>(
-      a.dw_part, a.db_part, dw.mutable_data_ptr<float>(),
-      has_bias ? db.mutable_data_ptr<float>() : nullptr, parts, a.n);
+      a.dw_part, a.db_part, dw.mutable_data_ptr<A>(), has_bias ? db.mutable_data_ptr<A>() : nullptr,
+      parts, a.n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -696,8 +663,8 @@ void backward(const at::Tensor& dy, const at::Tensor& dh, const at::Tensor& x, c
   a.dh = ptr_or_null<T>(dh);
   a.x = x.const_data_ptr<T>();
   a.w = ptr_or_null<W>(w);
-  a.mean = rms ? nullptr : mean.const_data_ptr<float>();
-  a.rstd = rstd.const_data_ptr<float>();
+  a.mean = rms ? nullptr : mean.const_data_ptr<at::opmath_type<T>>();
+  a.rstd = rstd.const_data_ptr<at::opmath_type<T>>();
   a.dx = dx.mutable_data_ptr<T>();
   a.n = x.size(-1);
   a.rows = x.numel() / a.n;
@@ -725,11 +692,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_cuda(
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(-1);
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
-  const auto f32 = x.options().dtype(at::kFloat);
+  const auto mt = x.options().dtype(math_type(x.scalar_type()));  // statistics: the math type
   at::Tensor y = new_output(x);
   at::Tensor h = residual.has_value() ? new_output(x) : at::empty({0}, x.options());
-  at::Tensor mean = at::empty({rms ? 0 : rows}, f32);
-  at::Tensor rstd = at::empty({rows}, f32);
+  at::Tensor mean = at::empty({rms ? 0 : rows}, mt);
+  at::Tensor rstd = at::empty({rows}, mt);
   if (rows == 0) return {y, h, mean, rstd};
   const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::ScalarType st = x.scalar_type(), pt = param_dtype(st, weight, bias);
@@ -752,13 +719,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(
   const at::Tensor x = input.contiguous();
   const int64_t n = x.size(-1);
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
-  const auto f32 = x.options().dtype(at::kFloat);
+  const auto mt = x.options().dtype(math_type(x.scalar_type()));  // dweight/dbias: the math type
   at::Tensor dx = new_output(x);
   if (rows == 0) {  // no rows: zero weight/bias gradients, nothing to launch
-    return {dx, at::zeros({n}, f32), has_bias ? at::zeros({n}, f32) : at::empty({0}, f32)};
+    return {dx, at::zeros({n}, mt), has_bias ? at::zeros({n}, mt) : at::empty({0}, mt)};
   }
-  at::Tensor dw = at::empty({n}, f32);
-  at::Tensor db = at::empty({has_bias ? n : 0}, f32);
+  at::Tensor dw = at::empty({n}, mt);
+  at::Tensor db = at::empty({has_bias ? n : 0}, mt);
   const at::Tensor dy = grad_out.contiguous();
   const at::Tensor dh =
       grad_residual_out.has_value() ? grad_residual_out->contiguous() : at::Tensor();

@@ -166,14 +166,21 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 8))
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' math type for data of ``dtype``: float32, float64 for float64 data. The
+    saved statistics (mean, rstd) and the weight/bias gradients of every backend have it too
+    (the schemas in csrc/ops.cpp, the fake kernels below)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _triton_forward(x, residual, weight, bias, eps, rms):
     x = x.contiguous()
     n_cols = x.shape[-1]
     rows = x.numel() // n_cols if n_cols else 0
     y = opcall.new_output(x)
     h = opcall.new_output(x) if residual is not None else x.new_empty(0)
-    mean = x.new_empty(rows if not rms else 0, dtype=torch.float32)
-    rstd = x.new_empty(rows, dtype=torch.float32)
+    mean = x.new_empty(rows if not rms else 0, dtype=math_dtype(x.dtype))
+    rstd = x.new_empty(rows, dtype=math_dtype(x.dtype))
     if rows == 0:
         return y, h, mean, rstd
     cfg = launch_config(n_cols)
@@ -193,8 +200,9 @@ def _triton_backward(dy, dh, inp, weight, mean, rstd, rms, has_bias):
     rows = inp.numel() // n_cols if n_cols else 0
     dx = opcall.new_output(inp)
     progs = _backward_programs(rows, inp.device)
-    dw_part = torch.zeros(progs, n_cols, dtype=torch.float32, device=inp.device)
-    db_part = torch.zeros(progs, n_cols, dtype=torch.float32, device=inp.device)
+    acc = math_dtype(inp.dtype)  # the Triton kernels take no float64 (dispatch): float32 here
+    dw_part = torch.zeros(progs, n_cols, dtype=acc, device=inp.device)
+    db_part = torch.zeros(progs, n_cols, dtype=acc, device=inp.device)
     if rows > 0:
         cfg = launch_config(n_cols)
         g2, w = (t.contiguous() if t is not None else inp for t in (dh, weight))
@@ -277,14 +285,14 @@ def _fake_forward(x, residual, weight, bias, eps, rms):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(y) if residual is not None else x.new_empty(0)
-    stat = x.new_empty(rows, dtype=torch.float32)
-    return y, h, (x.new_empty(0, dtype=torch.float32) if rms else stat), torch.empty_like(stat)
+    stat = x.new_empty(rows, dtype=math_dtype(x.dtype))
+    return y, h, (stat.new_empty(0) if rms else stat), torch.empty_like(stat)
 
 
 def _fake_backward(grad_out, grad_residual_out, input, weight, mean, rstd, rms, has_bias):
     dx = torch.empty_like(input, memory_format=torch.contiguous_format)
-    dw = input.new_empty(input.shape[-1], dtype=torch.float32)
-    return dx, dw, torch.empty_like(dw) if has_bias else input.new_empty(0, dtype=torch.float32)
+    dw = input.new_empty(input.shape[-1], dtype=math_dtype(input.dtype))
+    return dx, dw, torch.empty_like(dw) if has_bias else dw.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -441,8 +449,8 @@ def layer_norm(
 
     With ``residual`` (input's shape and dtype) it computes ``h = input + residual`` and returns
     ``(layer_norm(h), h)`` in one pass: the add-and-normalise of a pre-norm Transformer block.
-    ``weight``/``bias`` may have another float dtype than input (e.g. fp32 weights, bf16
-    activations); statistics are fp32. Shapes: input ``(*, *normalized_shape)``.
+    ``weight``/``bias``: input's dtype, or float32 for a bf16/fp16 input (as torch); statistics
+    are fp32 (float64 for float64 input). Shapes: input ``(*, *normalized_shape)``.
     """
     return _normalize("layer_norm", input, normalized_shape, weight, bias, eps, residual, backend)
 
