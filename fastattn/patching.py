@@ -179,7 +179,7 @@ def sdpa_scope() -> Iterator[None]:
     global _scope_depth, _scope_saved
     import torch.nn.functional as F
 
-    from fastattn.ops.attention import scaled_dot_product_attention
+    from fastattn.ops.sdpa import scaled_dot_product_attention
 
     with _scope_lock:
         if _scope_depth == 0:

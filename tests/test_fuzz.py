@@ -292,8 +292,6 @@ def check(case: dict[str, Any]) -> None:
     # delta) with P one-hot) keeps rounding at the scale of its terms, which no rule bounds.
     moderate = all(case[n]["values"] == "normal" for n in ("x", "q", "k", "v") if n in case)
     leaves = _leaves(t) if case["grad"] and finite and moderate else []
-    if "norm" in case["op"] and dtype == torch.float64:
-        leaves = []  # until the float64 norm statistics land (issue 13): fp32-accurate grads
     t64 = {n: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point()
                and n != "mask" else v) for n, v in t.items()}  # fmt: skip
     for n in leaves:

@@ -47,10 +47,7 @@ def _upcast(x):
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("name", "variant", "fn"), OPS, ids=[f"{o[0]}-{o[1]}" for o in OPS])
-def test_every_sample_matches_torch(request, name, variant, fn, dtype, backend):
-    if "norm" in name and dtype == torch.float64 and backend == "auto":
-        # The CPU norm kernels keep float64 statistics in fp32 today (issue 13): grads at 1e-8.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="fp32 stats in fp64 norms"))
+def test_every_sample_matches_torch(name, variant, fn, dtype, backend):
     op = _opinfo(name, variant)
     if dtype not in op.supported_dtypes("cpu"):
         pytest.skip(f"torch's {name} does not take {dtype} on the CPU")

@@ -151,7 +151,7 @@ def sdpa_calls(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("fastattn.ops.attention.scaled_dot_product_attention", counted)
+    monkeypatch.setattr("fastattn.ops.sdpa.scaled_dot_product_attention", counted)
     return calls
 
 
