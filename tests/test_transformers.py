@@ -106,14 +106,20 @@ def test_model_matches_its_eager_attention(name, pad, kernel_calls):
             assert_parity(a, b, what=n)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_generate_gives_the_same_greedy_tokens(name, kernel_calls):
+def _eager_and_fast(name, **apply_kw):
+    """A tiny model of ``name`` on eager attention, in eval mode, and a copy switched by apply()."""
     torch.manual_seed(0)
     model, causal, _ = build(name)
     model.set_attn_implementation("eager")
     model.eval()
     fast = copy.deepcopy(model)
-    fa_hf.apply(fast)
+    fa_hf.apply(fast, **apply_kw)
+    return model, fast, causal
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_gives_the_same_greedy_tokens(name, kernel_calls):
+    model, fast, causal = _eager_and_fast(name)
     ids, mask = inputs(causal, pad=True)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(fast.generate(ids, **kw), model.generate(ids, **kw))
@@ -226,12 +232,7 @@ def test_apply_reports_replaced_only_when_transformers_switched(monkeypatch):
 # then returns an empty attentions tuple without a word.
 @pytest.mark.parametrize("name", ["llama", "bert", "gpt2"])
 def test_output_attentions_warns_and_returns_eager_weights(name, kernel_calls):
-    torch.manual_seed(0)
-    model, causal, _ = build(name)
-    model.set_attn_implementation("eager")
-    model.eval()
-    fast = copy.deepcopy(model)
-    fa_hf.apply(fast, norms=False)
+    model, fast, causal = _eager_and_fast(name, norms=False)
     ids, mask = inputs(causal, pad=True)
     want = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     with pytest.warns(UserWarning, match="does not compute attention weights"):
