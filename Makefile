@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 TEST_JOBS ?= $(shell nproc)
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: fuzz test test-tiers bench bench-attention bench-model build lint format check-cuda gpu-check clean
+.PHONY: fuzz sanitize test test-tiers bench bench-attention bench-model build lint format check-cuda gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ test: build lint  ## lint, the whole suite (Triton in the interpreter), then the
 test-tiers: build  ## the CPU-kernel parity grids on every CPU tier (ISA path + ATen), all threads
 	TRITON_INTERPRET=1 $(BIN)/python tools/cpu_tiers.py
 
+sanitize: $(STAMP)  ## ASan + UBSan build (.build-asan), the fuzz profile and C++ bad-input tests on every tier
+	bash tools/sanitize.sh
+
 fuzz: build  ## the property-based fuzzing of every op at length (randomised, thousands of cases)
 	FASTATTN_FUZZ_PROFILE=long TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) \
 	  tests/test_fuzz.py
@@ -74,4 +77,4 @@ check-cuda:  ## build the CUDA kernels for sm_80/sm_90a against the CUDA torch, 
 	bash tools/check_cuda.sh
 
 clean:
-	rm -rf build .build-cuda fastattn/_C*.so *.egg-info .cache $(BUILT)
+	rm -rf build .build-cuda .build-asan fastattn/_C*.so *.egg-info .cache $(BUILT)
