@@ -18,11 +18,18 @@ FASTATTN_BUILD_CUDA=0 CFLAGS="$san" LDFLAGS="$san" MAX_JOBS=${MAX_JOBS:-2} \
   exit 1
 }
 lib=$(echo "$out"/lib.*)
-# The Python process must load the ASan runtime before anything else. Python and torch leak by
-# design at exit (not fastattn's: leak detection off); torch mixes allocators across its libraries.
+# The Python process must load the ASan runtime before anything else, and libstdc++ with it
+# (Python is not linked to it, and ASan's __cxa_throw interceptor must find it at start). Python
+# and torch leak by design at exit (not fastattn's: leak detection off); torch mixes allocators
+# across its libraries (alloc/dealloc mismatch off).
 asan_rt=$(gcc -print-file-name=libasan.so)
-export LD_PRELOAD=$asan_rt
-export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:halt_on_error=1:abort_on_error=0
+cxx_rt=$(gcc -print-file-name=libstdc++.so)
+if [ ! -f "$asan_rt" ]; then  # gcc prints the bare name when it has no such runtime
+  echo "sanitize: this gcc has no AddressSanitizer runtime (libasan.so): not run"
+  exit 0
+fi
+export LD_PRELOAD="$asan_rt $cxx_rt"
+export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:halt_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export TRITON_INTERPRET=1 FASTATTN_FUZZ_PROFILE=${FASTATTN_FUZZ_PROFILE:-ci}
 tests=("$root/tests/test_fuzz.py" "$root/tests/test_softmax.py" "$root/tests/test_norm.py"
@@ -33,7 +40,8 @@ failed=0
 for tier in "" avx512 avx2 scalar; do
   label=${tier:-best}
   # From the build directory, so that `import fastattn` is the sanitized build.
-  if (cd "$lib" && FASTATTN_CPU_ISA=${tier:-auto} "$py" -m pytest -q -p no:cacheprovider \
+  # -s: a sanitizer report goes to stderr, which pytest's capture would lose at the abort.
+  if (cd "$lib" && FASTATTN_CPU_ISA=${tier:-auto} "$py" -m pytest -q -s -p no:cacheprovider \
     -p no:xdist "${tests[@]}" -k "$select"); then
     echo "sanitize $label: ok"
   else
