@@ -119,6 +119,20 @@ def refuses_as_the_full_checks(monkeypatch: pytest.MonkeyPatch, module: object, 
     assert str(fast.value) == str(full.value)
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, record=None) -> list:
+    """Wraps ``owner.name`` so that each call appends ``record(*args, **kwargs)`` (default 1) to
+    the returned list, then runs the real function."""
+    calls: list = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1 if record is None else record(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def accepts_as_the_full_checks(monkeypatch: pytest.MonkeyPatch, module: object, calls) -> None:
     """Each of ``calls`` gives the same bits with the fast accept path as with the full checks."""
     fast = [c() for c in calls]

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, count_calls
 
 import fastattn
+from fastattn.ops import sdpa
 
 
 class Block(torch.nn.Module):
@@ -144,15 +145,7 @@ def test_patch_says_why_a_model_calling_sdpa_itself_is_left():
 @pytest.fixture
 def sdpa_calls(monkeypatch):
     """Counts the calls that reach fastattn.scaled_dot_product_attention."""
-    calls = []
-    real = fastattn.scaled_dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("fastattn.ops.sdpa.scaled_dot_product_attention", counted)
-    return calls
+    return count_calls(monkeypatch, sdpa, "scaled_dot_product_attention")
 
 
 def test_sdpa_scope_routes_the_call_inside_the_block_only(sdpa_calls):

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from conftest import assert_parity  # noqa: E402
+from conftest import assert_parity, count_calls  # noqa: E402
 
 import fastattn  # noqa: E402
 from fastattn.integrations import transformers as fa_hf  # noqa: E402
@@ -60,15 +60,9 @@ def outputs(model, ids, mask, causal):
 def kernel_calls(monkeypatch):
     """Counts the fastattn attention calls the integration makes (so a model that silently kept
     its own attention would fail the tests)."""
-    calls = []
-    real = fa_hf.attention
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("attn_mask") is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fa_hf, "attention", counted)
-    return calls
+    return count_calls(
+        monkeypatch, fa_hf, "attention", lambda *a, **kw: kw.get("attn_mask") is not None
+    )
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["no_pad", "pad"])

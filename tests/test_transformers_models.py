@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from conftest import count_calls  # noqa: E402
 from transformers import PreTrainedConfig  # noqa: E402
 from transformers.models.auto import configuration_auto, modeling_auto  # noqa: E402
 
@@ -185,15 +186,7 @@ def run(model, kind: str, ids, mask):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    calls = []
-    real = fa_hf.attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fa_hf, "attention", counted)
-    return calls
+    return count_calls(monkeypatch, fa_hf, "attention")
 
 
 def check(kind: str, model_type: str, calls: list) -> str:

@@ -34,6 +34,10 @@ def _refuse(message: str) -> RuntimeError:
     return _checks.ShapeError(f"{_NAME}: {message}")
 
 
+def _dtype_error(message: str) -> RuntimeError:
+    return _checks.DTypeError(f"{_NAME}: {message}")  # a TypeError, as fastattn documents
+
+
 def _check_qkv(query: Any, key: Any, value: Any) -> None:
     """The checks torch makes of q, k, v, with torch's exception types."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -45,12 +49,12 @@ def _check_qkv(query: Any, key: Any, value: Any) -> None:
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     if not (query.dtype == key.dtype == value.dtype):
-        raise _refuse(
+        raise _dtype_error(
             f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, "
             f"{value.dtype}"
         )
     if not query.is_floating_point():
-        raise _refuse(f"query, key and value must be floating point, got {query.dtype}")
+        raise _dtype_error(f"query, key and value must be floating point, got {query.dtype}")
     if not (query.device == key.device == value.device):
         raise _refuse(
             f"query, key and value must be on one device, got {query.device}, {key.device}, "
@@ -217,7 +221,7 @@ def scaled_dot_product_attention(
         elif is_causal:  # torch's documented refusal (its math backend raises it)
             raise _refuse("pass either attn_mask or is_causal=True, not both (as torch)")
         elif attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            raise _refuse(
+            raise _dtype_error(
                 f"attn_mask must be bool, float32 or query's dtype ({query.dtype}), got "
                 f"{attn_mask.dtype}"
             )
