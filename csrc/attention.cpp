@@ -52,6 +52,8 @@ constexpr int64_t kSerialBelow = int64_t{1} << 18;
 // thread, in chunks of at least kMinSplitKeys keys.
 constexpr int64_t kFwdItemsPerThread = 4;
 constexpr int64_t kMinSplitKeys = 2 * cpu::kFwdKeyBlock;
+// The packed K/V of one forward wave (see attention_cpu), when many short pairs share one.
+constexpr int64_t kWaveBytes = int64_t{32} << 20;
 // Backward: the key axis of each (batch, kv head) is cut into chunks when there are fewer than
 // kBwdMinItems (batch, kv head) pairs. Derived from the shape only, never from the thread count,
 // so the dq sums (added over chunks in a fixed order) are bitwise reproducible across runs and
@@ -157,11 +159,16 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   if (nsplit > 1) part = at::empty({units * nsplit * pstride}, q.options().dtype(lse_dt));
   char* part_base = nsplit > 1 ? static_cast<char*>(part.data_ptr()) : nullptr;
   // K/V blocks are packed once when several query blocks read them; otherwise (decode) each item
-  // packs the blocks it reads. Packing goes one (batch, kv head) pair at a time, whose query
-  // blocks then keep the team busy, so the packed copy is one head's K and V, not all of them
-  // (peak memory: about that of F.scaled_dot_product_attention).
+  // packs the blocks it reads. Packing goes a wave of (batch, kv head) pairs at a time, whose
+  // query blocks then keep the team busy: as many pairs as fit in kWaveBytes of packed K/V, at
+  // least one, so the packed copy is at most one head's K and V or kWaveBytes (peak memory: about
+  // that of F.scaled_dot_product_attention). Each wave costs two barriers: one pair a wave made
+  // short sequences of many pairs barrier-bound (2048 pairs of 16 keys: 45x slower on two threads
+  // than on one while another process shared the cores).
   const int64_t nkb = (Sk + NF - 1) / NF, block_bytes = cpu::attn_fwd_block_bytes(D, elem);
-  const int64_t pairs = B * Hkv, wave = nqb > 1 ? 1 : pairs;
+  const int64_t pairs = B * Hkv;
+  const int64_t wave =
+      nqb > 1 ? std::clamp<int64_t>(kWaveBytes / (nkb * block_bytes), 1, pairs) : pairs;
   Tensor packed;
   if (nqb > 1) packed = at::empty({wave * nkb * block_bytes}, q.options().dtype(at::kByte));
   char* pk = nqb > 1 ? static_cast<char*>(packed.data_ptr()) : nullptr;
