@@ -59,6 +59,15 @@ def _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m
 
 
 @jit
+def _row_out(z, shift, inv, log_total, LOG: tl.constexpr):
+    """A masked (-inf) logit is a constant of the output, 0 (log: -inf), even in a row whose
+    max is +inf or NaN, where exp(z - shift) and the row's sum are NaN (the reference's rule)."""
+    if LOG:
+        return tl.where(z == float("-inf"), float("-inf"), z - shift - log_total)
+    return tl.where(z == float("-inf"), 0.0, tl.exp(z - shift) * inv)
+
+
+@jit
 def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m_d1, m_d2, m_sc,
                         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                         LOG: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
@@ -93,7 +102,7 @@ def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m
     inv = tl.where(total == 0.0, 0.0, 1.0 / total)
     log_total = tl.where(total == 0.0, 0.0, tl.log(total))
     if SINGLE:
-        y = z - shift - log_total if LOG else e * inv
+        y = _row_out(z, shift, inv, log_total, LOG)
         if RNE_BF16:
             y = round_to_bf16(y)
         tl.store(Y + row * n_cols + offs, y.to(Y.dtype.element_ty), mask=offs < n_cols)
@@ -102,7 +111,7 @@ def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m
             cols = start + offs
             z = _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2,
                             m_sc, HAS_MASK, MASK_BOOL, CAUSAL)
-            y = z - shift - log_total if LOG else tl.exp(z - shift) * inv
+            y = _row_out(z, shift, inv, log_total, LOG)
             if RNE_BF16:
                 y = round_to_bf16(y)
             tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=cols < n_cols)
