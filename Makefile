@@ -50,7 +50,7 @@ test: build lint  ## lint, the whole suite (Triton in the interpreter), then the
 test-tiers: build  ## the CPU-kernel parity grids on every CPU tier (ISA path + ATen), all threads
 	TRITON_INTERPRET=1 $(BIN)/python tools/cpu_tiers.py
 
-sanitize: $(STAMP)  ## ASan + UBSan build (.build-asan), the fuzz profile and C++ bad-input tests on every tier
+sanitize: $(STAMP)  ## ASan + UBSan build: fuzz profile + C++ bad-input tests on every tier; TSan build: thread tests
 	bash tools/sanitize.sh
 
 fuzz: build  ## the property-based fuzzing of every op at length (randomised, thousands of cases)
@@ -77,4 +77,4 @@ check-cuda:  ## build the CUDA kernels for sm_80/sm_90a against the CUDA torch, 
 	bash tools/check_cuda.sh
 
 clean:
-	rm -rf build .build-cuda .build-asan fastattn/_C*.so *.egg-info .cache $(BUILT)
+	rm -rf build .build-cuda .build-asan .build-tsan fastattn/_C*.so *.egg-info .cache $(BUILT)

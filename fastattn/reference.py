@@ -86,7 +86,12 @@ def norm(
     if rms:
         y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     else:
-        mean = hf.mean(-1, keepdim=True)
+        # The mean about the row's first element: that of a constant row (any magnitude) is then
+        # exact, where a plain mean of n equal values may be an ulp off, which (h - mean) / std
+        # turns into outputs of 1 instead of 0. (Detached: a constant shift, so the gradient is
+        # the plain mean's, without a cancelling path through the first element.)
+        first = hf[..., :1].detach()
+        mean = first + (hf - first).mean(-1, keepdim=True)
         var = (hf - mean).pow(2).mean(-1, keepdim=True)
         y = (hf - mean) * torch.rsqrt(var + eps)
     if weight is not None:

@@ -68,6 +68,49 @@ def test_freed_on_another_thread_returns_to_the_cache():
     assert fastattn.cpu_cache_info()["cached_bytes"] >= ROWS * COLS * 4
 
 
+def test_many_threads_at_once_keep_the_cache_consistent():
+    # A race test of the cache's bookkeeping (and, under `make sanitize`'s ThreadSanitizer build,
+    # of every access to it): 8 threads allocate and free outputs of three sizes (blocks reused
+    # across threads and sizes, misses) while a ninth empties the cache. Every result must equal
+    # the serial one, and the counters must add up exactly afterwards.
+    xs = [torch.randn(rows, COLS) for rows in (1024, 1536, 3072)]  # 2, 3, 6 MiB outputs
+    want = [_ln(x) for x in xs]
+    calls, errors, stop = 40, [], threading.Event()
+    before = fastattn.cpu_cache_info()
+
+    def work(i: int) -> None:
+        try:
+            for c in range(calls):
+                x = xs[(i + c) % 3]
+                y = _ln(x)
+                assert torch.equal(y, want[(i + c) % 3]), f"thread {i}, call {c}"
+                if c % 4 == 0:
+                    fastattn.cpu_cache_info()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def emptier() -> None:
+        while not stop.is_set():
+            fastattn.empty_cpu_cache()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    cleaner = threading.Thread(target=emptier)
+    cleaner.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    stop.set()
+    cleaner.join(timeout=60)
+    assert not any(t.is_alive() for t in threads + [cleaner]), "a thread hung"
+    assert not errors, errors
+    after = fastattn.cpu_cache_info()
+    served = (after["hits"] + after["misses"]) - (before["hits"] + before["misses"])
+    assert served == 8 * calls, f"{served} outputs counted for {8 * calls} calls"
+    assert after["live_bytes"] == before["live_bytes"], "blocks still counted live after del"
+    assert after["cached_bytes"] <= after["limit_bytes"]
+
+
 def test_empty_cpu_cache_releases_every_cached_block():
     y = _ln(torch.randn(ROWS, COLS))
     del y

@@ -2,7 +2,9 @@
 # make sanitize: fastattn._C built with AddressSanitizer and UndefinedBehaviorSanitizer in its own
 # build directory (.build-asan; the in-place build is untouched), then the seeded fuzz profile,
 # its regressions and the C++-entry bad-input tests run against it, on every CPU tier this
-# machine has. Any sanitizer report stops the run with a non-zero status.
+# machine has. Then a ThreadSanitizer build (.build-tsan) runs the tests that call the ops and
+# the output cache from many Python threads at once. Any sanitizer report stops the run with a
+# non-zero status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -49,4 +51,33 @@ for tier in "" avx512 avx2 scalar; do
     failed=1
   fi
 done
+
+# ThreadSanitizer: the output cache and the ops' entry code under 8 Python threads at once. One
+# OpenMP thread per call: gcc's libgomp is not built with TSan, so the happens-before of its
+# barriers is invisible to it and every OpenMP team would report races that are not there (the
+# OpenMP kernels are checked bitwise across threads and thread counts in test_concurrency.py).
+tsan_rt=$(gcc -print-file-name=libtsan.so)
+if [ ! -f "$tsan_rt" ]; then
+  echo "sanitize: this gcc has no ThreadSanitizer runtime (libtsan.so): thread stage not run"
+  exit $failed
+fi
+tout=$root/.build-tsan
+tsan="-fsanitize=thread -fno-omit-frame-pointer"
+mkdir -p "$tout"
+env -u LD_PRELOAD FASTATTN_BUILD_CUDA=0 CFLAGS="$tsan" LDFLAGS="$tsan" MAX_JOBS="${MAX_JOBS:-2}" \
+  "$py" setup.py -q build --build-base "$tout" >"$tout/build.log" 2>&1 || {
+  tail -30 "$tout/build.log"
+  exit 1
+}
+tlib=$(echo "$tout"/lib.*)
+tsel="many_threads or eight_threads or freed_on_another_thread or reused_blocks"
+if (cd "$tlib" && LD_PRELOAD="$tsan_rt $cxx_rt" OMP_NUM_THREADS=1 \
+  TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 "$py" -m pytest -q -s \
+  -p no:cacheprovider -p no:xdist "$root/tests/test_output_pool.py" \
+  "$root/tests/test_concurrency.py" -k "$tsel"); then
+  echo "sanitize thread: ok"
+else
+  echo "sanitize thread: FAILED"
+  failed=1
+fi
 exit $failed
