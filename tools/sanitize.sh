@@ -72,7 +72,7 @@ env -u LD_PRELOAD FASTATTN_BUILD_CUDA=0 CFLAGS="$tsan" LDFLAGS="$tsan" MAX_JOBS=
 tlib=$(echo "$tout"/lib.*)
 tsel="many_threads or eight_threads or freed_on_another_thread or reused_blocks"
 if (cd "$tlib" && LD_PRELOAD="$tsan_rt $cxx_rt" OMP_NUM_THREADS=1 \
-  TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 "$py" -m pytest -q -s \
+  TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0:suppressions=$root/tools/tsan.supp" "$py" -m pytest -q -s \
   -p no:cacheprovider -p no:xdist "$root/tests/test_output_pool.py" \
   "$root/tests/test_concurrency.py" -k "$tsel"); then
   echo "sanitize thread: ok"
