@@ -57,17 +57,24 @@ def _norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, n_cols, eps, HAS_RES: tl.cons
                      SINGLE: tl.constexpr, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
+    # The mean is taken about the row's first element h0: exact for a constant row (a plain
+    # sum / n may be an ulp off, which rstd then scales to ~1e-5 where torch gives 0).
     if SINGLE:
         h = _load_h(X, R, H, row, offs, n_cols, HAS_RES, True, RNE_BF16)
-        mean = 0.0 if RMS else tl.sum(h, 0) / n_cols
+        h0 = tl.sum(tl.where(offs == 0, h, 0.0), 0)
+        mean = 0.0 if RMS else h0 + tl.sum(tl.where(offs < n_cols, h - h0, 0.0), 0) / n_cols
         d = tl.where(offs < n_cols, h - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / n_cols + eps)
     else:
         # Pass 1 (writes h), pass 2 (centred sum of squares: no cancellation), pass 3 below.
+        first = _load_h(X, R, H, row, offs, n_cols, HAS_RES, False, RNE_BF16)
+        h0 = tl.sum(tl.where(offs == 0, first, 0.0), 0)
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
-            acc += _load_h(X, R, H, row, start + offs, n_cols, HAS_RES, True, RNE_BF16)
-        mean = 0.0 if RMS else tl.sum(acc, 0) / n_cols
+            cols = start + offs
+            h = _load_h(X, R, H, row, cols, n_cols, HAS_RES, True, RNE_BF16)
+            acc += tl.where(cols < n_cols, h - h0, 0.0)
+        mean = 0.0 if RMS else h0 + tl.sum(acc, 0) / n_cols
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
