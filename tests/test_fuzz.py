@@ -362,10 +362,16 @@ def _check(case: dict[str, Any]) -> str:
     # reference's P @ V gives 0 * inf = NaN there; a kernel that skips the key gives a number.
     hidden_v = "v" in t and (case.get("mask") or case["causal"]) and not torch.isfinite(
         t["v"].double()).all()  # fmt: skip
+    # Subnormal scores' inputs beside inf/NaN ones: whether a kernel flushes a subnormal to 0
+    # (the CPU kernels always do, the oracle then sees them flushed; GPU tensor cores and the
+    # Triton interpreter may, value by value) decides whether subnormal * inf is inf or NaN:
+    # unspecified (docs/attention.md), the finite rest is checked.
+    flushed = case["backend"] == "triton" and not finite and any(
+        case[n]["values"] == "subnormal" for n in ("q", "k") if n in case)  # fmt: skip
     for i, (a, b) in enumerate(zip(outs(got), outs(want), strict=True)):
         e = outs(eager)[i] if eager is not None else None
-        if hidden_v:
-            fin = torch.isfinite(b)
+        if hidden_v or flushed:
+            fin = torch.isfinite(b) & (torch.isfinite(a) if flushed else True)
             a, b, e = a[fin], b[fin], (e[fin] if e is not None else None)
         assert_parity(a, b, _yardstick(e, b), what=f"output {i}")
     if not any(o.numel() for o in outs(got)):
