@@ -67,10 +67,10 @@ def _norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, n_cols, eps, HAS_RES: tl.cons
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / n_cols + eps)
     else:
         # Pass 1 (writes h), pass 2 (centred sum of squares: no cancellation), pass 3 below.
-        first = _load_h(X, R, H, row, offs, n_cols, HAS_RES, False, RNE_BF16)
-        h0 = tl.sum(tl.where(offs == 0, first, 0.0), 0)
-        acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n_cols, BLOCK):
+        h = _load_h(X, R, H, row, offs, n_cols, HAS_RES, True, RNE_BF16)  # the first block
+        h0 = tl.sum(tl.where(offs == 0, h, 0.0), 0)
+        acc = tl.where(offs < n_cols, h - h0, 0.0)
+        for start in range(BLOCK, n_cols, BLOCK):
             cols = start + offs
             h = _load_h(X, R, H, row, cols, n_cols, HAS_RES, True, RNE_BF16)
             acc += tl.where(cols < n_cols, h - h0, 0.0)

@@ -64,7 +64,7 @@ def _row_out(z, shift, inv, log_total, LOG: tl.constexpr):
     max is +inf or NaN, where exp(z - shift) and the row's sum are NaN (the reference's rule)."""
     if LOG:
         return tl.where(z == float("-inf"), float("-inf"), z - shift - log_total)
-    return tl.where(z == float("-inf"), 0.0, tl.exp(z - shift) * inv)
+    return tl.exp(z - shift) * tl.where(z == float("-inf"), 0.0, inv)
 
 
 @jit
