@@ -59,12 +59,13 @@ def _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m
 
 
 @jit
-def _row_out(z, shift, inv, log_total, LOG: tl.constexpr):
-    """A masked (-inf) logit is a constant of the output, 0 (log: -inf), even in a row whose
-    max is +inf or NaN, where exp(z - shift) and the row's sum are NaN (the reference's rule)."""
+def _row_out(z, e, shift, inv, log_total, LOG: tl.constexpr):
+    """The outputs of logits z (e = exp(z - shift)). A masked (-inf) logit is a constant of the
+    output, 0 (log: -inf), even in a row whose max is +inf or NaN, where exp(z - shift) and the
+    row's sum are NaN (the reference's rule)."""
     if LOG:
         return tl.where(z == float("-inf"), float("-inf"), z - shift - log_total)
-    return tl.exp(z - shift) * tl.where(z == float("-inf"), 0.0, inv)
+    return e * tl.where(z == float("-inf"), 0.0, inv)
 
 
 @jit
@@ -102,7 +103,7 @@ def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m
     inv = tl.where(total == 0.0, 0.0, 1.0 / total)
     log_total = tl.where(total == 0.0, 0.0, tl.log(total))
     if SINGLE:
-        y = _row_out(z, shift, inv, log_total, LOG)
+        y = _row_out(z, e, shift, inv, log_total, LOG)  # e from the sum above: no second exp
         if RNE_BF16:
             y = round_to_bf16(y)
         tl.store(Y + row * n_cols + offs, y.to(Y.dtype.element_ty), mask=offs < n_cols)
@@ -111,7 +112,7 @@ def _softmax_fwd_kernel(X, Y, M, n_cols, causal_rows, scale, m_s0, m_s1, m_s2, m
             cols = start + offs
             z = _row_logits(X, M, row, cols, n_cols, q_idx, scale, m_s0, m_s1, m_s2, m_d1, m_d2,
                             m_sc, HAS_MASK, MASK_BOOL, CAUSAL)
-            y = _row_out(z, shift, inv, log_total, LOG)
+            y = _row_out(z, tl.exp(z - shift), shift, inv, log_total, LOG)  # unused (DCE) if LOG
             if RNE_BF16:
                 y = round_to_bf16(y)
             tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=cols < n_cols)
