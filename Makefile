@@ -8,7 +8,8 @@ BUILT  := $(VENV)/.ext-built
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export MAX_JOBS ?= 2
 # pytest workers: one per core (each worker's torch then gets one thread: tests/conftest.py); the
-# parity grids also run at full thread count, once per CPU tier, in test-tiers.
+# parity grids run at full thread count, once per CPU tier, in test-tiers (and so `make test`'s
+# suite run leaves them out: --no-tier-grids).
 TEST_JOBS ?= $(shell nproc)
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
@@ -41,7 +42,7 @@ format: $(STAMP)
 	$(BIN)/clang-format -i $(CSRC)
 
 test: build lint  ## lint, the whole suite (Triton in the interpreter), then the CUDA build check
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) tests --no-tier-grids
 	$(MAKE) test-tiers
 	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) benchmarks \
 	  --benchmark-disable

@@ -2,7 +2,9 @@
 
     pip install --no-build-isolation -e .
 Env: FASTATTN_BUILD_CUDA=0/1 forces the CUDA build off/on; TORCH_CUDA_ARCH_LIST picks the GPU
-architectures (default "8.0;9.0a"); CUDA_HOME must name the toolkit directory; MAX_JOBS caps ninja.
+architectures (default "8.0;9.0a"); CUDA_HOME must name the toolkit directory; MAX_JOBS caps ninja;
+FASTATTN_CXXFLAGS: more flags for the C++ (not the nvcc) compiles, after the defaults (so
+"-O0 -g0" overrides -O3 and Python's -g: tools/check_cuda.sh, whose build only has to link).
 """
 
 import glob
@@ -25,6 +27,7 @@ if with_cuda:
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     macros += [("FASTATTN_WITH_CUDA", None), ("FASTATTN_CUDA_ARCHS", f'"{archs}"')]
 Extension = CUDAExtension if with_cuda else CppExtension
+cxx_extra = os.environ.get("FASTATTN_CXXFLAGS", "").split()
 
 
 # torch's builder names each object after its source's stem (csrc/cuda/x.cpp and x.cu would both
@@ -44,7 +47,7 @@ setup(
             sources,
             define_macros=macros,
             # No -march: vector paths use per-function target attributes and are picked at run time.
-            extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": nvcc},
+            extra_compile_args={"cxx": ["-O3", "-fopenmp", *cxx_extra], "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
     ],

@@ -142,6 +142,17 @@ def accepts_as_the_full_checks(monkeypatch: pytest.MonkeyPatch, module: object, 
             assert torch.equal(g, w)
 
 
+def quick_limits(monkeypatch: pytest.MonkeyPatch, l3_mib: int = 0) -> None:
+    """fastattn-bench's machine limits measured small: a 512 x 512 matmul and buffers of
+    max(256 MiB, 8 x ``l3_mib``), not 2048 and 8 x this machine's L3 (a VM may report its host's:
+    480 MiB here, two 3.75 GiB buffers and ~30 s a measurement). The same code measures; only
+    the tests that check the bench's own output use it."""
+    from fastattn.bench import limits
+
+    monkeypatch.setattr(limits, "MATMUL_N", 512)
+    monkeypatch.setattr(limits, "_l3_bytes", lambda: l3_mib * 2**20)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -175,6 +186,21 @@ def _record_case(request: pytest.FixtureRequest) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
+        "--no-tier-grids",
+        action="store_true",
+        help="deselect the tests that tools/cpu_tiers.py runs on every CPU tier at full thread "
+        "count (make test runs them there, so its suite run leaves them out)",
+    )
+    parser.addoption(
+        "--grid-half",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        metavar="R",
+        help="keep half of each test_parity_grid*: the cases whose parameter indices (one per "
+        "parametrize) sum to R mod 2 (the lower tiers of tools/cpu_tiers.py)",
+    )
+    parser.addoption(
         "--gpu-subset",
         type=int,
         default=0,
@@ -190,7 +216,66 @@ def _subset_key(item: pytest.Item) -> tuple:
     return (item.path.stem, name, str(params.get("backend")), str(params.get("dtype")))
 
 
+def tier_grid_selection() -> tuple[list[str], str]:
+    """(TARGETS, SELECT) of tools/cpu_tiers.py: the files and the -k expression it runs."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "cpu_tiers.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location("_cpu_tiers", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return list(mod.TARGETS), str(mod.SELECT)
+
+
+def in_tier_grids(item: pytest.Item, targets: list[str], select: str) -> bool:
+    """Whether ``pytest <targets> -k <select>`` (tools/cpu_tiers.py's run) selects ``item``:
+    pytest's own -k matching, restricted to those files."""
+    from _pytest.mark import KeywordMatcher
+    from _pytest.mark.expression import Expression
+
+    rel = os.path.relpath(str(item.path), str(item.config.rootpath)).replace(os.sep, "/")
+    return rel in targets and Expression.compile(select).evaluate(KeywordMatcher.from_item(item))
+
+
+def grid_parity(item: pytest.Item) -> int | None:
+    """For a test_parity_grid* case: the sum of its parameter indices (one per parametrize
+    decorator) mod 2; None for other tests. Neighbouring values of any one parameter have opposite
+    parities, so either half holds every value of every parameter and, with a third parameter
+    varying, every pair of two (fp32 and bf16 of each shape, each mask of each dtype, ...)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or not getattr(item, "originalname", "").startswith("test_parity_grid"):
+        return None
+    total = 0
+    for mark in item.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        want = tuple(callspec.params[n] for n in names)
+        for i, value in enumerate(mark.args[1]):
+            values = getattr(value, "values", value if len(names) > 1 else (value,))
+            if tuple(values) == want:
+                total += i
+                break
+        else:
+            raise AssertionError(f"{item.nodeid}: {names} = {want} not among its values")
+    return total % 2
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], drop) -> None:
+    gone = [it for it in items if drop(it)]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = [it for it in items if not drop(it)]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--no-tier-grids"):
+        targets, select = tier_grid_selection()
+        _deselect(config, items, lambda it: in_tier_grids(it, targets, select))
+    half = config.getoption("--grid-half")
+    if half is not None:
+        _deselect(config, items, lambda it: grid_parity(it) not in (None, half))
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         gpu = item.get_closest_marker("gpu") is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quick_limits
 
 import fastattn
 from fastattn import bench
@@ -27,8 +28,10 @@ def _limits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _own_limits_cache(_limits_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI's machine limits go to a cache of this module (measured once per thread count),
-    not the user's ~/.cache."""
+    not the user's ~/.cache. Measured small (see quick_limits): what the CLI does with them is
+    under test here; the measurement itself is test_machine_limits_are_measured_then_cached's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(_limits_cache))
+    quick_limits(monkeypatch)
 
 
 def test_quick_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -330,14 +333,15 @@ def test_machine_limits_are_measured_then_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(limits, "MATMUL_N", 512)  # a quick measurement for the test
+    assert limits._l3_bytes() >= 0  # this machine's, read from sysfs (0: not known)
+    quick_limits(monkeypatch, l3_mib=40)  # buffers of 8 x L3 = 320 MiB > the 256 MiB minimum
     measured = []
     real = limits.measure
     monkeypatch.setattr(limits, "measure", lambda *a: measured.append(a) or real(*a))
     first = limits.get(1)
     assert not first.cached and measured == [(1,)]
     assert first.matmul_gflops["fp32"] > 0 and first.copy_gbps > 0 and first.read_gbps > 0
-    assert first.buffer_mib >= 256 and first.threads == 1 and first.matmul_n == 512
+    assert first.buffer_mib == 320 and first.threads == 1 and first.matmul_n == 512
     assert Path(limits.cache_path()).is_relative_to(tmp_path)
     again = limits.get(1)
     assert again.cached and again == first and len(measured) == 1  # read back, not measured

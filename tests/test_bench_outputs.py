@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import quick_limits
 
 from fastattn import bench
 from fastattn.bench import mdsection, plot, progress
@@ -28,6 +29,7 @@ def _limits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _own_limits_cache(_limits_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(_limits_cache))
+    quick_limits(monkeypatch)
 
 
 class FakeTTY(io.StringIO):

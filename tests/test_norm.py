@@ -27,7 +27,10 @@ HIDDEN = [1, 7, 64, 768, 1000, 4096, 5120, 65536]
 LEADING = [(1,), (3, 17), (2, 3, 5)]
 # plain; weight only; weight + bias + residual; fp32 weight/bias under low-precision x + residual
 VARIANTS = ["plain", "weight", "affine_residual", "mixed_residual"]
-TRITON_MAX_ELEMENTS = 120_000  # the interpreter costs ~ms per block step
+# The interpreter costs ~ms per block step; the eager reference backend adds little over the
+# float64 oracle it is built from (as in test_softmax): both stop at this size, the cpu kernel
+# goes further.
+TRITON_MAX_ELEMENTS = 120_000
 
 
 def make_case(variant, lead, hidden, dtype, rms, device="cpu"):
@@ -85,8 +88,8 @@ def grid():
             for i, variant in enumerate(VARIANTS):
                 lead = LEADING[(i + HIDDEN.index(hidden)) % len(LEADING)]
                 n = hidden * torch.Size(lead).numel()
-                if backend == "triton" and n > TRITON_MAX_ELEMENTS:
-                    continue  # covered by cpu/reference; the interpreter would take minutes
+                if backend != "cpu" and n > TRITON_MAX_ELEMENTS:
+                    continue  # covered by cpu; the interpreter would take minutes
                 yield backend, hidden, variant, lead
 
 

@@ -14,6 +14,22 @@ then the avx512 tier below it is the plain AVX-512 path that an AVX-512 CPU with
     python tools/cpu_tiers.py [--list] [pytest args...]
 
 Prints one line per tier and exits non-zero if any run fails.
+
+Not every tier runs the whole selection (`make test` has 15 minutes; these runs took 5 of them):
+- the best tier runs all of it: it is where the parity grids run at all in `make test`, whose
+  suite run leaves them out (--no-tier-grids: they ran there twice, at one thread per worker);
+- the avx512 tier below avx512bf16 runs the bf16 cases (and the fuzz profile): the avx512bf16
+  kernel tables serve bf16 only, so every fp32 and fp16 case of the tier above already ran the
+  avx512 kernels, with the same ATen and thread count; a second run would be bit for bit the same;
+- the tiers below AVX-512 (avx2, scalar) run one half of each parity grid (--grid-half,
+  tests/conftest.py: the cases whose parameter indices sum to an even, or odd, number), avx2 the
+  even half and scalar the odd one. In the softmax, norm and attention grids each half has
+  every value of every parameter (length, row count, head dim, GQA layout, batch, dtype, mask
+  variant, causal) and every pair of two (checked when this was written), so each ISA path meets
+  every tail and block boundary in every dtype; the fp32 flash-rule grid is one list of cases,
+  of which each half has every other one (every length pair, head dim and kind, not every
+  pairing). Between them the two tiers run every case below AVX-512; their fp16 special values,
+  subnormal outputs and the fuzz profile run whole.
 """
 
 from __future__ import annotations
@@ -63,17 +79,39 @@ def tiers() -> list[dict[str, str]]:
     return envs
 
 
+def selections(envs: list[dict[str, str]]) -> list[list[str]]:
+    """The pytest arguments that choose each tier's cases (see the module docstring)."""
+    out: list[list[str]] = []
+    half = 0
+    for i, env in enumerate(envs):
+        isa = env.get("FASTATTN_CPU_ISA")
+        if i == 0 or isa is None:
+            out.append(["-k", SELECT])
+        elif isa == "avx512":
+            above = envs[i - 1].get("FASTATTN_CPU_ISA", "avx512bf16")
+            if above == "avx512bf16":
+                out.append(["-k", f"({SELECT}) and (bfloat16 or test_fuzz or test_regressions)"])
+            else:
+                out.append(["-k", SELECT])
+        else:
+            out.append(["-k", SELECT, "--grid-half", str(half)])
+            half ^= 1
+    return out
+
+
 def main(argv: list[str]) -> int:
     envs = tiers()
+    chosen = selections(envs)
     if "--list" in argv:
-        for env in envs:
-            print(" ".join(f"{k}={v}" for k, v in env.items()) or "(best tier: defaults)")
+        for env, sel in zip(envs, chosen, strict=True):
+            label = " ".join(f"{k}={v}" for k, v in env.items()) or "(best tier: defaults)"
+            print(f"{label}: {' '.join(sel)}")
         return 0
     failed = 0
-    for env in envs:
+    for env, sel in zip(envs, chosen, strict=True):
         label = " ".join(f"{k}={v}" for k, v in env.items()) or "best (defaults)"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TARGETS]
-        cmd += ["-k", SELECT, *argv]
+        cmd += [*sel, *argv]
         t0 = time.monotonic()
         rc = subprocess.run(cmd, env={**os.environ, **env}).returncode
         print(f"cpu tier {label}: {'ok' if rc == 0 else f'FAILED (exit {rc})'}"
