@@ -72,7 +72,12 @@ def tiers() -> list[dict[str, str]]:
     if best == "avx512bf16":
         envs = [{"FASTATTN_CPU_AVX512BF16": "1"}]
     for isa, aten in TIERS[names.index(best) + 1 :]:
-        env = {"FASTATTN_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": aten}
+        # The fuzz cases of the other backends do not depend on the CPU tier: cpu only below.
+        env = {
+            "FASTATTN_CPU_ISA": isa,
+            "ATEN_CPU_CAPABILITY": aten,
+            "FASTATTN_FUZZ_BACKENDS": "cpu",
+        }
         if aten_best == aten:  # torch is already at this level; lowering it changes nothing
             env.pop("ATEN_CPU_CAPABILITY")
         envs.append(env)
