@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -75,14 +76,23 @@ int team_size(int64_t work) {
   return omp_get_max_threads();
 }
 
-// Fills the shape, input, scaling, mask and dropout fields shared by both directions.
+// The window, softcap, sinks and ALiBi arguments of one call.
+struct Variants {
+  int64_t window_left, window_right;
+  double softcap;
+  const OptTensor& sinks;
+  const OptTensor& alibi;
+};
+
+// Fills the shape, input, scaling, mask, dropout and variant fields shared by both directions.
 Tensor setup_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v,
                   const OptTensor& mask, const OptTensor& rng, double scale, bool causal,
-                  int64_t causal_offset, double dropout_p) {
+                  int64_t causal_offset, double dropout_p, const Variants& var) {
   a.B = q.size(0);
   a.H = q.size(1);
   a.Sq = q.size(2);
   a.D = q.size(3);
+  a.Dv = v.size(3);
   a.Hkv = k.size(1);
   a.Sk = k.size(2);
   a.q = q.data_ptr();
@@ -94,8 +104,14 @@ Tensor setup_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v
     a.v_str[d] = v.stride(d);
   }
   a.scale = scale;
-  a.causal = causal;
   a.causal_offset = causal_offset;
+  a.win_left = var.window_left;
+  a.win_right = causal ? 0 : var.window_right;  // causal: nothing right of the diagonal
+  a.softcap = var.softcap;
+  a.sinks = var.sinks.has_value() ? var.sinks->data_ptr() : nullptr;  // (H,) contiguous
+  a.alibi = var.alibi.has_value() ? var.alibi->data_ptr() : nullptr;
+  if (a.alibi != nullptr)
+    for (int d = 0; d < 2; ++d) a.alibi_str[d] = var.alibi->size(d) == 1 ? 0 : var.alibi->stride(d);
   Tensor m;
   if (mask.has_value()) {
     m = *mask;
@@ -118,23 +134,36 @@ Tensor setup_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v
   return m;
 }
 
+// lse of rows with no key at all: -inf, or with sinks the row's sink.
+void fill_keyless_lse(Tensor& lse, const OptTensor& sinks) {
+  if (sinks.has_value())
+    lse.copy_(sinks->view({1, -1, 1}).expand_as(lse));
+  else
+    lse.fill_(-std::numeric_limits<double>::infinity());
+}
+
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const OptTensor& mask, const OptTensor& rng, double scale,
-                                         bool causal, int64_t causal_offset, double dropout_p) {
+                                         bool causal, int64_t causal_offset, double dropout_p,
+                                         int64_t window_left, int64_t window_right, double softcap,
+                                         const OptTensor& sinks, const OptTensor& alibi) {
   check_attention_inputs(kFwd, q, k, v, mask, rng, dropout_p);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  check_attention_variants(kFwd, q, window_left, window_right, softcap, sinks, alibi);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   const auto lse_dt = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor out = new_output({B, H, Sq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = new_output({B, H, Sq, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor lse = new_output({B, H, Sq}, q.options().dtype(lse_dt));
   if (B * H * Sq == 0) return {out, lse};
   if (Sk == 0) {  // no key at all: every row is fully masked
     out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    fill_keyless_lse(lse, sinks);
     return {out, lse};
   }
   AttnArgs a{};
-  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p);
+  const Variants var{window_left, window_right, softcap, sinks, alibi};
+  const Tensor m =
+      setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
   const DType xdt = dtype_of(kFwd, q.scalar_type());
@@ -145,7 +174,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   const int64_t mq = std::min(Sq, std::max<int64_t>(1, (kern.fwd_rows + G - 1) / G));
   const int64_t rows = G * mq, nqb = (Sq + mq - 1) / mq, units = B * Hkv * nqb;
   const int64_t elem = q.scalar_type() == at::kDouble ? 8 : 4;
-  const int nt = team_size(B * H * Sq * Sk * D);
+  const int nt = team_size(B * H * Sq * Sk * std::max(D, Dv));
   // Split-K (decode): too few work items for the team, and keys enough to be worth splitting.
   int64_t nsplit = 1;
   if (nt > 1 && units < kFwdItemsPerThread * nt && Sk >= 2 * kMinSplitKeys) {
@@ -154,7 +183,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   constexpr int64_t NF = cpu::kFwdKeyBlock;
   const int64_t chunk = (((Sk + nsplit - 1) / nsplit) + NF - 1) / NF * NF;
   nsplit = (Sk + chunk - 1) / chunk;
-  const int64_t pstride = rows * (D + 2);
+  const int64_t pstride = rows * (Dv + 2);
   Tensor part;
   if (nsplit > 1) part = at::empty({units * nsplit * pstride}, q.options().dtype(lse_dt));
   char* part_base = nsplit > 1 ? static_cast<char*>(part.data_ptr()) : nullptr;
@@ -165,14 +194,14 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   // that of F.scaled_dot_product_attention). Each wave costs two barriers: one pair a wave made
   // short sequences of many pairs barrier-bound (2048 pairs of 16 keys: 45x slower on two threads
   // than on one while another process shared the cores).
-  const int64_t nkb = (Sk + NF - 1) / NF, block_bytes = cpu::attn_fwd_block_bytes(D, elem);
+  const int64_t nkb = (Sk + NF - 1) / NF, block_bytes = cpu::attn_fwd_block_bytes(D, Dv, elem);
   const int64_t pairs = B * Hkv;
   const int64_t wave =
       nqb > 1 ? std::clamp<int64_t>(kWaveBytes / (nkb * block_bytes), 1, pairs) : pairs;
   Tensor packed;
   if (nqb > 1) packed = at::empty({wave * nkb * block_bytes}, q.options().dtype(at::kByte));
   char* pk = nqb > 1 ? static_cast<char*>(packed.data_ptr()) : nullptr;
-  const int64_t scratch_bytes = cpu::attn_fwd_scratch_bytes(rows, D, elem);
+  const int64_t scratch_bytes = cpu::attn_fwd_scratch_bytes(rows, D, Dv, elem);
   // Item t: unit u (batch, kv head, query block; the causal ones with the most keys first) and
   // key chunk c.
   auto unit_of = [&](int64_t u, int64_t& b, int64_t& hkv, int64_t& i0, int64_t& i1) {
@@ -216,32 +245,38 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor& grad_in, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out_in,
     const Tensor& lse_in, const OptTensor& mask, const OptTensor& rng, double scale, bool causal,
-    int64_t causal_offset, double dropout_p, bool deterministic, bool mask_grad) {
+    int64_t causal_offset, double dropout_p, int64_t window_left, int64_t window_right,
+    double softcap, const OptTensor& sinks, const OptTensor& alibi, bool deterministic,
+    bool mask_grad) {
   (void)deterministic;  // the CPU backward is always deterministic
   check_attention_inputs(kBwd, q, k, v, mask, rng, dropout_p);
-  check_attention_saved(kBwd, grad_in, out_in, lse_in, q);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  check_attention_variants(kBwd, q, window_left, window_right, softcap, sinks, alibi);
+  check_attention_saved(kBwd, grad_in, out_in, lse_in, q, v);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t Hkv = k.size(1), Sk = k.size(2);
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   Tensor dq = new_output({B, H, Sq, D}, opts);
   Tensor dk = new_output({B, Hkv, Sk, D}, opts);
-  Tensor dv = new_output({B, Hkv, Sk, D}, opts);
+  Tensor dv = new_output({B, Hkv, Sk, Dv}, opts);
   Tensor dmask = mask_grad ? at::zeros({B, H, Sq, Sk}, q.options().dtype(at::kFloat))
                            : at::empty({0}, q.options().dtype(at::kFloat));
+  Tensor dsinks = sinks.has_value() ? at::zeros_like(*sinks) : at::empty({0}, dmask.options());
   if (B * H * Sq == 0 || Sk == 0) {  // nothing attends to anything: all gradients are zero
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv, dmask};
+    return {dq, dk, dv, dmask, dsinks};
   }
   const Tensor g = grad_in.stride(-1) == 1 ? grad_in : grad_in.contiguous();
   const Tensor o = out_in.stride(-1) == 1 ? out_in : out_in.contiguous();
   const Tensor lse = lse_in.contiguous();
   AttnArgs a{};
-  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p);
+  const Variants var{window_left, window_right, softcap, sinks, alibi};
+  const Tensor m =
+      setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
   const auto op_dt = lse.scalar_type();
   Tensor delta = at::empty({B, H, Sq}, q.options().dtype(op_dt));
   a.dout = g.data_ptr();
@@ -269,9 +304,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor dq_acc = at::zeros({nchunks * cstride}, q.options().dtype(op_dt));
   const int64_t elem = op_dt == at::kDouble ? 8 : 4;
   char* acc = static_cast<char*>(dq_acc.data_ptr());
-  const int64_t scratch_bytes = cpu::attn_bwd_scratch_bytes(D, elem);
+  const int64_t scratch_bytes = cpu::attn_bwd_scratch_bytes(D, Dv, elem);
   const int64_t tasks = pairs * nchunks;
-  const int nt = team_size(B * H * Sq * Sk * D);
+  const int nt = team_size(B * H * Sq * Sk * std::max(D, Dv));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const FlushDenormals ftz;
@@ -293,7 +328,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
       kern.bwd_dq(a, acc, nchunks, cstride, r0, r1);
     }
   }
-  return {dq, dk, dv, dmask};
+  if (sinks.has_value()) {
+    // d loss / d sink_h = -sum over (b, i) of p_sink * delta, p_sink = exp(sink_h - lse) the
+    // sink's share of the row (out = sum_j P_j v_j and every P_j scales by 1 - p_sink).
+    // (A row without keys whose sink is -inf has lse -inf: no share, not NaN.)
+    const Tensor p_sink = sinks->view({1, H, 1}).sub(lse).exp().masked_fill(lse.isneginf(), 0.0);
+    dsinks.copy_(p_sink.mul(delta).sum({0, 2}).neg());
+  }
+  return {dq, dk, dv, dmask, dsinks};
 }
 
 }  // namespace

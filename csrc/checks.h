@@ -4,7 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
+#include <vector>
 
 namespace fastattn {
 
@@ -131,15 +133,17 @@ inline void check_attention_inputs(const char* op, const at::Tensor& q, const at
   TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
               ": q, k, v must share one dtype, got ", st, ", ", k.scalar_type(), ", ",
               v.scalar_type());
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
-              ": expected k and v of shape (batch, kv_heads, seqlen_k, head_dim) matching q's "
-              "batch and head_dim; got q ",
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2) &&
+                  k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              op,
+              ": expected k (batch, kv_heads, seqlen_k, head_dim) matching q's batch and head_dim, "
+              "and v (batch, kv_heads, seqlen_k, head_dim_v); got q ",
               q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q's heads (", q.size(1),
               ") must be a multiple of k/v's heads (", k.size(1), "); q ", q.sizes(), ", k ",
               k.sizes());
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, op, ": head_dim must be in [1, 256], got ",
-              q.size(3), " (q ", q.sizes(), ")");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256 && v.size(3) >= 1 && v.size(3) <= 256, op,
+              ": head_dims must be in [1, 256], got q ", q.sizes(), ", v ", v.sizes());
   for (int t = 0; t < 3; ++t)
     TORCH_CHECK(ts[t]->stride(3) == 1 || ts[t]->size(3) <= 1, op, ": ", names[t],
                 " must have a contiguous last dim (stride 1), got strides ", ts[t]->strides());
@@ -165,15 +169,48 @@ inline void check_attention_inputs(const char* op, const at::Tensor& q, const at
   }
 }
 
+// The window, softcap, sinks and ALiBi arguments of attention: window sizes >= -1 (-1:
+// unbounded), softcap finite >= 0, sinks (H,) and alibi (B, H) (any strides) in the opmath dtype
+// (float32; float64 for float64 q) on q's device.
+inline void check_attention_variants(const char* op, const at::Tensor& q, int64_t window_left,
+                                     int64_t window_right, double softcap,
+                                     const std::optional<at::Tensor>& sinks,
+                                     const std::optional<at::Tensor>& alibi) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op,
+              ": window sizes must be >= 0 or -1 (unbounded), got (", window_left, ", ",
+              window_right, ")");
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
+              ": softcap must be finite and >= 0 (0: none), got ", softcap);
+  const auto opm = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (sinks.has_value()) {
+    check_same_device(op, "sinks", *sinks, q);
+    TORCH_CHECK(sinks->scalar_type() == opm, op, ": sinks must be ", opm, " for ",
+                q.scalar_type(), " q, got ", sinks->scalar_type());
+    TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == q.size(1), op,
+                ": sinks must have shape (heads,) = (", q.size(1), "), got ", sinks->sizes());
+  }
+  if (alibi.has_value()) {
+    check_same_device(op, "alibi", *alibi, q);
+    TORCH_CHECK(alibi->scalar_type() == opm, op, ": alibi slopes must be ", opm, " for ",
+                q.scalar_type(), " q, got ", alibi->scalar_type());
+    TORCH_CHECK(alibi->dim() == 2 && alibi->size(0) == q.size(0) && alibi->size(1) == q.size(1),
+                op, ": alibi slopes must be expanded to (batch, heads) = (", q.size(0), ", ",
+                q.size(1), "), got ", alibi->sizes());
+  }
+}
+
 // Saved forward results and the incoming gradient of the attention backward: grad_out and out of
-// q's shape and dtype with contiguous last dims, lse (B, H, Sq) float32 (float64 for float64 q).
+// shape (B, H, Sq, Dv) in q's dtype with contiguous last dims, lse (B, H, Sq) float32 (float64 for
+// float64 q).
 inline void check_attention_saved(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
-                                  const at::Tensor& lse, const at::Tensor& q) {
+                                  const at::Tensor& lse, const at::Tensor& q, const at::Tensor& v) {
   check_same_device(op, "grad_out", grad_out, q);
   check_same_device(op, "out", out, q);
   check_same_device(op, "lse", lse, q);
-  check_same_shape(op, "grad_out", grad_out, q);
-  check_same_shape(op, "out", out, q);
+  const std::vector<int64_t> want_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+  TORCH_CHECK(grad_out.sizes() == want_shape && out.sizes() == want_shape, op,
+              ": grad_out and out must have shape (batch, heads, seqlen_q, head_dim_v) = ",
+              at::IntArrayRef(want_shape), ", got ", grad_out.sizes(), " and ", out.sizes());
   check_same_dtype(op, "grad_out", grad_out, q);
   check_same_dtype(op, "out", out, q);
   const auto want = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -31,17 +31,24 @@ TORCH_LIBRARY(fastattn, m) {
   // q (B, H, Sq, D); k, v (B, Hkv, Sk, D), H % Hkv == 0; last dims contiguous, other strides free.
   // mask: bool (True = keep) or additive float (fp32 or q's dtype), already expanded to
   // (B, H, Sq, Sk) as a stride-0 view where broadcast. rng: int64 (2,) uint32 seeds on q's device,
-  // needed when dropout_p > 0. Key j is hidden from query i when causal and j > i + causal_offset.
-  // Returns out (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32 (float64 for
-  // float64 q; -inf: no visible key).
+  // needed when dropout_p > 0. Key j is hidden from query i when causal and j > i + causal_offset,
+  // and unless i + causal_offset - window_left <= j <= i + causal_offset + window_right (-1:
+  // unbounded). softcap > 0: scores c * tanh(s / c) before biases and masks. sinks (H,) and alibi
+  // slopes (B, H, any strides) in the opmath dtype (float32; float64 for float64 q). v may have
+  // its own head_dim Dv. Returns out (B, H, Sq, Dv) contiguous in q's dtype and lse (B, H, Sq)
+  // float32 (float64 for float64 q; -inf: no visible key and no sink), sinks included.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng, float scale, "
-      "bool causal, int causal_offset, float dropout_p) -> (Tensor out, Tensor lse)");
+      "bool causal, int causal_offset, float dropout_p, int window_left, int window_right, "
+      "float softcap, Tensor? sinks, Tensor? alibi) -> (Tensor out, Tensor lse)");
   // Gradients of the above from q, k, v, out and lse (nothing of size Sq x Sk is saved). dq, dk,
   // dv are contiguous in their inputs' dtypes. dmask is the float32 gradient of the scores
-  // (B, H, Sq, Sk) when mask_grad, else an empty tensor. deterministic: bitwise-reproducible.
+  // (B, H, Sq, Sk) when mask_grad, else an empty tensor; dsinks (H,) the sinks' gradient (empty
+  // without sinks). deterministic: bitwise-reproducible.
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? mask, Tensor? rng, float scale, bool causal, int causal_offset, float dropout_p, "
-      "bool deterministic, bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+      "int window_left, int window_right, float softcap, Tensor? sinks, Tensor? alibi, "
+      "bool deterministic, bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask, "
+      "Tensor dsinks)");
 }

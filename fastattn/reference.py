@@ -156,6 +156,10 @@ def attention(
     dropout_p: float = 0.0,
     rng: torch.Tensor | None = None,
     *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     opmath: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention, materialising the scores: returns ``(out, lse)``.
@@ -169,6 +173,16 @@ def attention(
     seqlen_q)`` float32 (float64 for float64 inputs) is logsumexp of each row of s before dropout;
     ``P = exp(s - lse)``, dropped by :func:`dropout_keep` and scaled by ``1 / (1 - dropout_p)``;
     ``out = P @ v`` in q's dtype. A row with no visible key gives out 0, lse -inf, zero grads.
+    v may have its own head_dim (``(batch, kv_heads, seqlen_k, head_dim_v)``; out follows it).
+
+    The score of query i and key j, in this order (docs/attention.md):
+    ``t = scale * q_i . k_j``; with ``softcap`` c > 0, ``t = c * tanh(t / c)``; with
+    ``alibi_slopes`` (``(heads,)`` or ``(batch, heads)``), ``t -= slope * |i + causal_offset -
+    j|``; then the mask is added. ``window = (left, right)`` (-1: unbounded) hides key j unless
+    ``i + causal_offset - left <= j <= i + causal_offset + right``, as causal hides ``j > i +
+    causal_offset``. ``sinks`` (``(heads,)``): one more logit per head in each row's softmax
+    denominator, with no value (gpt-oss); ``lse`` then includes it and a row with no visible key
+    has out 0 and lse = its sink.
     """
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -177,24 +191,47 @@ def attention(
     kf = k.to(dt).repeat_interleave(group, dim=1)  # (B, H, Sk, D)
     vf = v.to(dt).repeat_interleave(group, dim=1)
     s = (q.to(dt) @ kf.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    if softcap > 0.0:
+        s = torch.tanh(s / softcap) * softcap
+    i = torch.arange(Sq, device=q.device).view(Sq, 1)
+    j = torch.arange(Sk, device=q.device).view(1, Sk)
+    rel = j - (i + causal_offset)  # key position relative to the query's diagonal
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dt).reshape(-1, H, 1, 1)  # (1 | B, H, 1, 1)
+        s = s - slopes * rel.abs().to(dt)
     if mask is not None:
         s = s + additive_mask(mask, dt)
+    left, right = window
+    hidden = torch.zeros(Sq, Sk, dtype=torch.bool, device=q.device)
     if causal:
-        i = torch.arange(Sq, device=q.device).view(Sq, 1)
-        j = torch.arange(Sk, device=q.device).view(1, Sk)
-        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+        hidden |= rel > 0
+    if left >= 0:
+        hidden |= rel < -left
+    if right >= 0:
+        hidden |= rel > right
+    if causal or left >= 0 or right >= 0:
+        s = s.masked_fill(hidden, float("-inf"))
     masked = s == float("-inf")
     dead = masked.all(dim=-1, keepdim=True)  # rows with no visible key
     s = s.masked_fill(dead, 0.0)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    # softmax subtracts the row max: exp(s - lse) loses P when |s| is huge (lse = max + log(n)
-    # rounds to max at |s| ~ 1e30 even in float64, and every P becomes 1).
-    p = torch.softmax(s, dim=-1).masked_fill(masked, 0.0)
+    if sinks is not None:  # the sink joins each row as one more logit without a value
+        sk = sinks.to(dt).view(1, H, 1, 1).expand(B, H, Sq, 1)
+        s_all = torch.cat([s.masked_fill(masked, float("-inf")), sk], dim=-1)
+        void = dead & (sk == float("-inf"))  # no key and a -inf sink: as a row without sinks
+        s_all = s_all.masked_fill(void, 0.0)
+        lse = torch.logsumexp(s_all, dim=-1, keepdim=True).masked_fill(void, float("-inf"))
+        p = torch.softmax(s_all, dim=-1)[..., :Sk].masked_fill(masked, 0.0)
+    else:
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        # softmax subtracts the row max: exp(s - lse) loses P when |s| is huge (lse = max +
+        # log(n) rounds to max at |s| ~ 1e30 even in float64, and every P becomes 1).
+        p = torch.softmax(s, dim=-1).masked_fill(masked, 0.0)
     if dropout_p > 0.0:
         if rng is None:
             raise ValueError("reference.attention: dropout_p > 0 needs the rng seeds")
         keep = dropout_keep(rng, B, H, Sq, Sk, dropout_p)
         p = torch.where(keep, p / (1.0 - dropout_p), 0.0)
     out = (p @ vf).to(q.dtype)
-    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
-    return out, lse
+    if sinks is None:
+        lse = lse.masked_fill(dead, float("-inf"))
+    return out, lse.squeeze(-1)

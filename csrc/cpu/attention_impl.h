@@ -299,21 +299,48 @@ struct Attn {
       for (int64_t j = 0; j < n; ++j) s[j] += Acc(attn_elem(m + j * ms));
     }
   }
-  // Causal: keys j >= first_hidden (relative to the tile) get -inf.
-  static void causal_cut(Acc* s, int64_t first_hidden, int64_t n) {
-    for (int64_t j = first_hidden < 0 ? 0 : first_hidden; j < n; ++j) s[j] = Acc(-__builtin_inf());
+  // The visible keys of query row i: [first_key(i), last_key(i)] (before clamping to the keys).
+  static inline int64_t first_key(const AttnArgs& a, int64_t i) {
+    return a.win_left >= 0 ? i + a.causal_offset - a.win_left : INT64_MIN / 2;
   }
-  // Scores of tile row (b, h, i) for keys [jb, jb + n): mask and causal limit applied.
+  static inline int64_t last_key(const AttnArgs& a, int64_t i) {
+    return a.win_right >= 0 ? i + a.causal_offset + a.win_right : INT64_MAX / 2;
+  }
+  // Softcap of a tile: s = c * tanh(s / c) for rows of n scores lds apart; the tanh values are
+  // kept in t (same layout) when t is not null, for the backward's derivative 1 - tanh^2.
+  static void softcap_tile(const AttnArgs& a, Acc* s, Acc* t, int64_t rows, int64_t n,
+                           int64_t lds) {
+    const R c = V::set1(Acc(a.softcap)), ic = V::set1(Acc(1.0 / a.softcap));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < n; j += W) {
+        const int w = n - j < W ? int(n - j) : W;
+        const R th = vtanh<V>(V::mul(V::loadn(s + r * lds + j, w), ic));
+        V::storen(s + r * lds + j, V::mul(th, c), w);
+        if (t != nullptr) V::storen(t + r * lds + j, th, w);
+      }
+  }
+  // Scores of tile row (b, h, i) for keys [jb, jb + n), after the softcap: ALiBi bias, mask and
+  // the window / causal limits applied.
   template <class TM>
   static void finish_scores(const AttnArgs& a, Acc* s, int64_t b, int64_t h, int64_t i, int64_t jb,
                             int64_t n) {
+    if (a.alibi != nullptr) {
+      const Acc slope =
+          static_cast<const Acc*>(a.alibi)[b * a.alibi_str[0] + h * a.alibi_str[1]];
+      const Acc d0 = Acc(i + a.causal_offset - jb);  // the diagonal's key, tile-relative
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc d = d0 - Acc(j);
+        s[j] -= slope * (d < 0 ? -d : d);
+      }
+    }
     if constexpr (!AttnSame<TM, NoMask>::value) {
       const TM* m = static_cast<const TM*>(a.mask) + b * a.mask_str[0] + h * a.mask_str[1] +
                     i * a.mask_str[2] + jb * a.mask_str[3];
       add_mask(s, m, a.mask_str[3], n);
     }
-    if (a.causal && i + a.causal_offset - jb < n - 1)
-      causal_cut(s, i + a.causal_offset - jb + 1, n);
+    const int64_t lo = first_key(a, i) - jb, hi = last_key(a, i) - jb;
+    for (int64_t j = 0; j < (lo < n ? lo : n); ++j) s[j] = Acc(-__builtin_inf());
+    for (int64_t j = hi + 1 < 0 ? 0 : hi + 1; j < n; ++j) s[j] = Acc(-__builtin_inf());
   }
   static inline uint32_t drop_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i) {
     return attn_mix32(uint32_t(uint64_t((b * a.H + h) * a.Sq + i)) ^ a.seed0);
@@ -333,21 +360,21 @@ struct Attn {
   }
 
   // One key block [jb, jb + n) of kv head (b, hkv) in the layout fwd reads: K^T panels (D * NF
-  // opmath values) then V panels (round_up(D, NB) * NF), or with bf16 pairs K^T pairs (D2 rows of
-  // NF) then V pairs (NF / 2 rows of Dp).
+  // opmath values) then V panels (round_up(Dv, NB) * NF), or with bf16 pairs K^T pairs (D2 rows
+  // of NF) then V pairs (NF / 2 rows of padded(Dv)).
   template <class T>
   static void pack_block(const AttnArgs& a, int64_t b, int64_t hkv, int64_t jb, int64_t n,
                          Acc* dst) {
-    const int64_t D = a.D, D2 = (D + 1) / 2;
+    const int64_t D = a.D, D2 = (D + 1) / 2, Dv = a.Dv;
     const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1] + jb * a.k_str[2];
     const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1] + jb * a.v_str[2];
     if constexpr (dot_for<T>()) {
       uint32_t* kt = reinterpret_cast<uint32_t*>(dst);
       pack_kt_pairs(kt, kp, a.k_str[2], n, D, NF);
-      pack_v_pairs(kt + D2 * NF, padded(D), vp, a.v_str[2], n, D);
+      pack_v_pairs(kt + D2 * NF, padded(Dv), vp, a.v_str[2], n, Dv);
     } else {
       pack_kt_panels(dst, kp, a.k_str[2], n, D);
-      pack_v_panels(dst + D * NF, NF * NB, vp, a.v_str[2], n, D);
+      pack_v_panels(dst + D * NF, NF * NB, vp, a.v_str[2], n, Dv);
     }
   }
   // Key block kbi of (b, hkv) into dst (attn_fwd_block_elems(D) opmath values).
@@ -447,11 +474,12 @@ struct Attn {
                   int64_t j1, const void* packed, void* part_v, void* scratch) {
     constexpr bool dot = dot_for<T>();
     const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D, Dp = padded(D);
-    const int64_t D2 = (D + 1) / 2, rp = padded(rows);
+    const int64_t Dv = a.Dv, Dvp = padded(Dv), Dmp = padded(D > Dv ? D : Dv);
+    const int64_t D2 = (D + 1) / 2, rp = padded(rows), blk = attn_fwd_block_elems(D, Dv);
     Acc* Qs = aligned(scratch);
-    Acc* O = Qs + rows * Dp;
-    Acc* KT = O + rows * Dp;  // one packed block (pack_block), when not given packed
-    Acc* S = KT + attn_fwd_block_elems(D);
+    Acc* O = Qs + rows * Dmp;  // rows of Dvp
+    Acc* KT = O + rows * Dmp;  // one packed block (pack_block), when not given packed
+    Acc* S = KT + blk;
     Acc* mx = S + rows * NF;  // running max, sum; this block's max, rescale factor
     Acc* sm = mx + rp;
     Acc* bm = sm + rp;
@@ -473,20 +501,23 @@ struct Attn {
         pack_rows(Qs + g * mq * Dp, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
     }
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t d = 0; d < Dp; d += W) V::store(O + r * Dp + d, V::zero());
+      for (int64_t d = 0; d < Dvp; d += W) V::store(O + r * Dvp + d, V::zero());
       mx[r] = Acc(-__builtin_inf());
       sm[r] = 0;
     }
-    int64_t jend = j1;
-    if (a.causal && i1 - 1 + a.causal_offset + 1 < jend) jend = i1 + a.causal_offset;
+    // The key blocks that some row of [i0, i1) sees (a window skips the others): from the block
+    // of the first row's first key to the last row's last key.
+    int64_t jend = j1, jstart = j0;
+    if (last_key(a, i1 - 1) + 1 < jend) jend = last_key(a, i1 - 1) + 1;
+    if (first_key(a, i0) > jstart) jstart = first_key(a, i0) / NF * NF;
     const R ninfv = ninf(), sc = V::set1(Acc(a.scale));
-    for (int64_t jb = j0; jb < jend; jb += NF) {
+    for (int64_t jb = jstart; jb < jend; jb += NF) {
       const int64_t n = jend - jb < NF ? jend - jb : NF;
       const Acc* kt = KT;
       if (direct)
         scores_direct(rows, n, D, Qs, Dp, kp + jb * a.k_str[2], a.k_str[2], S, NF);
       else if (pk != nullptr)
-        kt = pk + (jb / NF) * attn_fwd_block_elems(D);
+        kt = pk + (jb / NF) * blk;
       else
         pack_block<T>(a, b, hkv, jb, n, KT);
       if constexpr (dot)
@@ -494,12 +525,15 @@ struct Attn {
              reinterpret_cast<const uint32_t*>(kt), NF, S, NF, false);
       else if (!direct)
         gemm_panels(rows, n, D, Qs, Dp, 1, kt, D * NB, S, NF, false);
+      if constexpr (dot)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < n; j += W)
+            V::store(S + r * NF + j, V::mul(V::load(S + r * NF + j), sc));
+      if (a.softcap > 0) softcap_tile(a, S, nullptr, rows, n, NF);
       // Scores and the block max of each row.
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
         Acc* s = S + r * NF;
-        if constexpr (dot)
-          for (int64_t j = 0; j < n; j += W) V::store(s + j, V::mul(V::load(s + j), sc));
         finish_scores<TM>(a, s, b, h, i, jb, n);
         R vm = ninfv;
         for (int64_t j = 0; j < n; j += W)
@@ -536,8 +570,8 @@ struct Attn {
         sm[r] = sm[r] * alpha + V::hsum(vs);
         if (alpha != Acc(1)) {
           const R av = V::set1(alpha);
-          for (int64_t d = 0; d < Dp; d += W)
-            V::store(O + r * Dp + d, V::mul(V::load(O + r * Dp + d), av));
+          for (int64_t d = 0; d < Dvp; d += W)
+            V::store(O + r * Dvp + d, V::mul(V::load(O + r * Dvp + d), av));
         }
         if (a.dropout) {
           const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
@@ -551,56 +585,67 @@ struct Attn {
           for (int64_t j = 0; j < n; j += 32)
             V::to_bf16x32(reinterpret_cast<uint16_t*>(Pb + r * (NF / 2)) + j, S + r * NF + j,
                           n - j < 32 ? int(n - j) : 32);
-        gemm(rows, D, (n + 1) / 2, Pb, NF / 2, 1, reinterpret_cast<const uint32_t*>(kt) + D2 * NF,
-             Dp, O, Dp, true);
+        gemm(rows, Dv, (n + 1) / 2, Pb, NF / 2, 1, reinterpret_cast<const uint32_t*>(kt) + D2 * NF,
+             Dvp, O, Dvp, true);
       } else if (direct) {
         // V as it is, kDirectKeys rows at a time, so the rows every register block reads stay
         // in L1 across the blocks of D.
         for (int64_t k0 = 0; k0 < n; k0 += kDirectKeys) {
           const int64_t kn = n - k0 < kDirectKeys ? n - k0 : kDirectKeys;
           for (int64_t x = 0; x < kDirectKeys; ++x)  // the next chunk's rows (see scores_direct)
-            prefetch_row(vp + (jb + k0 + kDirectKeys + x) * a.v_str[2], D);
-          gemm(rows, D, kn, S + k0, NF, 1, vp + (jb + k0) * a.v_str[2], a.v_str[2], O, Dp, true);
+            prefetch_row(vp + (jb + k0 + kDirectKeys + x) * a.v_str[2], Dv);
+          gemm(rows, Dv, kn, S + k0, NF, 1, vp + (jb + k0) * a.v_str[2], a.v_str[2], O, Dvp,
+               true);
         }
       } else {
-        gemm_panels(rows, D, n, S, NF, 1, kt + D * NF, NF * NB, O, Dp, true);
+        gemm_panels(rows, Dv, n, S, NF, 1, kt + D * NF, NF * NB, O, Dvp, true);
       }
     }
     if (part_v != nullptr) {
       Acc* part = static_cast<Acc*>(part_v);
       for (int64_t r = 0; r < rows; ++r) {
-        Acc* p = part + r * (D + 2);
+        Acc* p = part + r * (Dv + 2);
         p[0] = mx[r];
         p[1] = sm[r];
-        for (int64_t d = 0; d < D; ++d) p[2 + d] = O[r * Dp + d];
+        for (int64_t d = 0; d < Dv; ++d) p[2 + d] = O[r * Dvp + d];
       }
       return;
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
       const int64_t row = (b * a.H + h) * a.Sq + i;
-      write_row<T>(a, row, O + r * Dp, mx[r], sm[r], Acc(1));
+      write_row<T>(a, row, h, O + r * Dvp, mx[r], sm[r]);
     }
   }
 
-  // out row = o * (mul / l), lse = m + log(l); l == 0 (no visible key): 0 and -inf.
+  // out row = o / l, lse = m + log(l); l == 0 (no visible key): 0 and -inf. With sinks, the
+  // head's sink joins the denominator: lse' = log(e^lse + e^sink), out = o * exp(m - lse').
   template <class T>
-  static void write_row(const AttnArgs& a, int64_t row, const Acc* o, Acc m, Acc l, Acc mul) {
-    const int64_t D = a.D;
-    T* out = static_cast<T*>(a.out) + row * D;
+  static void write_row(const AttnArgs& a, int64_t row, int64_t h, const Acc* o, Acc m, Acc l) {
+    const int64_t Dv = a.Dv;
+    T* out = static_cast<T*>(a.out) + row * Dv;
     const bool dead = l == Acc(0);  // a NaN sum (a NaN score) gives NaN, not zeros
-    const R sc = V::set1(dead ? Acc(0) : mul / l);
+    double lse = dead ? -__builtin_inf() : double(m) + __builtin_log(double(l));
+    Acc mul = dead ? Acc(0) : Acc(1) / l;
+    if (a.sinks != nullptr) {
+      const double sk = double(static_cast<const Acc*>(a.sinks)[h]);
+      const double hi = lse > sk ? lse : sk;  // (a NaN lse stays NaN below)
+      if (hi != -__builtin_inf()) {
+        lse = hi + __builtin_log(__builtin_exp(lse - hi) + __builtin_exp(sk - hi));
+        mul = dead ? Acc(0) : Acc(__builtin_exp(double(m) - lse));
+      }
+    }
+    const R sc = V::set1(mul);
     int64_t d = 0;
-    for (; d + W <= D; d += W) V::store(out + d, V::mul(V::load(o + d), sc));
-    if (d < D) V::storen(out + d, V::mul(V::loadn(o + d, int(D - d)), sc), int(D - d));
-    static_cast<Acc*>(a.lse)[row] =
-        dead ? Acc(-__builtin_inf()) : Acc(double(m) + __builtin_log(double(l)));
+    for (; d + W <= Dv; d += W) V::store(out + d, V::mul(V::load(o + d), sc));
+    if (d < Dv) V::storen(out + d, V::mul(V::loadn(o + d, int(Dv - d)), sc), int(Dv - d));
+    static_cast<Acc*>(a.lse)[row] = Acc(lse);
   }
 
   template <class T>
   static void merge(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1,
                     const void* part_v, int64_t nsplit, int64_t pstride) {
-    const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D;
+    const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.Dv;
     const Acc* part = static_cast<const Acc*>(part_v);
     Acc o[256 + 16];
     for (int64_t r = 0; r < rows; ++r) {
@@ -625,14 +670,14 @@ struct Attn {
         }
       }
       const int64_t g = r / mq, i = i0 + r % mq, h = hkv * G + g;
-      write_row<T>(a, (b * a.H + h) * a.Sq + i, o, m, l, Acc(1));
+      write_row<T>(a, (b * a.H + h) * a.Sq + i, h, o, m, l);
     }
   }
 
   // ---------------------------------------------------------------- backward
   template <class T>
   static void delta(const AttnArgs& a, int64_t r0, int64_t r1) {
-    const int64_t D = a.D;
+    const int64_t D = a.Dv;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r % a.Sq, bh = r / a.Sq, h = bh % a.H, b = bh / a.H;
       const T* g =
@@ -666,26 +711,29 @@ struct Attn {
     // dV += P^T dO and dK += dS^T Q over pairs along query rows; dq += dS K over pairs along keys.
     constexpr bool dot = dot_for<T>();
     const int64_t G = a.H / a.Hkv, D = a.D, Dp = padded(D), D2 = (D + 1) / 2;
+    const int64_t Dv = a.Dv, Dvp = padded(Dv), Dv2 = (Dv + 1) / 2;
+    const int64_t Dm = padded(D > Dv ? D : Dv);  // the tiles' room: q/k rows Dp, v rows Dvp
     Acc* Qs = aligned(scratch);
-    Acc* dOs = Qs + MQB * Dp;
-    Acc* KT = dOs + MQB * Dp;
-    Acc* VT = KT + Dp * NK;
-    Acc* S = VT + Dp * NK;
+    Acc* dOs = Qs + MQB * Dm;
+    Acc* KT = dOs + MQB * Dm;
+    Acc* VT = KT + Dm * NK;
+    Acc* S = VT + Dm * NK;
     Acc* dP = S + MQB * NK;
     Acc* dK = dP + MQB * NK;
-    Acc* dV = dK + NK * Dp;
+    Acc* dV = dK + NK * Dm;
     // dot only: carved out of the regions above, and the tiles after dV.
     uint32_t* Qb = reinterpret_cast<uint32_t*>(Qs);  // Q pairs along d (MQB x D2)
-    uint32_t* Qi = Qb + MQB * Dp / 2;                // Q pairs along rows (MQB/2 x Dp)
+    uint32_t* Qi = Qb + MQB * Dm / 2;                // Q pairs along rows (MQB/2 x Dp)
     uint32_t* dOb = reinterpret_cast<uint32_t*>(dOs);
-    uint32_t* dOi = dOb + MQB * Dp / 2;
+    uint32_t* dOi = dOb + MQB * Dm / 2;
     uint32_t* KTp = reinterpret_cast<uint32_t*>(KT);  // K^T pairs along d (D2 x NK)
-    uint32_t* Kj = KTp + Dp * NK / 2;                 // K pairs along keys (NK/2 x Dp)
+    uint32_t* Kj = KTp + Dm * NK / 2;                 // K pairs along keys (NK/2 x Dp)
     uint32_t* VTp = reinterpret_cast<uint32_t*>(VT);
-    uint32_t* P16 = reinterpret_cast<uint32_t*>(dV + NK * Dp);  // P rows, bf16 (MQB x NK/2)
+    uint32_t* P16 = reinterpret_cast<uint32_t*>(dV + NK * Dm);  // P rows, bf16 (MQB x NK/2)
     uint32_t* dS16 = P16 + MQB * NK / 2;
     uint32_t* PT = dS16 + MQB * NK / 2;  // P pairs along rows (MQB/2 x NK)
     uint32_t* dST = PT + MQB * NK / 2;
+    Acc* Th = reinterpret_cast<Acc*>(dST + MQB * NK / 2);  // softcap: tanh of the scores
     Acc* dq_acc = static_cast<Acc*>(dq_acc_v);
     const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
     const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
@@ -697,45 +745,49 @@ struct Attn {
       const int64_t n = j1 - kb < NK ? j1 - kb : NK;
       if constexpr (dot) {
         pack_kt_pairs(KTp, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
-        pack_kt_pairs(VTp, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
+        pack_kt_pairs(VTp, vp + kb * a.v_str[2], a.v_str[2], n, Dv, NK);
         pack_v_pairs(Kj, Dp, kp + kb * a.k_str[2], a.k_str[2], n, D);
       } else {
         if (!direct) pack_t(KT, kp + kb * a.k_str[2], a.k_str[2], n, D, NK);
-        pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, D, NK);
+        pack_t(VT, vp + kb * a.v_str[2], a.v_str[2], n, Dv, NK);
       }
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t d = 0; d < Dp; d += W) {
-          V::store(dK + j * Dp + d, V::zero());
-          V::store(dV + j * Dp + d, V::zero());
-        }
-      int64_t istart = 0;
-      if (a.causal && kb - a.causal_offset > 0) istart = kb - a.causal_offset;
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t d = 0; d < Dp; d += W) V::store(dK + j * Dp + d, V::zero());
+        for (int64_t d = 0; d < Dvp; d += W) V::store(dV + j * Dvp + d, V::zero());
+      }
+      // The query rows that see some key of [kb, kb + n) (window and causal limits).
+      int64_t istart = 0, iend = a.Sq;
+      if (a.win_right >= 0 && kb - a.causal_offset - a.win_right > 0)
+        istart = kb - a.causal_offset - a.win_right;
+      if (a.win_left >= 0 && kb + n - a.causal_offset + a.win_left < iend)
+        iend = kb + n - a.causal_offset + a.win_left;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hkv * G + g;
-        for (int64_t ib = istart; ib < a.Sq; ib += MQB) {
-          const int64_t mq = a.Sq - ib < MQB ? a.Sq - ib : MQB, mq2 = (mq + 1) / 2;
+        for (int64_t ib = istart; ib < iend; ib += MQB) {
+          const int64_t mq = iend - ib < MQB ? iend - ib : MQB, mq2 = (mq + 1) / 2;
           const T* qp =
               static_cast<const T*>(a.q) + b * a.q_str[0] + h * a.q_str[1] + ib * a.q_str[2];
           const T* gp =
               static_cast<const T*>(a.dout) + b * a.do_str[0] + h * a.do_str[1] + ib * a.do_str[2];
           if constexpr (dot) {
             pack_rows_bf16(reinterpret_cast<uint16_t*>(Qb), 2 * D2, qp, a.q_str[2], mq, D);
-            pack_rows_bf16(reinterpret_cast<uint16_t*>(dOb), 2 * D2, gp, a.do_str[2], mq, D);
+            pack_rows_bf16(reinterpret_cast<uint16_t*>(dOb), 2 * Dv2, gp, a.do_str[2], mq, Dv);
             gemm(mq, n, D2, Qb, D2, 1, KTp, NK, S, NK, false);
-            gemm(mq, n, D2, dOb, D2, 1, VTp, NK, dP, NK, false);
+            gemm(mq, n, Dv2, dOb, Dv2, 1, VTp, NK, dP, NK, false);
             const R sc = V::set1(Acc(a.scale));
             for (int64_t r = 0; r < mq; ++r)
               for (int64_t j = 0; j < n; j += W)
                 V::store(S + r * NK + j, V::mul(V::load(S + r * NK + j), sc));
           } else {
             pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
-            pack_rows(dOs, Dp, gp, a.do_str[2], mq, D, Acc(1));
+            pack_rows(dOs, Dvp, gp, a.do_str[2], mq, Dv, Acc(1));
             if (direct)
               scores_direct(mq, n, D, Qs, Dp, kp + kb * a.k_str[2], a.k_str[2], S, NK);
             else
               gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
-            gemm(mq, n, D, dOs, Dp, 1, VT, NK, dP, NK, false);
+            gemm(mq, n, Dv, dOs, Dvp, 1, VT, NK, dP, NK, false);
           }
+          if (a.softcap > 0) softcap_tile(a, S, Th, mq, n, NK);
           for (int64_t r = 0; r < mq; ++r) {
             const int64_t i = ib + r, row = (b * a.H + h) * a.Sq + i;
             Acc* s = S + r * NK;
@@ -781,6 +833,10 @@ struct Attn {
               float* dm = a.dmask + row * a.Sk + kb;
               for (int64_t j = 0; j < n; ++j) dm[j] = float(dp[j]);
             }
+            if (a.softcap > 0) {  // d(c tanh(x / c)) / dx = 1 - tanh^2
+              const Acc* th = Th + r * NK;
+              for (int64_t j = 0; j < n; ++j) dp[j] *= Acc(1) - th[j] * th[j];
+            }
           }
           if constexpr (dot) {
             for (int64_t r = 0; r < mq; ++r)
@@ -794,14 +850,14 @@ struct Attn {
             pair_rows(PT, NK, reinterpret_cast<const uint16_t*>(P16), NK, mq, n);
             pair_rows(dST, NK, reinterpret_cast<const uint16_t*>(dS16), NK, mq, n);
             pair_rows(Qi, Dp, reinterpret_cast<const uint16_t*>(Qb), 2 * D2, mq, D);
-            pair_rows(dOi, Dp, reinterpret_cast<const uint16_t*>(dOb), 2 * D2, mq, D);
-            gemm(n, D, mq2, PT, 1, NK, dOi, Dp, dV, Dp, true);
+            pair_rows(dOi, Dvp, reinterpret_cast<const uint16_t*>(dOb), 2 * Dv2, mq, Dv);
+            gemm(n, Dv, mq2, PT, 1, NK, dOi, Dvp, dV, Dvp, true);
             gemm(n, D, mq2, dST, 1, NK, Qi, Dp, dK, Dp, true);
             gemm(mq, D, (n + 1) / 2, dS16, NK / 2, 1, Kj, Dp,
                  dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
           } else {
             // dV += Pd^T dO, dK += dS^T (scale Q), dq_acc += dS K.
-            gemm(n, D, mq, S, 1, NK, dOs, Dp, dV, Dp, true);
+            gemm(n, Dv, mq, S, 1, NK, dOs, Dvp, dV, Dvp, true);
             gemm(n, D, mq, dP, 1, NK, Qs, Dp, dK, Dp, true);
             gemm(mq, D, n, dP, NK, 1, kp + kb * a.k_str[2], a.k_str[2],
                  dq_acc + ((b * a.H + h) * a.Sq + ib) * D, D, true);
@@ -809,18 +865,15 @@ struct Attn {
         }
       }
       T* dkp = static_cast<T*>(a.dk) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
-      T* dvp = static_cast<T*>(a.dv) + ((b * a.Hkv + hkv) * a.Sk + kb) * D;
+      T* dvp = static_cast<T*>(a.dv) + ((b * a.Hkv + hkv) * a.Sk + kb) * Dv;
       const R ks = V::set1(dot ? Acc(a.scale) : Acc(1));  // dot: dS^T Q was unscaled
       for (int64_t j = 0; j < n; ++j) {
         int64_t d = 0;
-        for (; d + W <= D; d += W) {
-          V::store(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks));
-          V::store(dvp + j * D + d, V::load(dV + j * Dp + d));
-        }
-        if (d < D) {
+        for (; d + W <= D; d += W) V::store(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks));
+        if (d < D)
           V::storen(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks), int(D - d));
-          V::storen(dvp + j * D + d, V::load(dV + j * Dp + d), int(D - d));
-        }
+        for (d = 0; d + W <= Dv; d += W) V::store(dvp + j * Dv + d, V::load(dV + j * Dvp + d));
+        if (d < Dv) V::storen(dvp + j * Dv + d, V::load(dV + j * Dvp + d), int(Dv - d));
       }
     }
   }

@@ -22,15 +22,21 @@ constexpr int64_t kFwdKeyBlock = 128;   // keys per forward tile (a multiple of 
 constexpr int64_t kQueryBlockBwd = 64;  // query rows per tile in the backward pass
 
 struct AttnArgs {
-  int64_t B, H, Hkv, Sq, Sk, D;
+  int64_t B, H, Hkv, Sq, Sk, D, Dv;  // D: q/k head_dim, Dv: v's (and out's)
   // Inputs, last dim contiguous; strides in elements for (batch, head, seq).
   const void* q;
   const void* k;
   const void* v;
   int64_t q_str[3], k_str[3], v_str[3];
   double scale;
-  bool causal;
-  int64_t causal_offset;  // key j hidden from query i when causal and j > i + causal_offset
+  // Key j is visible from query i when i + causal_offset - win_left <= j (win_left >= 0) and
+  // j <= i + causal_offset + win_right (win_right >= 0); -1: unbounded. Causal is win_right 0.
+  int64_t causal_offset, win_left, win_right;
+  double softcap;  // > 0: scores become softcap * tanh(s / softcap) before biases and masks
+  // Opmath (Acc) arrays or nullptr: sinks (H,) contiguous; ALiBi slopes (B, H) via alibi_str.
+  const void* sinks;
+  const void* alibi;
+  int64_t alibi_str[2];
   // Mask (nullptr: none) read through its 4 (b, h, i, j) strides; bool (uint8) or float.
   const void* mask;
   DType mask_dtype;
@@ -39,11 +45,11 @@ struct AttnArgs {
   bool dropout;
   uint32_t seed0, seed1, thr;
   double drop_scale;
-  // Forward outputs: out (B, H, Sq, D) contiguous in q's dtype; lse (B, H, Sq) opmath.
+  // Forward outputs: out (B, H, Sq, Dv) contiguous in q's dtype; lse (B, H, Sq) opmath.
   void* out;
   void* lse;
   // Backward inputs: grad_out and out (strided as q), lse contiguous; delta (B, H, Sq) opmath
-  // scratch written by bwd_delta. Outputs dq (as out), dk/dv (B, Hkv, Sk, D) contiguous,
+  // scratch written by bwd_delta. Outputs dq (as q), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv),
   // dmask (B, H, Sq, Sk) fp32 contiguous or nullptr.
   const void* dout;
   const void* o;
@@ -60,7 +66,7 @@ struct AttnArgs {
 // Forward: rows [i0, i1) of all heads of kv head hkv in batch b, keys [j0, j1) (j0 a multiple
 // of kFwdKeyBlock). packed: nullptr (K/V blocks packed on the fly) or this (b, hkv)'s blocks
 // written by fwd_pack (attn_fwd_block_bytes each). part == nullptr: write out/lse; else write
-// G*(i1-i0) partial rows of (D + 2) opmath values (max, sum, out[D]).
+// G*(i1-i0) partial rows of (Dv + 2) opmath values (max, sum, out[Dv]).
 using AttnFwdFn = void (*)(const AttnArgs&, int64_t b, int64_t hkv, int64_t i0, int64_t i1,
                            int64_t j0, int64_t j1, const void* packed, void* part, void* scratch);
 // Packs key block kbi (keys [kbi * kFwdKeyBlock, ...)) of (b, hkv) for fwd into dst, once for
@@ -70,7 +76,7 @@ using AttnPackFn = void (*)(const AttnArgs&, int64_t b, int64_t hkv, int64_t kbi
 // same rows into out/lse.
 using AttnMergeFn = void (*)(const AttnArgs&, int64_t b, int64_t hkv, int64_t i0, int64_t i1,
                              const void* part, int64_t nsplit, int64_t part_stride);
-// delta[r] = sum_d dout[r, d] * o[r, d] for flat rows r in [r0, r1) of (B, H, Sq).
+// delta[r] = sum_d dout[r, d] * o[r, d] (d < Dv) for flat rows r in [r0, r1) of (B, H, Sq).
 using AttnDeltaFn = void (*)(const AttnArgs&, int64_t r0, int64_t r1);
 // Keys [j0, j1) of kv head hkv in batch b: writes dk/dv rows, adds dS K (unscaled) into dq_acc,
 // an opmath (B, H, Sq, D) contiguous buffer.
@@ -90,23 +96,30 @@ struct AttnKernels {
   int64_t fwd_rows;  // query rows (over all heads of a kv group) per forward work item
 };
 
-// A packed forward key block, in opmath elements: K^T then V panels (their columns rounded up to
-// the widest register block, 64) on every path; the bf16 pair layout needs less.
-inline int64_t attn_fwd_block_elems(int64_t D) { return (D + (D + 63) / 64 * 64) * kFwdKeyBlock; }
-// Scratch bytes one thread needs for fwd (rows = query rows per call, all heads of the group)
-// or bwd, in opmath elements of `elem` bytes, plus alignment slack.
-inline int64_t attn_fwd_block_bytes(int64_t D, int64_t elem) {
-  return attn_fwd_block_elems(D) * elem;
+// A packed forward key block, in opmath elements: K^T (D rows) then V panels (Dv columns rounded
+// up to the widest register block, 64) on every path; the bf16 pair layout needs less.
+inline int64_t attn_fwd_block_elems(int64_t D, int64_t Dv) {
+  return (D + (Dv + 63) / 64 * 64) * kFwdKeyBlock;
 }
-inline int64_t attn_fwd_scratch_bytes(int64_t rows, int64_t D, int64_t elem) {
-  const int64_t Dp = (D + 15) / 16 * 16, rp = (rows + 15) / 16 * 16;
-  return (rows * Dp * 2 + attn_fwd_block_elems(D) + rows * kFwdKeyBlock * 2 + rp * 4 + 64) * elem +
+// Scratch bytes one thread needs for fwd (rows = query rows per call, all heads of the group)
+// or bwd, in opmath elements of `elem` bytes, plus alignment slack. Tiles of q/k rows and of v
+// rows are both sized for the larger head_dim.
+inline int64_t attn_fwd_block_bytes(int64_t D, int64_t Dv, int64_t elem) {
+  return attn_fwd_block_elems(D, Dv) * elem;
+}
+inline int64_t attn_fwd_scratch_bytes(int64_t rows, int64_t D, int64_t Dv, int64_t elem) {
+  const int64_t Dm = D > Dv ? D : Dv;
+  const int64_t Dp = (Dm + 15) / 16 * 16, rp = (rows + 15) / 16 * 16;
+  return (rows * Dp * 2 + attn_fwd_block_elems(D, Dv) + rows * kFwdKeyBlock * 2 + rp * 4 + 64) *
+             elem +
          256;
 }
-inline int64_t attn_bwd_scratch_bytes(int64_t D, int64_t elem) {
-  const int64_t Dp = (D + 15) / 16 * 16;
+inline int64_t attn_bwd_scratch_bytes(int64_t D, int64_t Dv, int64_t elem) {
+  const int64_t Dm = D > Dv ? D : Dv;
+  const int64_t Dp = (Dm + 15) / 16 * 16;
+  // The last tile: softcap's tanh of the scores, for the derivative.
   return (kQueryBlockBwd * Dp * 2 + Dp * kKeyBlock * 4 + kQueryBlockBwd * kKeyBlock * 2 +
-          kKeyBlock * Dp * 2 + kQueryBlockBwd * kKeyBlock * 2 + 64) *
+          kKeyBlock * Dp * 2 + kQueryBlockBwd * kKeyBlock * 3 + 64) *
              elem +
          512;
 }

@@ -23,6 +23,7 @@ struct Vec {
   static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
   static inline R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static inline R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static inline R div(R a, R b) { return _mm256_div_ps(a, b); }
   static inline R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static inline R max(R a, R b) { return _mm256_max_ps(a, b); }
   static inline R min(R a, R b) { return _mm256_min_ps(a, b); }

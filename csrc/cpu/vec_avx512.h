@@ -1,7 +1,7 @@
 // 16 x fp32 vector type for AVX-512 (F+BW+VL+DQ), compiled in its own target region and
 // namespace (see common.h for why). Kernels are written once against this interface:
 //   R, Mask, Acc, W, kLibmExp, kScalef  register, lane predicate, scalar type, lanes, exp kind
-//   set1 zero add sub mul fma(a*b+c) max(a>b?a:b) min(a<b?a:b) pow2_shifted [scalef]
+//   set1 zero add sub mul div fma(a*b+c) max(a>b?a:b) min(a<b?a:b) pow2_shifted [scalef]
 //   lt eq isnan where(m ? a : b) any first(n: lanes < n) hmax hsum
 //   load/loadn(p[, n]) from float, bf16_t, f16_t, uint8_t (a bool mask: 1 -> 0, 0 -> -inf);
 //   loadn zero-fills lanes >= n. store/storen(p, v[, n]) and stream (non-temporal, aligned p)
@@ -34,6 +34,7 @@ struct Vec {
   static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
   static inline R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static inline R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static inline R div(R a, R b) { return _mm512_div_ps(a, b); }
   static inline R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
   static inline R min(R a, R b) { return _mm512_min_ps(a, b); }

@@ -21,6 +21,7 @@ struct Vec {
   static inline R add(R a, R b) { return a + b; }
   static inline R sub(R a, R b) { return a - b; }
   static inline R mul(R a, R b) { return a * b; }
+  static inline R div(R a, R b) { return a / b; }
   static inline R fma(R a, R b, R c) { return a * b + c; }
   static inline R max(R a, R b) { return a > b ? a : b; }
   static inline R min(R a, R b) { return a < b ? a : b; }

@@ -9,6 +9,8 @@ both, the input checks, and the public functions ``attention`` and
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -34,10 +36,17 @@ def attention_triton(
     causal: bool,
     causal_offset: int,
     dropout_p: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    sinks: torch.Tensor | None,
+    alibi: torch.Tensor | None,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel of ``fastattn::attention`` (schema in csrc/ops.cpp), plus ``deterministic``
-    for its backward pass (the C++ CPU backward is always deterministic)."""
+    for its backward pass (the C++ CPU backward is always deterministic). The window, softcap,
+    sinks and ALiBi arguments are not served by the Triton kernels yet (refused before this)."""
+    _triton_serves(window_left, window_right, softcap, sinks, alibi, v.shape[-1] == q.shape[-1])
     return _tri.triton_forward(q, k, v, mask, rng, scale, causal, causal_offset, dropout_p)
 
 
@@ -55,13 +64,29 @@ def attention_triton_backward(
     causal: bool,
     causal_offset: int,
     dropout_p: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    sinks: torch.Tensor | None,
+    alibi: torch.Tensor | None,
     deterministic: bool,
     mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _tri_bwd.triton_backward(
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _triton_serves(window_left, window_right, softcap, sinks, alibi, v.shape[-1] == q.shape[-1])
+    dq, dk, dv, dmask = _tri_bwd.triton_backward(
         grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset, dropout_p,
         deterministic, mask_grad,
     )  # fmt: skip
+    return dq, dk, dv, dmask, q.new_empty((0,), dtype=torch.float32)
+
+
+def _triton_serves(wl: int, wr: int, softcap: float, sinks: Any, alibi: Any, same_d: bool) -> None:
+    if wl >= 0 or wr >= 0 or softcap > 0.0 or sinks is not None or alibi is not None or not same_d:
+        raise NotImplementedError(
+            "fastattn.attention: the Triton kernels do not serve window, softcap, sinks, "
+            "alibi_slopes or a value head_dim other than q's yet (the cpu and reference "
+            "backends do)"
+        )
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -69,37 +94,49 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _fake_forward(q, k, v, *_):
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # (B, H, Sq, Dv)
     return out, q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
 
 
 def _fake_backward(grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset,
-                   dropout_p, deterministic, mask_grad):  # fmt: skip
+                   dropout_p, window_left, window_right, softcap, sinks, alibi, deterministic,
+                   mask_grad):  # fmt: skip
     like = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
-    return (*like, q.new_empty(dmask_shape, dtype=torch.float32))
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty((0,), dtype=torch.float32)
+    return (*like, q.new_empty(dmask_shape, dtype=torch.float32), dsinks)
+
+
+# Positions in the ops' inputs (csrc/ops.cpp): q, k, v, mask, rng, then the scalars from scale to
+# alibi, then (Triton only) deterministic.
+_SINKS, _NARGS = 12, 14
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, rng, scale, causal, causal_offset, dropout_p = inputs[:9]
+    q, k, v, mask, rng = inputs[:5]
+    sinks, alibi = inputs[_SINKS], inputs[_SINKS + 1]
     out, lse = output
     ctx.mark_non_differentiable(lse)  # lse is returned for inspection/merging, not for training
-    ctx.save_for_backward(q, k, v, out, lse, mask, rng)
-    ctx.args = (scale, causal, causal_offset, dropout_p)
-    ctx.deterministic = bool(inputs[9]) if len(inputs) > 9 else True
+    ctx.save_for_backward(q, k, v, out, lse, mask, rng, sinks, alibi)
+    ctx.args = tuple(inputs[5:_SINKS])  # scale .. softcap
+    ctx.deterministic = bool(inputs[_NARGS]) if len(inputs) > _NARGS else True
 
 
 def _make_backward(backward_op: Any) -> Any:
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, mask, rng = ctx.saved_tensors
+        q, k, v, out, lse, mask, rng, sinks, alibi = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-        dq, dk, dv, dmask = backward_op(
-            grad_out, q, k, v, out, lse, mask, rng, *ctx.args, ctx.deterministic, mask_grad
-        )
+        dq, dk, dv, dmask, dsinks = backward_op(
+            grad_out, q, k, v, out, lse, mask, rng, *ctx.args, sinks, alibi, ctx.deterministic,
+            mask_grad,
+        )  # fmt: skip
         dmask = dmask.to(mask.dtype) if mask_grad else None
-        return (dq, dk, dv, dmask) + (None,) * (len(ctx.needs_input_grad) - 4)
+        grads = [dq, dk, dv, dmask] + [None] * (len(ctx.needs_input_grad) - 4)
+        if ctx.needs_input_grad[_SINKS]:
+            grads[_SINKS] = dsinks
+        return tuple(grads)
 
     return backward
 
@@ -137,11 +174,11 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
                 f"fastattn.attention: {name} is on {t.device} but q is on {q.device}"
             )
     B, H, _, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != B or k.shape[3] != D:
         raise _checks.ShapeError(
-            "fastattn.attention: expected k and v of shape (batch, kv_heads, seqlen_k, head_dim) "
-            f"matching q's batch and head_dim; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
+            "fastattn.attention: expected k (batch, kv_heads, seqlen_k, head_dim) matching q's "
+            "batch and head_dim, and v (batch, kv_heads, seqlen_k, head_dim_v); got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     Hkv = k.shape[1]
     if Hkv == 0 or H % Hkv != 0:
@@ -149,9 +186,10 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
             f"fastattn.attention: q's heads ({H}) must be a multiple of k/v's heads ({Hkv}) "
             f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
         )
-    if D > MAX_HEAD_DIM:
+    if max(D, v.shape[3]) > MAX_HEAD_DIM:
         raise _checks.ShapeError(
-            f"fastattn.attention: head_dim {D} exceeds the supported maximum {MAX_HEAD_DIM}"
+            f"fastattn.attention: head_dim {D} (v: {v.shape[3]}) exceeds the supported maximum "
+            f"{MAX_HEAD_DIM}"
         )
     _checks.number(OP, "scale", scale)
     _checks.number(OP, "dropout_p", dropout_p)
@@ -161,6 +199,48 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
         )
     if attn_mask is not None:
         _checks.mask(OP, attn_mask, q.new_empty(()).expand(*q.shape[:-1], k.shape[2]))
+
+
+def _check_variants(q: torch.Tensor, window: Any, softcap: Any, sinks: Any, alibi: Any) -> None:
+    """The window, softcap, sinks and ALiBi arguments (docs/attention.md), before allocating."""
+    if window is not None:
+        if (
+            not isinstance(window, tuple | list)
+            or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window)
+        ):
+            raise TypeError(
+                f"fastattn.attention: window must be a pair of ints (left, right), got {window!r}"
+            )
+        if min(window) < -1:
+            raise _checks.ShapeError(
+                f"fastattn.attention: window sizes must be >= 0, or -1 for unbounded, got {window}"
+            )
+    _checks.number(OP, "softcap", softcap)
+    if not (0.0 <= softcap < float("inf")):
+        raise _checks.ShapeError(
+            f"fastattn.attention: softcap must be finite and >= 0 (0: none), got {softcap}"
+        )
+    B, H = q.shape[:2]
+    for name, t, shapes in (("sinks", sinks, [(H,)]), ("alibi_slopes", alibi, [(H,), (B, H)])):
+        if t is None:
+            continue
+        _checks.floating_tensor(OP, name, t)
+        if tuple(t.shape) not in shapes:
+            want = " or ".join(str(x) for x in shapes)
+            raise _checks.ShapeError(
+                f"fastattn.attention: {name} must have shape {want} for q of shape "
+                f"{tuple(q.shape)}, got {tuple(t.shape)}"
+            )
+        if t.device != q.device:
+            raise _checks.ShapeError(
+                f"fastattn.attention: {name} is on {t.device} but q is on {q.device}"
+            )
+    if alibi is not None and alibi.requires_grad and torch.is_grad_enabled():
+        raise _checks.ShapeError(
+            "fastattn.attention: alibi_slopes get no gradient (fixed slopes, as FlashAttention's);"
+            " pass them detached"
+        )
 
 
 CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
@@ -220,6 +300,10 @@ def attention(
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
@@ -229,7 +313,8 @@ def attention(
     Args:
         q: ``(batch, heads, seqlen_q, head_dim)``.
         k, v: ``(batch, kv_heads, seqlen_k, head_dim)``; ``heads`` a multiple of ``kv_heads``
-            (grouped-query / multi-query attention; k and v are never expanded in memory).
+            (grouped-query / multi-query attention; k and v are never expanded in memory). v
+            may have its own head_dim (multi-head latent attention); the output follows v's.
         causal: ``True`` or ``"bottom_right"``: query i sees keys ``j <= i + seqlen_k -
             seqlen_q`` (as FlashAttention: the last query sees every key, what decoding with a
             KV cache needs); ``"top_left"``: keys ``j <= i`` (as torch's SDPA ``is_causal``);
@@ -241,6 +326,18 @@ def attention(
         dropout_p: attention-probability dropout, applied whenever > 0 (modules pass 0 in eval).
             The mask comes from a counter-based hash seeded from torch's generator, so it is
             reproducible under ``torch.manual_seed`` and regenerated in the backward pass.
+        window: ``(left, right)`` local attention (FlashAttention's ``window_size``; -1 =
+            unbounded): query i sees keys ``i + off - left <= j <= i + off + right``, with ``off``
+            the causal alignment's offset (``seqlen_k - seqlen_q`` unless ``"top_left"``; also
+            without causal). Key blocks outside every row's window are skipped (work
+            ``seqlen * window``). With causal, ``right`` is at most 0.
+        softcap: ``c > 0`` caps each score as ``c * tanh(score / c)`` before masks and biases
+            (Gemma 2). 0: none.
+        sinks: ``(heads,)`` learnable logits, one per head, that join every row's softmax
+            denominator without a value (gpt-oss attention sinks); they get their gradient.
+            ``lse`` then includes them.
+        alibi_slopes: ``(heads,)`` or ``(batch, heads)``: adds ``-slope * |i + off - j|`` to the
+            scores, computed in the kernel (no gradient: pass them detached).
         return_lse: also return the log-sum-exp of each query row's scores, ``(batch, heads,
             seqlen_q)`` float32 (no gradient flows through it).
         deterministic: bitwise-reproducible gradients (the CPU kernels always are).
@@ -250,6 +347,9 @@ def attention(
     Saved for backward: q, k, v, out and lse only.
     """
     _check(q, k, v, attn_mask, dropout_p, scale)
+    variant = window is not None or softcap != 0.0 or sinks is not None or alibi_slopes is not None
+    if variant:
+        _check_variants(q, window, softcap, sinks, alibi_slopes)
     top_left = _causal_alignment(causal)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
@@ -264,16 +364,53 @@ def attention(
     rng = None
     if dropout_p > 0.0:
         rng = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=q.device)
+    wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if causal and window is not None:
+        wr = 0  # causal hides everything right of the diagonal
     name = dispatch.select(backend, q.device, q.dtype, OP, _CPP)
+    if name == "triton" and (variant or v.shape[-1] != q.shape[-1]):
+        name = _variant_backend(backend, q)
     if name == "reference":
-        out, lse = reference.attention(q, k, v, mask, scale_f, causal, offset, dropout_p, rng)
+        out, lse = reference.attention(
+            q, k, v, mask, scale_f, causal, offset, dropout_p, rng, window=(wl, wr),
+            softcap=float(softcap), sinks=sinks, alibi_slopes=alibi_slopes,
+        )  # fmt: skip
         lse = lse.detach()
     else:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
-        args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p))
+        opm = _lse_dtype(q)
+        sk = None if sinks is None else sinks.to(opm)  # autograd casts dsinks back
+        al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
+        args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p), wl, wr,
+                float(softcap), sk, al)  # fmt: skip
         if name == "triton":
             out, lse = opcall.call(torch.ops.fastattn.attention_triton, *args, deterministic)
         else:
             out, lse = opcall.call(torch.ops.fastattn.attention, *args)
     return (out, lse) if return_lse else out
+
+
+_warned_variant = False
+
+
+def _variant_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend for a window / softcap / sinks / ALiBi / other-v-head-dim call that auto chose
+    Triton for: the Triton kernels do not serve those yet. Named explicitly: an error; auto: the
+    eager reference (the same result, not fused), with one warning."""
+    global _warned_variant
+    requested = backend if backend not in (None, "auto") else os.environ.get("FASTATTN_BACKEND")
+    if requested == "triton":
+        raise RuntimeError(
+            "fastattn.attention: backend 'triton' cannot run this call: window, softcap, sinks, "
+            "alibi_slopes and a value head_dim other than q's are served by the cpu and "
+            "reference backends only (so far)"
+        )
+    if not _warned_variant:
+        _warned_variant = True
+        warnings.warn(
+            f"fastattn.attention: window/softcap/sinks/alibi_slopes/other v head_dim on {q.device}"
+            " run the eager reference (no fused GPU kernel for them yet)",
+            stacklevel=3,
+        )
+    return "reference"
