@@ -519,9 +519,14 @@ def test_device_mismatch_is_rejected():
         fastattn.attention(q, k.to("meta"), v)
 
 
-def _cpp(q=(2, 4, 8, 16), k=(2, 2, 10, 16), mask=None, rng=None, p=0.0, dt=torch.float32):
+# No window, no softcap, no sinks, no ALiBi: the trailing arguments of the ops.
+PLAIN = (-1, -1, 0.0, None, None)
+
+
+def _cpp(q=(2, 4, 8, 16), k=(2, 2, 10, 16), mask=None, rng=None, p=0.0, dt=torch.float32,
+         variants=PLAIN):  # fmt: skip
     qq, kk, vv = _qkv(q, k, dt=dt)
-    return torch.ops.fastattn.attention(qq, kk, vv, mask, rng, 0.25, False, 0, p)
+    return torch.ops.fastattn.attention(qq, kk, vv, mask, rng, 0.25, False, 0, p, *variants)
 
 
 # The C++ entry checks again (TORCH_CHECK) for callers that use torch.ops directly.
@@ -535,8 +540,23 @@ CPP_BAD_INPUTS = [
     lambda: _cpp(p=0.5),  # dropout without seeds
     lambda: _cpp(dt=torch.int64),  # integer inputs
     lambda: torch.ops.fastattn.attention(  # last dim not contiguous
-        torch.randn(2, 4, 16, 8).transpose(-1, -2), *_qkv()[1:], None, None, 0.25, False, 0, 0.0
+        torch.randn(2, 4, 16, 8).transpose(-1, -2),
+        *_qkv()[1:],
+        None,
+        None,
+        0.25,
+        False,
+        0,
+        0.0,
+        *PLAIN,
     ),
+    lambda: _cpp(variants=(-2, -1, 0.0, None, None)),  # window size below -1
+    lambda: _cpp(variants=(-1, -1, -1.0, None, None)),  # negative softcap
+    lambda: _cpp(variants=(-1, -1, float("inf"), None, None)),  # infinite softcap
+    lambda: _cpp(variants=(-1, -1, 0.0, torch.zeros(3), None)),  # sinks not (heads,)
+    lambda: _cpp(variants=(-1, -1, 0.0, torch.zeros(4, dtype=torch.float64), None)),  # dtype
+    lambda: _cpp(variants=(-1, -1, 0.0, None, torch.zeros(4))),  # alibi not (batch, heads)
+    lambda: _cpp(variants=(-1, -1, 0.0, None, torch.zeros(2, 4, dtype=torch.bfloat16))),
 ]
 
 
@@ -547,28 +567,35 @@ def test_bad_input_is_rejected_in_cpp(call):
 
 
 # -------------------------------------------------------------- torch.library / compile
-def opcheck_samples():
+def opcheck_samples(variants: bool):
     q, k, v = _qkv(q=(1, 4, 5, 8), k=(1, 2, 7, 8))
-    yield (q, k, v, None, None, 0.3, True, 2, 0.0)
+    yield (q, k, v, None, None, 0.3, True, 2, 0.0, *PLAIN)
     bias = torch.randn(1, 1, 5, 7, requires_grad=True).expand(1, 4, 5, 7)
-    yield (q.requires_grad_(), k, v, bias, torch.tensor([3, 4]), 0.3, False, 0, 0.25)
+    yield (q.requires_grad_(), k, v, bias, torch.tensor([3, 4]), 0.3, False, 0, 0.25, *PLAIN)
     keep = (torch.rand(1, 1, 1, 7) > 0.3).expand(1, 4, 5, 7)
-    yield (q, k.requires_grad_(), v.requires_grad_(), keep, None, 0.5, True, 0, 0.0)
+    yield (q, k.requires_grad_(), v.requires_grad_(), keep, None, 0.5, True, 0, 0.0, *PLAIN)
+    if variants:  # window, softcap, sinks (with their gradient), ALiBi; v's own head_dim
+        sinks = torch.randn(4, requires_grad=True)
+        slopes = torch.rand(4).expand(1, 4)
+        v6 = torch.randn(1, 2, 7, 6, requires_grad=True)
+        yield (q, k, v6, None, None, 0.3, True, 2, 0.0, 2, 0, 5.0, sinks, slopes)
+        yield (q, k, v, keep, None, 0.3, False, 2, 0.0, 1, 3, 0.0, sinks, None)
 
 
 @pytest.mark.parametrize("op", ["attention", "attention_triton"])
 def test_opcheck(op):
     extra = (False,) if op == "attention_triton" else ()
-    for args in opcheck_samples():
+    for args in opcheck_samples(variants=op == "attention"):
         torch.library.opcheck(getattr(torch.ops.fastattn, op), (*args, *extra))
         out, lse = getattr(torch.ops.fastattn, op)(*args, *extra)
         # The backward op has no derivative of its own: opcheck it on tensors without grad.
-        q, k, v, mask, rng, scale, causal, offset, p = (
+        q, k, v, mask, rng, scale, causal, offset, p, wl, wr, cap, sinks, alibi = (
             a.detach() if isinstance(a, torch.Tensor) else a for a in args
         )
         out, lse = out.detach(), lse.detach()
         bwd_args = (torch.randn_like(out), q, k, v, out, lse, mask, rng, scale, causal, offset,
-                    p, True, mask is not None and mask.dtype != torch.bool)  # fmt: skip
+                    p, wl, wr, cap, sinks, alibi, True,
+                    mask is not None and mask.dtype != torch.bool)  # fmt: skip
         torch.library.opcheck(getattr(torch.ops.fastattn, op + "_backward"), bwd_args)
 
 

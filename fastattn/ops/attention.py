@@ -103,7 +103,9 @@ def _fake_backward(grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal
                    mask_grad):  # fmt: skip
     like = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dmask_shape = (*q.shape[:-1], k.shape[-2]) if mask_grad else (0,)
-    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty((0,), dtype=torch.float32)
+    dsinks = (
+        torch.empty_like(sinks) if sinks is not None else q.new_empty((0,), dtype=torch.float32)
+    )
     return (*like, q.new_empty(dmask_shape, dtype=torch.float32), dsinks)
 
 
@@ -186,11 +188,11 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
             f"fastattn.attention: q's heads ({H}) must be a multiple of k/v's heads ({Hkv}) "
             f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
         )
-    if max(D, v.shape[3]) > MAX_HEAD_DIM:
-        raise _checks.ShapeError(
-            f"fastattn.attention: head_dim {D} (v: {v.shape[3]}) exceeds the supported maximum "
-            f"{MAX_HEAD_DIM}"
-        )
+    for what, d in (("head_dim", D), ("v's head_dim", v.shape[3])):
+        if d > MAX_HEAD_DIM:
+            raise _checks.ShapeError(
+                f"fastattn.attention: {what} {d} exceeds the supported maximum {MAX_HEAD_DIM}"
+            )
     _checks.number(OP, "scale", scale)
     _checks.number(OP, "dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:

@@ -200,8 +200,8 @@ def scaled_dot_product_attention(
         is_causal: top-left causal mask (``j <= i``); not together with ``attn_mask``.
         scale: multiplies ``q @ k^T`` (default ``head_dim ** -0.5``).
 
-    Returns ``(..., heads, seqlen_q, value_head_dim)``. A value head_dim other than query's, or a
-    head_dim over 256, runs the eager reference (same result, not fused).
+    Returns ``(..., heads, seqlen_q, value_head_dim)`` (v's head_dim may differ from q's). A
+    head_dim over 256 runs the eager reference (same result, not fused).
     """
     if _plain(query, key, value, attn_mask, enable_gqa) and type(dropout_p) is float:
         if 0.0 <= dropout_p < 1.0 and (scale is None or type(scale) is float):
@@ -244,7 +244,7 @@ def scaled_dot_product_attention(
     k4, v4 = _as4d(key, lead, Hkv), _as4d(value, lead, Hkv)  # (B, Hkv, S, E|Ev)
     s = E**-0.5 if scale is None else float(scale)
     p = float(dropout_p) if dropout_p < 1.0 else 0.0  # p == 1 drops everything: zeros, as torch
-    if Ev != E or E > MAX_HEAD_DIM:  # the kernels take one head_dim <= 256 for q, k and v
+    if max(E, Ev) > MAX_HEAD_DIM:  # the kernels take head_dims up to 256
         offset = 0 if causal in (False, "top_left") else S - L
         rng = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=q4.device) if p else None
         out = reference.attention(q4, k4, v4, mask4, s, causal is not False, offset, p, rng)[0]
