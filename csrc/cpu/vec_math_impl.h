@@ -44,28 +44,32 @@ inline typename V::R vexp(typename V::R x) {
   }
 }
 
-// tanh(x) to ~2 ulp (fp32): |x| < 0.55, x + x^3 Q(x^2) with Q a degree-4 least-squares fit of
-// (tanh(x) - x) / x^3 weighted to relative error (1.1 ulp with these fp32 coefficients, Horner);
-// else sign(x) (1 - 2 / (1 + exp(2|x|))), where exp's error is damped by 2 / (1 + e^2|x|) <= 0.55
-// and 1 - that stays >= 0.5 (exp overflowing to inf gives exactly +-1). NaN -> NaN. float64
-// takes libm's tanh.
+// tanh(x) in fp32 to ~3.5 ulp: x P(x^2) / Q(x^2) on |x| <= 9 (x clamped there: tanh(9) rounds to
+// 1), P of degree 5 and Q of degree 3, fitted here by iterated weighted least squares to the
+// relative error (6.6 x 2^-24 at most with these fp32 coefficients, Horner); the result clamped
+// to [-1, 1] (the fit overshoots 1 by 4e-7). One division, no exp: half the work of an exp-based
+// form. NaN -> NaN. float64 takes libm's tanh.
 template <class V>
 inline typename V::R vtanh(typename V::R x) {
   using R = typename V::R;
   if constexpr (V::kLibmExp) {
     return __builtin_tanh(x);
   } else {
-    const R ax = V::max(x, V::sub(V::zero(), x));
-    const R u = V::mul(x, x);
-    R q = V::set1(-0.006289866287261248f);
-    q = V::fma(q, u, V::set1(0.021077802404761314f));
-    q = V::fma(q, u, V::set1(-0.05385226011276245f));
-    q = V::fma(q, u, V::set1(0.13332565128803253f));
-    q = V::fma(q, u, V::set1(-0.33333316445350647f));
-    const R small = V::fma(V::mul(x, u), q, x);
-    const R e = vexp<V>(V::add(ax, ax));
-    const R big = V::sub(V::set1(1.0f), V::div(V::set1(2.0f), V::add(V::set1(1.0f), e)));
-    const R sbig = V::where(V::lt(x, V::zero()), V::sub(V::zero(), big), big);
-    return V::where(V::lt(ax, V::set1(0.55f)), small, sbig);
+    // min/max return their second operand when either is NaN: x second keeps NaN flowing.
+    const R one = V::set1(1.0f), mone = V::set1(-1.0f);
+    const R xc = V::min(V::set1(9.0f), V::max(V::set1(-9.0f), x));
+    const R u = V::mul(xc, xc);
+    R p = V::set1(1.9242380258632785e-11f);
+    p = V::fma(p, u, V::set1(-1.3182353875151875e-08f));
+    p = V::fma(p, u, V::set1(9.406467142980546e-06f));
+    p = V::fma(p, u, V::set1(0.0029364018701016903f));
+    p = V::fma(p, u, V::set1(0.12933944165706635f));
+    p = V::fma(p, u, one);
+    R q = V::set1(0.0002302375214640051f);
+    q = V::fma(q, u, V::set1(0.02382768504321575f));
+    q = V::fma(q, u, V::set1(0.46267253160476685f));
+    q = V::fma(q, u, one);
+    const R y = V::div(V::mul(xc, p), q);
+    return V::min(one, V::max(mone, y));
   }
 }
