@@ -58,12 +58,15 @@ def _classes(model: torch.nn.Module | type) -> list[type]:
 
 def _class_reason(cls: type) -> str | None:
     name = cls.__name__
-    if not getattr(cls, "_supports_sdpa", False):
+    # A model that flash-attention serves passes all it changes in the scores as the keyword
+    # arguments fastattn reads too (sliding_window, softcap, s_aux): Gemma 2 and gpt-oss, which
+    # SDPA cannot serve for their softcap / sinks.
+    if not (getattr(cls, "_supports_sdpa", False) or getattr(cls, "_supports_flash_attn", False)):
         return (
-            f"{name} does not support transformers' SDPA attention path (`_supports_sdpa` is "
-            "False, so transformers refuses attn_implementation='sdpa' too): its attention is "
-            "its own code, which fastattn's attention would not replace and which would misread "
-            "the SDPA-style mask (None or a keep/drop bool tensor) that 'fastattn' makes"
+            f"{name} supports neither transformers' SDPA nor its flash-attention path "
+            "(`_supports_sdpa` and `_supports_flash_attn` are False): its attention is its own "
+            "code, which fastattn's attention would not replace and which would misread the "
+            "SDPA-style mask (None or a keep/drop bool tensor) that 'fastattn' makes"
         )
     can_set = getattr(cls, "_can_set_attn_implementation", None)
     if can_set is None or not can_set():
@@ -203,16 +206,18 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function protocol: q ``(batch, heads, seqlen_q, head_dim)``, k, v
     ``(batch, kv_heads, seqlen_k, head_dim)`` (GQA served natively); returns ``(out (batch,
-    seqlen_q, heads, head_dim), None)``. Semantics are those of transformers' ``sdpa`` path.
-    With ``output_attentions=True`` it warns and returns the weights of an unfused attention."""
+    seqlen_q, heads, head_dim), None)``. Semantics are those of transformers' ``sdpa`` path,
+    plus the keyword arguments of its flash-attention path: ``sliding_window`` (the kernel
+    skips the key blocks outside it), ``softcap`` and ``s_aux`` (attention sinks), served in the
+    kernel. v may have its own head_dim (latent attention). With ``output_attentions=True`` it
+    warns and returns the weights of an unfused attention."""
     _check_config(getattr(module, "config", None))
-    for unsupported in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"fastattn attention does not support `{unsupported}`")
     if kwargs.get("cache") is not None and not isinstance(kwargs["cache"], bool):
         raise ValueError("fastattn attention does not support paged caches")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux", kwargs.get("sinks"))
+    module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(query.shape[2] > 1 and attention_mask is None and module_causal)
+    window = _window(kwargs.get("sliding_window"), bool(module_causal), query, key, attention_mask)
     mask = attention_mask
     if mask is not None:
         mask = mask[:, :, :, : key.shape[2]]
@@ -225,21 +230,44 @@ def attention_forward(
         else:
             mask = bias + mask
     if _weights_requested(kwargs):
+        if softcap is not None or sinks is not None or window is not None:
+            raise ValueError(
+                "fastattn attention: output_attentions=True is not served with softcap, "
+                "attention sinks or a sliding window; use attn_implementation='eager'"
+            )
         _warn_output_attentions()
         return _eager_with_weights(query, key, value, mask, causal, dropout, scaling)
-    dq, dv = query.shape[-1], value.shape[-1]
-    if dv != dq:  # (latent attention) the kernels take one head_dim: zero-pad to the larger one,
-        # which leaves q.k and P @ v unchanged, and crop the output back to v's.
-        scaling = dq**-0.5 if scaling is None else scaling
-        d = max(dq, dv)
-        query, key, value = (torch.nn.functional.pad(t, (0, d - t.shape[-1]))
-                             for t in (query, key, value))  # fmt: skip
     # transformers' causal flag is SDPA's (top-left): with an empty static cache the keys past
     # the queries are then hidden, as its sdpa path gets by cropping them.
     out = attention(query, key, value, causal="top_left" if causal else False, scale=scaling,
-                    attn_mask=mask, dropout_p=dropout)  # fmt: skip
+                    attn_mask=mask, dropout_p=dropout, window=window,
+                    softcap=0.0 if softcap is None else float(softcap), sinks=sinks)  # fmt: skip
     assert isinstance(out, torch.Tensor)
-    return out[..., :dv].transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _window(
+    sliding_window: int | None,
+    module_causal: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> tuple[int, int] | None:
+    """fastattn's ``window`` for transformers' ``sliding_window`` (its masks: causal ``kv > q -
+    sw``, bidirectional ``|q - kv| < sw``), or None where it cannot be placed safely.
+
+    The kernel places a window by the indices of the query and key tensors (queries are the
+    last ``seqlen_q`` keys); transformers' mask, by the cache positions. They agree when there
+    is no mask (transformers found every key visible) or when queries and keys are the same
+    positions (``seqlen_q == seqlen_k``: a prefill, an encoder). Elsewhere (decoding with a
+    static cache, whose keys include unwritten slots) the mask alone applies: right, but without
+    skipping the blocks outside the window."""
+    if sliding_window is None:
+        return None
+    if mask is not None and query.shape[2] != key.shape[2]:
+        return None
+    sw = int(sliding_window)
+    return (sw - 1, 0 if module_causal else sw - 1)
 
 
 def register() -> None:

@@ -1,0 +1,110 @@
+"""The models of issue 15 under ``attn_implementation="fastattn"``, as tiny random models: sliding
+windows smaller than the sequence (Mistral, Qwen2, Gemma 2/3, gpt-oss, ModernBERT's local
+layers), logit softcapping (Gemma 2), attention sinks (gpt-oss, ``s_aux``) and a value head_dim
+other than the query's (DeepSeek-V3's latent attention). Each against the same model on its own
+eager attention: logits with and without padding, the loss gradients, greedy ``generate()``."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import count_calls  # noqa: E402
+from test_transformers_models import batch, model_class, tiny_config  # noqa: E402
+
+from fastattn.integrations import transformers as fa_hf  # noqa: E402
+
+WINDOW = 4  # keys; the test sequences have 12 tokens
+# model_type -> (kind, config overrides): windows below the sequence length everywhere.
+MODELS = {
+    "mistral": ("causal", {"sliding_window": WINDOW}),
+    "qwen2": (
+        "causal",
+        {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 0},
+    ),  # fmt: skip
+    "gemma2": ("causal", {"sliding_window": WINDOW, "attn_logit_softcapping": 0.3}),
+    "gemma3_text": ("causal", {"sliding_window": WINDOW}),
+    "gpt_oss": ("causal", {"sliding_window": WINDOW}),
+    "deepseek_v3": ("causal", {"num_key_value_heads": 4}),  # q/k head_dim 16, v head_dim 16 + 8
+    "modernbert": ("encoder", {"local_attention": WINDOW, "global_attn_every_n_layers": 2}),
+}
+
+
+def build(model_type: str, attn: str):
+    kind, extra = MODELS[model_type]
+    if model_type == "deepseek_v3":
+        extra = {**extra, "v_head_dim": 24}  # v's head_dim other than q/k's (8 + 8 = 16)
+    cfg = tiny_config(kind, model_type, extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = model_class(kind, model_type)._from_config(cfg, attn_implementation=attn)
+        # Random tiny weights give scores near 0, where c tanh(s / c) ~ s: sharpened queries
+        # make the softcap (and every score change) matter to the logits.
+        for name, p in model.named_parameters():
+            if name.endswith("q_proj.weight"):
+                p.data.mul_(8.0)
+    return model.eval()
+
+
+def logits(model, kind, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if kind == "causal" else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_model_matches_its_eager_attention(model_type, monkeypatch):
+    fa_hf.register()
+    calls = count_calls(monkeypatch, fa_hf, "attention")
+    kind = MODELS[model_type][0]
+    eager, fast = build(model_type, "eager"), build(model_type, fa_hf.NAME)
+    fast.load_state_dict(eager.state_dict())
+    assert fa_hf.unsupported_reason(eager) is None
+    for pad in (False, True):
+        ids, mask = batch(kind, pad)
+        want = logits(eager, kind, ids, mask)
+        got = logits(fast, kind, ids, mask)
+        keep = mask.bool()
+        torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
+        # The loss gradients of every parameter (softcap, sinks and windows in the backward).
+        loss_w = (want[keep] ** 2).mean()
+        loss_g = (got[keep] ** 2).mean()
+        gw = torch.autograd.grad(loss_w, list(eager.parameters()), allow_unused=True)
+        gg = torch.autograd.grad(loss_g, list(fast.parameters()), allow_unused=True)
+        for (name, _), a, b in zip(eager.named_parameters(), gg, gw, strict=True):
+            if a is None or b is None:
+                assert a is None and b is None, name
+                continue
+            torch.testing.assert_close(
+                a, b, rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )
+    assert calls, "fastattn's attention never ran"
+    if kind == "causal":  # greedy decoding through the KV cache, left-padded batch
+        ids, mask = batch(kind, pad=True)
+        with torch.no_grad():
+            kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+            want = eager.generate(input_ids=ids, attention_mask=mask, **kw)
+            got = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert torch.equal(got, want)
+
+
+def test_sliding_window_reaches_the_kernel(monkeypatch):
+    # Mistral's window arrives as the kernel's window (block skipping), not only as a mask.
+    fa_hf.register()
+    seen = []
+    real = fa_hf.attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("window"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa_hf, "attention", spy)
+    model = build("mistral", fa_hf.NAME)
+    ids, mask = batch("causal", pad=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert seen and all(w == (WINDOW - 1, 0) for w in seen), seen
