@@ -43,6 +43,11 @@ class TransformerConfig:
     dropout: float = 0.0  # on attention probabilities and residual branches, in training
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Sliding-window attention (Mistral / Gemma): each query sees itself and the
+    # sliding_window - 1 positions before it, on the layers in window_layers (None: all).
+    sliding_window: int | None = None
+    window_layers: tuple[int, ...] | None = None
+    softcap: float | None = None  # attention logits become softcap * tanh(s / softcap) (Gemma 2)
 
 
 def _norm(cfg: TransformerConfig, fast: bool, fused_add: bool = False) -> nn.Module:
@@ -120,9 +125,19 @@ def _empty(like: torch.Tensor, seqlen: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, kernels: str) -> None:
+    def __init__(self, cfg: TransformerConfig, kernels: str, layer: int = 0) -> None:
         super().__init__()
         self.cfg, self.kernels = cfg, kernels
+        sw, layers = cfg.sliding_window, cfg.window_layers
+        if sw is not None and sw < 1:
+            raise ValueError(f"TransformerConfig.sliding_window must be >= 1, got {sw}")
+        # keys left of the diagonal this layer's queries see (None: all)
+        self.left = sw - 1 if sw is not None and (layers is None or layer in layers) else None
+        if cfg.softcap is not None and kernels == "sdpa":
+            raise ValueError(
+                "kernels='sdpa' cannot apply TransformerConfig.softcap: torch's SDPA has no "
+                "logit softcapping (use 'eager' or 'fastattn')"
+            )
         self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
         if cfg.dim % cfg.n_heads or self.n_heads % self.n_kv:
             raise ValueError("dim must divide by n_heads, and n_heads by n_kv_heads")
@@ -144,32 +159,49 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         p = self.cfg.dropout if self.training else 0.0
         # Causal, bottom-right aligned: the T new queries follow the cached keys.
+        cap = self.cfg.softcap
         if self.kernels == "fastattn":
-            o = fastattn.attention(q, k, v, causal=True, dropout_p=p)
+            window = None if self.left is None else (self.left, 0)
+            o = fastattn.attention(q, k, v, causal=True, dropout_p=p, window=window,
+                                   softcap=cap or 0.0)  # fmt: skip
         elif self.kernels == "sdpa":
-            o = _sdpa_attention(q, k, v, p)
+            o = _sdpa_attention(q, k, v, p, self.left)
         else:
-            o = _eager_attention(q, k, v, p)
+            o = _eager_attention(q, k, v, p, self.left, cap)
         assert isinstance(o, torch.Tensor)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
 
-def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+def _visible(Tq: int, Tk: int, left: int | None, device: torch.device) -> torch.Tensor:
+    """Bool ``(Tq, Tk)``: the keys each of the Tq new queries (the last Tq positions) sees:
+    causal, and within ``left`` positions before it when ``left`` is not None."""
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
+    return keep if left is None else keep.triu(Tk - Tq - left)
+
+
+def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                     left: int | None = None, softcap: float | None = None) -> torch.Tensor:  # fmt: skip
     """matmul, masked softmax, matmul: the textbook version the fused kernel replaces."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     Tq, Tk = q.shape[2], k.shape[2]
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if Tq > 1:  # (one query, the last position, sees every key)
-        hide = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
-        s = s.masked_fill(hide, float("-inf"))
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if Tq > 1 or left is not None:  # (one query, the last position, sees every key)
+        s = s.masked_fill(~_visible(Tq, Tk, left, q.device), float("-inf"))
     return F.dropout(torch.softmax(s, dim=-1), p) @ v
 
 
-def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                    left: int | None = None) -> torch.Tensor:  # fmt: skip
     """torch's fused SDPA (its causal flag is top-left aligned, so chunked prefill passes a mask;
-    a one-query decode step sees every key and needs none)."""
+    a one-query decode step sees every key and needs none; a window needs a mask)."""
     Tq, Tk = q.shape[2], k.shape[2]
+    if left is not None:
+        keep = _visible(Tq, Tk, left, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p,
+                                              enable_gqa=True)  # fmt: skip
     if Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=True)
     if Tq == Tk:
@@ -199,11 +231,11 @@ class Block(nn.Module):
     final norm), so that with fastattn kernels every residual add is fused into its norm (one
     pass writes both the sum and its norm)."""
 
-    def __init__(self, cfg: TransformerConfig, kernels: str, first: bool = False) -> None:
+    def __init__(self, cfg: TransformerConfig, kernels: str, layer: int = 0) -> None:
         super().__init__()
         fast = kernels == "fastattn"
-        self.norm1 = _norm(cfg, fast, fused_add=not first)  # the first block has nothing to add
-        self.attn = Attention(cfg, kernels)
+        self.norm1 = _norm(cfg, fast, fused_add=layer > 0)  # the first block has nothing to add
+        self.attn = Attention(cfg, kernels, layer)
         self.norm2 = _norm(cfg, fast, fused_add=True)
         hidden = cfg.mlp_hidden or 4 * cfg.dim
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
@@ -231,7 +263,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, kernels, i == 0) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, kernels, i) for i in range(cfg.n_layers))
         self.norm = _norm(cfg, kernels == "fastattn", fused_add=cfg.n_layers > 0)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied output head

@@ -9,7 +9,8 @@ from conftest import assert_parity
 
 from fastattn.models import KVCache, Transformer, TransformerConfig, tiny_corpus
 
-# MHA + RMSNorm + rotary; GQA + LayerNorm + learned positions.
+# MHA + RMSNorm + rotary; GQA + LayerNorm + learned positions; a sliding window of 8 (shorter
+# than the sequences) on layer 0 only, with GQA; the same with logit softcapping (Gemma 2).
 CONFIGS = [
     TransformerConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
     TransformerConfig(
@@ -22,7 +23,28 @@ CONFIGS = [
         pos="learned",
         max_seq_len=128,
     ),  # fmt: skip
+    TransformerConfig(
+        vocab_size=64,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=128,
+        sliding_window=8,
+        window_layers=(0,),
+    ),  # fmt: skip
+    TransformerConfig(
+        vocab_size=64,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=128,
+        sliding_window=8,
+        softcap=1.5,
+    ),  # fmt: skip
 ]
+IDS = ["mha-rms-rope", "gqa-ln-learned", "gqa-window-layer0", "gqa-window-softcap"]
 
 
 def pair(cfg):
@@ -34,7 +56,7 @@ def pair(cfg):
     return eager, fast
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["mha-rms-rope", "gqa-ln-learned"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_logits_and_gradients_match_eager(cfg):
     eager, fast = pair(cfg)
     idx = torch.randint(0, cfg.vocab_size, (3, 50))
@@ -74,19 +96,22 @@ def test_training_loss_curves_agree():
     assert torch.allclose(fast, eager, rtol=1e-3, atol=1e-3), (fast - eager).abs().max()
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["mha-rms-rope", "gqa-ln-learned"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_generation_with_kv_cache(cfg):
     eager, fast = pair(cfg)
-    sdpa = Transformer(cfg, kernels="sdpa")
-    sdpa.load_state_dict(eager.state_dict(), strict=True)
+    models = [eager, fast]
+    if cfg.softcap is None:  # (torch's SDPA has no softcap: refused below)
+        sdpa = Transformer(cfg, kernels="sdpa")
+        sdpa.load_state_dict(eager.state_dict(), strict=True)
+        models.append(sdpa)
     prompt = torch.randint(0, cfg.vocab_size, (2, 9))
     got = fast.generate(prompt, 12)
     assert got.shape == (2, 21)
     assert torch.equal(got, fast.generate(prompt, 12, use_cache=False))  # decode path == prefill
-    assert torch.equal(got, eager.generate(prompt, 12))
-    assert torch.equal(got, sdpa.generate(prompt, 12))
+    for model in models[::2]:
+        assert torch.equal(got, model.generate(prompt, 12))
     # Chunked prefill: 4 queries against 9 cached keys (bottom-right causal) == the full pass.
-    for model in (eager, sdpa, fast):
+    for model in models:
         cache = KVCache()
         model(prompt[:, :5], cache=cache)
         chunk, _ = model(prompt[:, 5:], start=5, cache=cache)
@@ -114,3 +139,7 @@ def test_bad_config_is_rejected():
         Transformer(CONFIGS[0], kernels="tpu")
     with pytest.raises(ValueError, match="n_kv_heads"):
         Transformer(TransformerConfig(n_heads=4, n_kv_heads=3))
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        Transformer(TransformerConfig(sliding_window=0))
+    with pytest.raises(ValueError, match="SDPA has no logit softcapping"):
+        Transformer(TransformerConfig(softcap=2.0), kernels="sdpa")
