@@ -162,8 +162,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   }
   AttnArgs a{};
   const Variants var{window_left, window_right, softcap, sinks, alibi};
-  const Tensor m =
-      setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
+  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
   const DType xdt = dtype_of(kFwd, q.scalar_type());
@@ -275,8 +274,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor lse = lse_in.contiguous();
   AttnArgs a{};
   const Variants var{window_left, window_right, softcap, sinks, alibi};
-  const Tensor m =
-      setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
+  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
   const auto op_dt = lse.scalar_type();
   Tensor delta = at::empty({B, H, Sq}, q.options().dtype(op_dt));
   a.dout = g.data_ptr();

@@ -184,8 +184,8 @@ inline void check_attention_variants(const char* op, const at::Tensor& q, int64_
   const auto opm = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (sinks.has_value()) {
     check_same_device(op, "sinks", *sinks, q);
-    TORCH_CHECK(sinks->scalar_type() == opm, op, ": sinks must be ", opm, " for ",
-                q.scalar_type(), " q, got ", sinks->scalar_type());
+    TORCH_CHECK(sinks->scalar_type() == opm, op, ": sinks must be ", opm, " for ", q.scalar_type(),
+                " q, got ", sinks->scalar_type());
     TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == q.size(1), op,
                 ": sinks must have shape (heads,) = (", q.size(1), "), got ", sinks->sizes());
   }
@@ -193,9 +193,9 @@ inline void check_attention_variants(const char* op, const at::Tensor& q, int64_
     check_same_device(op, "alibi", *alibi, q);
     TORCH_CHECK(alibi->scalar_type() == opm, op, ": alibi slopes must be ", opm, " for ",
                 q.scalar_type(), " q, got ", alibi->scalar_type());
-    TORCH_CHECK(alibi->dim() == 2 && alibi->size(0) == q.size(0) && alibi->size(1) == q.size(1),
-                op, ": alibi slopes must be expanded to (batch, heads) = (", q.size(0), ", ",
-                q.size(1), "), got ", alibi->sizes());
+    TORCH_CHECK(alibi->dim() == 2 && alibi->size(0) == q.size(0) && alibi->size(1) == q.size(1), op,
+                ": alibi slopes must be expanded to (batch, heads) = (", q.size(0), ", ", q.size(1),
+                "), got ", alibi->sizes());
   }
 }
 

@@ -179,8 +179,14 @@ def _visible(Tq: int, Tk: int, left: int | None, device: torch.device) -> torch.
     return keep if left is None else keep.triu(Tk - Tq - left)
 
 
-def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
-                     left: int | None = None, softcap: float | None = None) -> torch.Tensor:  # fmt: skip
+def _eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p: float,
+    left: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """matmul, masked softmax, matmul: the textbook version the fused kernel replaces."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

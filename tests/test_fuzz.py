@@ -150,13 +150,22 @@ def cases(draw: Any) -> dict[str, Any]:
         H = Hkv * draw(st.sampled_from([1, 2, 3]))  # MHA, GQA 2:1, 3:1 (MQA when Hkv = 1)
         Sq, Sk = draw(st.sampled_from(SIZES)), draw(st.sampled_from(SIZES))
         D = draw(st.sampled_from(HEAD_DIMS))
-        while B * H * max(Sq, Sk) * D > cap:
+        # The variants (issue 15) where a kernel serves them: attention() on cpu / reference.
+        variants = op == "attention" and case["backend"] != "triton"
+        Dv = draw(st.sampled_from([D] * 3 + HEAD_DIMS)) if variants else D
+        while B * H * max(Sq, Sk) * max(D, Dv) > cap:
             Sq, Sk = max(1, Sq // 2), max(1, Sk // 2)
         case["q"] = _tensor_spec(draw, [B, H, Sq, D])
         case["k"] = _tensor_spec(draw, [B, Hkv, Sk, D])
-        case["v"] = _tensor_spec(draw, [B, Hkv, Sk, D])
+        case["v"] = _tensor_spec(draw, [B, Hkv, Sk, Dv])
         case["causal"] = draw(st.sampled_from([False, "top_left", "bottom_right"]))
         case["mask"] = _mask_spec(draw, [B, H, Sq, Sk], 4)
+        if variants:
+            sizes = st.sampled_from([-1, -1, 0, 1, 5, 37, 130])  # -1: unbounded
+            case["window"] = [draw(sizes), draw(sizes)] if draw(st.booleans()) else None
+            case["softcap"] = draw(st.sampled_from([0.0, 0.0, 0.5, 30.0]))
+            case["sinks"] = draw(st.sampled_from([False, False, True]))
+            case["alibi"] = draw(st.sampled_from([None, None, "heads", "batch_heads"]))
         if op == "sdpa":
             case["causal"] = draw(st.sampled_from([False, "top_left"]))
             if case["causal"]:
@@ -233,6 +242,14 @@ def _build(case: dict[str, Any]) -> tuple[dict[str, torch.Tensor | None], torch.
             _make({**case["x"], "values": "normal"}, dtype, gen) if case["residual"] else None
         )
     t["mask"] = _mask(case.get("mask"), gen)
+    if case.get("sinks"):  # per-head logits (a -inf one: a head without a sink)
+        sk = torch.randn(case["q"]["shape"][1], generator=gen) * 2
+        if sk.numel() > 1:
+            sk[0] = -math.inf
+        t["sinks"] = sk.to(dtype)
+    if case.get("alibi"):  # fixed slopes, no gradient
+        B, H = case["q"]["shape"][:2]
+        t["alibi"] = torch.rand((H,) if case["alibi"] == "heads" else (B, H), generator=gen)
     if case["backend"] == "cpu" and "norm" not in case["op"] and dtype.is_floating_point:
         # The CPU softmax and attention kernels run with subnormals flushed to zero (FTZ/DAZ,
         # docs/api.md): what they compute on is the input flushed, so the oracle gets that too.
@@ -267,9 +284,13 @@ def _run(case: dict[str, Any], t: dict[str, Any], backend: str, opmath: torch.dt
         return y if h is None else (y, h)
     q, k, v, m = t["q"], t["k"], t["v"], t["mask"]
     causal = case["causal"]
+    window = tuple(case["window"]) if case.get("window") else None
+    var = {"softcap": case.get("softcap", 0.0), "sinks": t.get("sinks")}
+    alibi = t.get("alibi")
     if opmath is None and op == "attention":
         return fastattn.attention(q, k, v, causal=causal if causal else False, attn_mask=m,
-                                  backend=backend)  # fmt: skip
+                                  backend=backend, window=window, alibi_slopes=alibi,
+                                  **var)  # fmt: skip
     if opmath is None:  # sdpa: k/v heads repeated by enable_gqa
         os.environ["FASTATTN_BACKEND"] = backend
         try:
@@ -278,12 +299,19 @@ def _run(case: dict[str, Any], t: dict[str, Any], backend: str, opmath: torch.dt
             )
         finally:
             del os.environ["FASTATTN_BACKEND"]
-    offset = k.shape[2] - q.shape[2] if causal == "bottom_right" else 0
-    return reference.attention(q, k, v, m, None, bool(causal), offset, opmath=opmath)[0]
+    # The public API aligns a window as causal is (bottom-right unless top-left, also without
+    # causal), and with causal its right side is 0.
+    offset = 0 if causal == "top_left" else k.shape[2] - q.shape[2]
+    wl, wr = window if window else (-1, -1)
+    wr = 0 if causal and window else wr
+    if alibi is not None:
+        alibi = alibi.to(opmath)
+    return reference.attention(q, k, v, m, None, bool(causal), offset, window=(wl, wr),
+                               alibi_slopes=alibi, opmath=opmath, **var)[0]  # fmt: skip
 
 
 def _leaves(t: dict[str, Any]) -> list[str]:
-    return [n for n in ("x", "q", "k", "v", "weight", "bias", "residual")
+    return [n for n in ("x", "q", "k", "v", "weight", "bias", "residual", "sinks")
             if isinstance(t.get(n), torch.Tensor) and t[n].numel()]  # fmt: skip
 
 
@@ -360,8 +388,8 @@ def _check(case: dict[str, Any]) -> str:
     outs = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
     # inf/NaN in the value of a key a query cannot see: unspecified (docs/attention.md). The
     # reference's P @ V gives 0 * inf = NaN there; a kernel that skips the key gives a number.
-    hidden_v = "v" in t and (case.get("mask") or case["causal"]) and not torch.isfinite(
-        t["v"].double()).all()  # fmt: skip
+    hides = case.get("mask") or case["causal"] or case.get("window")
+    hidden_v = "v" in t and hides and not torch.isfinite(t["v"].double()).all()
     # Subnormal scores' inputs beside inf/NaN ones: whether a kernel flushes a subnormal to 0
     # (the CPU kernels always do, the oracle then sees them flushed; GPU tensor cores and the
     # Triton interpreter may, value by value) decides whether subnormal * inf is inf or NaN:

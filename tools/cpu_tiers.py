@@ -41,14 +41,15 @@ import time
 
 # fastattn's ISA path and torch's ATEN_CPU_CAPABILITY of the same level, best first.
 TIERS = [("avx512bf16", "avx512"), ("avx512", "avx512"), ("avx2", "avx2"), ("scalar", "default")]
-# The parity grids of the CPU kernels (fp32, bf16, fp16) and fp16's special values (values near
-# its max, subnormal outputs: converted by F16C on the vector tiers, in software on the scalar
-# one), cpu backend only (the others do not depend on the tier); and the seeded fuzz profile
-# with its regressions (tests/test_fuzz.py).
+# The parity grids of the CPU kernels (fp32, bf16, fp16; attention's variants too) and fp16's
+# special values (values near its max, subnormal outputs: converted by F16C on the vector tiers,
+# in software on the scalar one), cpu backend only (the others do not depend on the tier); and
+# the seeded fuzz profile with its regressions (tests/test_fuzz.py).
 TARGETS = [
     "tests/test_softmax.py",
     "tests/test_norm.py",
     "tests/test_attention.py",
+    "tests/test_attention_variants.py",
     "tests/test_fuzz.py",
 ]
 SELECT = (

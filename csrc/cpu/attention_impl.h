@@ -325,8 +325,7 @@ struct Attn {
   static void finish_scores(const AttnArgs& a, Acc* s, int64_t b, int64_t h, int64_t i, int64_t jb,
                             int64_t n) {
     if (a.alibi != nullptr) {
-      const Acc slope =
-          static_cast<const Acc*>(a.alibi)[b * a.alibi_str[0] + h * a.alibi_str[1]];
+      const Acc slope = static_cast<const Acc*>(a.alibi)[b * a.alibi_str[0] + h * a.alibi_str[1]];
       const Acc d0 = Acc(i + a.causal_offset - jb);  // the diagonal's key, tile-relative
       for (int64_t j = 0; j < n; ++j) {
         const Acc d = d0 - Acc(j);
@@ -594,8 +593,7 @@ struct Attn {
           const int64_t kn = n - k0 < kDirectKeys ? n - k0 : kDirectKeys;
           for (int64_t x = 0; x < kDirectKeys; ++x)  // the next chunk's rows (see scores_direct)
             prefetch_row(vp + (jb + k0 + kDirectKeys + x) * a.v_str[2], Dv);
-          gemm(rows, Dv, kn, S + k0, NF, 1, vp + (jb + k0) * a.v_str[2], a.v_str[2], O, Dvp,
-               true);
+          gemm(rows, Dv, kn, S + k0, NF, 1, vp + (jb + k0) * a.v_str[2], a.v_str[2], O, Dvp, true);
         }
       } else {
         gemm_panels(rows, Dv, n, S, NF, 1, kt + D * NF, NF * NB, O, Dvp, true);
@@ -870,8 +868,7 @@ struct Attn {
       for (int64_t j = 0; j < n; ++j) {
         int64_t d = 0;
         for (; d + W <= D; d += W) V::store(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks));
-        if (d < D)
-          V::storen(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks), int(D - d));
+        if (d < D) V::storen(dkp + j * D + d, V::mul(V::load(dK + j * Dp + d), ks), int(D - d));
         for (d = 0; d + W <= Dv; d += W) V::store(dvp + j * Dv + d, V::load(dV + j * Dvp + d));
         if (d < Dv) V::storen(dvp + j * Dv + d, V::load(dV + j * Dvp + d), int(Dv - d));
       }

@@ -1,5 +1,6 @@
 """Attention benchmark cases (``fastattn-bench attention``): self-attention forward and
-forward+backward, causal and not, and a grouped-query decode step; GFLOP/s and peak memory."""
+forward+backward, causal and not, and a grouped-query decode step; GFLOP/s and peak memory; then
+the window / softcap / sinks / ALiBi cases of cases_attention_variants.py."""
 
 from __future__ import annotations
 
@@ -181,4 +182,8 @@ def attention_cases(opts: Options) -> list[Case]:
                 case.peak_gflops = peak.get(DTYPE_NAMES.get(dt, ""), math.nan)
                 case.memory = True
                 cases.append(case)
+    if not opts.shapes:  # the window, softcap, sinks and ALiBi cases (cases_attention_variants)
+        from fastattn.bench.cases_attention_variants import variant_cases
+
+        cases += variant_cases(opts)
     return cases
