@@ -252,12 +252,13 @@ def test_attention_scores_past_2_31(big_memory):
     tile = torch.rand(61, 67) < 0.9
     mask = tile.repeat(sq // 61 + 1, sk // 67 + 1)[:sq, :sk][None, None]  # (1, 1, Sq, Sk) view
     scale = d**-0.5
-    out, lse = fa.attention(q, k, v, mask, None, scale, False, 0, 0.0)
+    plain = (-1, -1, 0.0, None, None)  # no window, softcap, sinks or ALiBi
+    out, lse = fa.attention(q, k, v, mask, None, scale, False, 0, 0.0, *plain)
     rows = torch.tensor([0, 1, 4097, sq // 2 + 3, sq - 7, sq - 2, sq - 1])
     do = torch.zeros_like(q)
     do[:, :, rows] = torch.randn(1, 1, len(rows), d).to(BF16)
-    dq, dk, dv, _ = fa.attention_backward(
-        do, q, k, v, out, lse, mask, None, scale, False, 0, 0.0, False, False
+    dq, dk, dv, _, _ = fa.attention_backward(
+        do, q, k, v, out, lse, mask, None, scale, False, 0, 0.0, *plain, False, False
     )
     sub = (q[:, :, rows], k, v, mask[:, :, rows], do[:, :, rows])
     ref, eager = attention64(*sub), attention_eager(*sub)
