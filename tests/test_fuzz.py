@@ -388,7 +388,7 @@ def _check(case: dict[str, Any]) -> str:
     outs = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
     # inf/NaN in the value of a key a query cannot see: unspecified (docs/attention.md). The
     # reference's P @ V gives 0 * inf = NaN there; a kernel that skips the key gives a number.
-    hides = case.get("mask") or case["causal"] or case.get("window")
+    hides = case.get("mask") or case.get("causal") or case.get("window")
     hidden_v = "v" in t and hides and not torch.isfinite(t["v"].double()).all()
     # Subnormal scores' inputs beside inf/NaN ones: whether a kernel flushes a subnormal to 0
     # (the CPU kernels always do, the oracle then sees them flushed; GPU tensor cores and the
