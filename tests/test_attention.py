@@ -567,25 +567,27 @@ def test_bad_input_is_rejected_in_cpp(call):
 
 
 # -------------------------------------------------------------- torch.library / compile
-def opcheck_samples(variants: bool):
+def opcheck_samples(other_dv: bool):
     q, k, v = _qkv(q=(1, 4, 5, 8), k=(1, 2, 7, 8))
     yield (q, k, v, None, None, 0.3, True, 2, 0.0, *PLAIN)
     bias = torch.randn(1, 1, 5, 7, requires_grad=True).expand(1, 4, 5, 7)
     yield (q.requires_grad_(), k, v, bias, torch.tensor([3, 4]), 0.3, False, 0, 0.25, *PLAIN)
     keep = (torch.rand(1, 1, 1, 7) > 0.3).expand(1, 4, 5, 7)
     yield (q, k.requires_grad_(), v.requires_grad_(), keep, None, 0.5, True, 0, 0.0, *PLAIN)
-    if variants:  # window, softcap, sinks (with their gradient), ALiBi; v's own head_dim
-        sinks = torch.randn(4, requires_grad=True)
-        slopes = torch.rand(4).expand(1, 4)
+    # window, softcap, sinks (with their gradient), ALiBi; v's own head_dim (C++ op only)
+    sinks = torch.randn(4, requires_grad=True)
+    slopes = torch.rand(4).expand(1, 4)
+    yield (q, k, v, keep, None, 0.3, False, 2, 0.0, 1, 3, 0.0, sinks, None)
+    yield (q, k, v, None, None, 0.3, True, 2, 0.0, 2, 0, 5.0, sinks, slopes)
+    if other_dv:
         v6 = torch.randn(1, 2, 7, 6, requires_grad=True)
         yield (q, k, v6, None, None, 0.3, True, 2, 0.0, 2, 0, 5.0, sinks, slopes)
-        yield (q, k, v, keep, None, 0.3, False, 2, 0.0, 1, 3, 0.0, sinks, None)
 
 
 @pytest.mark.parametrize("op", ["attention", "attention_triton"])
 def test_opcheck(op):
     extra = (False,) if op == "attention_triton" else ()
-    for args in opcheck_samples(variants=op == "attention"):
+    for args in opcheck_samples(other_dv=op == "attention"):
         torch.library.opcheck(getattr(torch.ops.fastattn, op), (*args, *extra))
         out, lse = getattr(torch.ops.fastattn, op)(*args, *extra)
         # The backward op has no derivative of its own: opcheck it on tensors without grad.

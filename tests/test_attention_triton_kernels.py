@@ -98,8 +98,8 @@ def _run(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, causal=False, off=0, mask=No
     do = g.to(dtype)
     if transposed:  # grad_out in (B, S, H, D) storage too
         do = do.transpose(1, 2).contiguous().transpose(1, 2)
-    dq, dk, dv, dm = AB.triton_backward(do, q, k, v, out, lse, mk_full, rng, scale, causal, off, p,
-                                       deterministic, mask_grad)  # fmt: skip
+    dq, dk, dv, dm, _ = AB.triton_backward(do, q, k, v, out, lse, mk_full, rng, scale, causal,
+                                          off, p, deterministic, mask_grad)  # fmt: skip
     for name, fast, ref, e in (("dq", dq, qr, eager[0]), ("dk", dk, kr, eager[1]),
                                ("dv", dv, vr, eager[2])):  # fmt: skip
         assert fast.dtype == dtype and fast.is_contiguous()
@@ -177,7 +177,7 @@ def test_zero_size(shape):
     assert out.shape == q.shape and lse.shape == (B, H, Sq)
     assert (out == 0).all() and (lse == float("-inf")).all()
     do = torch.randn_like(out)
-    dq, dk, dv, dm = AB.triton_backward(do, q, k, v, out, lse, None, None, 0.25, True, 0, 0.0,
+    dq, dk, dv, dm, _ = AB.triton_backward(do, q, k, v, out, lse, None, None, 0.25, True, 0, 0.0,
                                        True, False)  # fmt: skip
     assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all() and dm.numel() == 0
 

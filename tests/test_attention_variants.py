@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import GPU, assert_parity
 
 import fastattn
 from fastattn import reference
@@ -19,15 +19,15 @@ VARIANTS = {
     "window-right-only": {"window": (-1, 5)},  # unbounded left, 5 keys past the diagonal
     "softcap": {"softcap": 2.5, "causal": True},  # Gemma 2: c * tanh(s / c)
     "sinks": {"sinks": True},  # gpt-oss: one more logit per head, no value
-    "alibi": {"alibi": (4,), "causal": True},  # slopes per head
-    "alibi-batch": {"alibi": (2, 4)},  # slopes per (batch, head), non-causal |i - j|
+    "alibi": {"alibi": "heads", "causal": True},  # slopes per head
+    "alibi-batch": {"alibi": "batch_heads"},  # slopes per (batch, head), non-causal |i - j|
     "v-head-dim": {"dv": 24},  # multi-head latent attention: v narrower than q/k
     "all": {
         "causal": True,
         "window": (30, 0),
         "softcap": 8.0,
         "sinks": True,
-        "alibi": (4,),
+        "alibi": "heads",
         "dv": 72,
     },  # fmt: skip
 }
@@ -47,15 +47,27 @@ def _variant_args(B, H, kw, dtype, device="cpu"):
     if kw.pop("sinks", False):
         kw["sinks"] = torch.randn(H, device=device).to(dtype).double()
     if "alibi" in kw:
-        shape = kw.pop("alibi")
-        slopes = torch.rand(shape if shape != (2, 4) else (B, H), device=device) * 0.5
+        shape = (H,) if kw.pop("alibi") == "heads" else (B, H)
+        slopes = torch.rand(shape, device=device) * 0.5
         kw["alibi_slopes"] = slopes.to(dtype).double()
     return kw
 
 
+def _oracle(q, k, v, kw, opmath):
+    """reference.attention with attention()'s keywords in its own terms: the causal alignment
+    as an offset (also the window's), the window's right side 0 under causal."""
+    causal = kw.get("causal", False)
+    offset = 0 if causal == "top_left" else k.shape[2] - q.shape[2]
+    left, right = kw.get("window") or (-1, -1)
+    window = (left, 0 if causal and "window" in kw else right)
+    return reference.attention(q, k, v, None, None, causal is not False, offset, window=window,
+                               softcap=kw.get("softcap", 0.0), sinks=kw.get("sinks"),
+                               alibi_slopes=kw.get("alibi_slopes"), opmath=opmath)  # fmt: skip
+
+
 def run(impl, q, k, v, grad, kw):
     """(out, lse, dq, dk, dv[, dsinks]): impl a backend, or "reference64" / "eager" (the oracle
-    in float64 / in the inputs' dtype)."""
+    in float64 / the same math in the inputs' dtype: the rounding scale of the rule)."""
     dt = torch.float64 if impl == "reference64" else q.dtype
     leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
     kw = dict(kw)
@@ -64,14 +76,16 @@ def run(impl, q, k, v, grad, kw):
         leaves.append(kw["sinks"])
     if "alibi_slopes" in kw:
         kw["alibi_slopes"] = kw["alibi_slopes"].to(dt)
-    backend = "reference" if impl in ("reference64", "eager") else impl
-    out, lse = fastattn.attention(*leaves[:3], return_lse=True, backend=backend, **kw)
+    if impl in ("reference64", "eager"):
+        out, lse = _oracle(*leaves[:3], kw, dt)
+    else:
+        out, lse = fastattn.attention(*leaves[:3], return_lse=True, backend=impl, **kw)
     grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
     return [out.detach(), lse.detach().float(), *grads]
 
 
 def check(q, k, v, kw, backend="cpu"):
-    grad = torch.randn((*q.shape[:-1], v.shape[-1]), dtype=torch.float64)
+    grad = torch.randn((*q.shape[:-1], v.shape[-1]), dtype=torch.float64, device=q.device)
     got = run(backend, q, k, v, grad, kw)
     want = run("reference64", q, k, v, grad, kw)
     base = run("eager", q, k, v, grad, kw)
@@ -96,6 +110,24 @@ def grid():
                                        f"{sq}x{sk}-d{d}-h{heads[0]}kv{heads[1]}")  # fmt: skip
 
 
+def triton_grid():
+    # The interpreter runs ~ms per block step: two shapes (a decode row against 200 keys, which
+    # takes the split-K path and its combine, and 33 x 70), one dtype per variant in turn. v's
+    # own head_dim is not in the Triton kernels (refused, test_triton_refuses_other_v_head_dim).
+    names = [n for n in VARIANTS if "dv" not in VARIANTS[n]]
+    for i, name in enumerate(names):
+        for j, (sq, sk) in enumerate([(1, 200), (33, 70)]):
+            dtype = (torch.float32, torch.bfloat16)[(i + j) % 2]
+            yield pytest.param(name, dtype, sq, sk, 40, (4, 2), id=f"{name}-{dtype}-{sq}x{sk}")
+
+
+@pytest.mark.parametrize(("variant", "dtype", "Sq", "Sk", "D", "heads"), list(triton_grid()))
+def test_triton_variants_in_the_interpreter(variant, dtype, Sq, Sk, D, heads):
+    if fastattn.dispatch.unavailable_reason("triton", torch.device("cpu"), dtype) is not None:
+        pytest.skip("triton cannot run here")
+    test_parity_grid_variants("triton", variant, dtype, Sq, Sk, D, heads)
+
+
 # "parity_grid" and "cpu" in the id: tools/cpu_tiers.py runs it on every CPU tier.
 @pytest.mark.parametrize("backend", ["cpu"])
 @pytest.mark.parametrize(("variant", "dtype", "Sq", "Sk", "D", "heads"), list(grid()))
@@ -108,6 +140,19 @@ def test_parity_grid_variants(backend, variant, dtype, Sq, Sk, D, heads):
     # v stored (batch, seqlen, heads, head_dim) and viewed transposed: strided, as in HF models.
     v = torch.randn(B, Sk, Hkv, Dv).to(dtype).transpose(1, 2)
     check(q, k, v, _variant_args(B, H, kw, dtype), backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("Sq", "Sk"), [(1, 1025), (1025, 1025)])  # split-K decode; 1024 + 1
+@pytest.mark.parametrize("variant", [n for n in VARIANTS if "dv" not in VARIANTS[n]])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=GPU)])
+def test_parity_variants_gpu(backend, variant, Sq, Sk, D, dtype):
+    # The Triton kernels compiled for the GPU (tensor cores, autotuned tiles), as on CPU above.
+    kw = VARIANTS[variant]
+    q = torch.randn(2, 8, Sq, D, device="cuda").to(dtype)
+    k, v = (torch.randn(2, 2, Sk, D, device="cuda").to(dtype) for _ in range(2))
+    check(q, k, v, _variant_args(2, 8, kw, dtype, device="cuda"), backend)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -224,13 +269,13 @@ def test_bad_v_head_dim_is_rejected():
         fastattn.attention(q, k, torch.randn(1, 2, 4, 300))
 
 
-def test_triton_refuses_variants_by_name():
+def test_triton_refuses_other_v_head_dim():
     # Not yet in the Triton kernels: naming the backend is an error, never another result.
     q = torch.randn(1, 2, 4, 16)
     if fastattn.dispatch.unavailable_reason("triton", q.device, q.dtype) is not None:
         pytest.skip("triton cannot run here")
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run this call"):
-        fastattn.attention(q, q, q, softcap=1.0, backend="triton")
+        fastattn.attention(q, q, torch.randn(1, 2, 4, 8), backend="triton")
 
 
 @pytest.mark.real_default

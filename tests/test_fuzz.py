@@ -150,9 +150,10 @@ def cases(draw: Any) -> dict[str, Any]:
         H = Hkv * draw(st.sampled_from([1, 2, 3]))  # MHA, GQA 2:1, 3:1 (MQA when Hkv = 1)
         Sq, Sk = draw(st.sampled_from(SIZES)), draw(st.sampled_from(SIZES))
         D = draw(st.sampled_from(HEAD_DIMS))
-        # The variants (issue 15) where a kernel serves them: attention() on cpu / reference.
-        variants = op == "attention" and case["backend"] != "triton"
-        Dv = draw(st.sampled_from([D] * 3 + HEAD_DIMS)) if variants else D
+        # The variants (issue 15): attention() on every backend; v's own head_dim but on Triton.
+        variants = op == "attention"
+        own_dv = variants and case["backend"] != "triton"
+        Dv = draw(st.sampled_from([D] * 3 + HEAD_DIMS)) if own_dv else D
         while B * H * max(Sq, Sk) * max(D, Dv) > cap:
             Sq, Sk = max(1, Sq // 2), max(1, Sk // 2)
         case["q"] = _tensor_spec(draw, [B, H, Sq, D])
@@ -388,7 +389,9 @@ def _check(case: dict[str, Any]) -> str:
     outs = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
     # inf/NaN in the value of a key a query cannot see: unspecified (docs/attention.md). The
     # reference's P @ V gives 0 * inf = NaN there; a kernel that skips the key gives a number.
-    hides = case.get("mask") or case.get("causal") or case.get("window")
+    # ALiBi's bias hides far keys the same way: their P underflows in fp32 (0 * inf = NaN), not
+    # in the float64 oracle (tiny * inf = inf).
+    hides = case.get("mask") or case.get("causal") or case.get("window") or case.get("alibi")
     hidden_v = "v" in t and hides and not torch.isfinite(t["v"].double()).all()
     # Subnormal scores' inputs beside inf/NaN ones: whether a kernel flushes a subnormal to 0
     # (the CPU kernels always do, the oracle then sees them flushed; GPU tensor cores and the

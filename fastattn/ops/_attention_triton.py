@@ -55,6 +55,7 @@ from fastattn.ops._attention_triton_common import (
     seq_class,
     split_config,
     tile_scores,
+    variant_args,
 )
 
 
@@ -67,6 +68,13 @@ def attn_fwd_kernel(
     LSE,
     M,
     RNG,
+    Sinks,
+    Alibi,
+    s_ab,
+    s_ah,
+    cap2,
+    win_left,
+    win_right,
     qk_scale,
     drop_scale,
     drop_thr,
@@ -98,6 +106,10 @@ def attn_fwd_kernel(
     MASK_BOOL: tl.constexpr,
     CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SINKS: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     RNE_BF16: tl.constexpr,
@@ -135,10 +147,22 @@ def attn_fwd_kernel(
     m_row = b * s_mb + hr * s_mh + qi.to(tl.int64) * s_mm
     lo = split * keys_per_split
     hi = tl.minimum(Sk, lo + keys_per_split)
+    last = tl.minimum((pid_m + 1) * BLOCK_M, NH * Sq) - 1
+    one_head = pid_m * BLOCK_M // Sq == last // Sq  # the block's rows are of one head
     if CAUSAL:  # key blocks past the diagonal of the block's last query are never visited
-        last = tl.minimum((pid_m + 1) * BLOCK_M, NH * Sq) - 1
-        max_i = tl.where(pid_m * BLOCK_M // Sq == last // Sq, last % Sq, Sq - 1)
+        max_i = tl.where(one_head, last % Sq, Sq - 1)
         hi = tl.minimum(hi, max_i + 1 + causal_offset)
+    if WINDOW:  # nor those outside every row's window (work seqlen x window)
+        min_i = tl.where(one_head, (pid_m * BLOCK_M) % Sq, 0)
+        max_i = tl.where(one_head, last % Sq, Sq - 1)
+        if win_left >= 0:  # (in whole blocks from the split's start: no block crosses a split)
+            first = tl.maximum(lo, min_i + causal_offset - win_left)
+            lo = lo + (first - lo) // BLOCK_N * BLOCK_N
+        if win_right >= 0:
+            hi = tl.minimum(hi, max_i + causal_offset + win_right + 1)
+    slope2 = 0.0
+    if ALIBI:  # per row (its head): slope * log2(e)
+        slope2 = tl.load(Alibi + b * s_ab + hr * s_ah, mask=r_ok, other=0.0) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -150,7 +174,7 @@ def attn_fwd_kernel(
         )
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = tile_scores(
+        s, _ = tile_scores(
             q,
             kt,
             M,
@@ -162,10 +186,17 @@ def attn_fwd_kernel(
             causal_offset,
             qk_scale,
             s_mn,
+            slope2,
+            cap2,
+            win_left,
+            win_right,
             HAS_MASK,
             MASK_BOOL,
             CAUSAL,
             PREC,
+            SOFTCAP,
+            ALIBI,
+            WINDOW,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
@@ -182,6 +213,15 @@ def attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     dead = l_i == 0.0  # no visible key (in this split): out 0, lse -inf
+    if SINKS:  # the head's sink joins the denominator (log2 units), with no value
+        sk2 = tl.load(Sinks + hr, mask=r_ok, other=float("-inf")) * 1.4426950408889634
+        m2 = tl.maximum(m_i, sk2)
+        m2 = tl.where(m_i != m_i, m_i, m2)  # (a NaN row stays NaN)
+        m2r = tl.where(m2 == float("-inf"), 0.0, m2)
+        l_i = l_i * tl.exp2(m_i - m2r) + tl.exp2(sk2 - m2r)
+        acc = acc * tl.exp2(m_i - m2r)[:, None]
+        m_i = m2
+        dead = l_i == 0.0  # no key and a -inf sink
     out = acc * (drop_scale / tl.where(dead, 1.0, l_i))[:, None]
     lse = (m_i + tl.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453
     lse = tl.where(dead, float("-inf"), lse)
@@ -201,22 +241,33 @@ def attn_combine_kernel(
     LP,
     Out,
     LSE,
+    Sinks,
     n_splits,
     s_os,
     s_ls,
     D,
+    H,
+    Sq,
     SPLITS: tl.constexpr,
+    SINKS_ON: tl.constexpr,
     BLOCK_D: tl.constexpr,
     RNE_BF16: tl.constexpr,
 ):
-    """Merges the fp32 partial (out, lse) of the key splits of one query row."""
+    """Merges the fp32 partial (out, lse) of the key splits of one query row (and its head's
+    sink, which joins the denominator once, with no value)."""
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     lse_s = tl.load(LP + sp.to(tl.int64) * s_ls + row, mask=sp < n_splits, other=float("-inf"))
     mx = tl.max(lse_s, 0)
+    sink = float("-inf")
+    if SINKS_ON:
+        sink = tl.load(Sinks + (row // Sq) % H)
+        mx = tl.maximum(mx, sink)
     m_ref = tl.where(mx == float("-inf"), 0.0, mx)
     total = tl.sum(tl.exp(lse_s - m_ref), 0)
+    if SINKS_ON:
+        total += tl.exp(sink - m_ref)
     acc = tl.zeros([BLOCK_D], tl.float32)
     lp = LP + row
     op = OP + row * D + offs_d
@@ -246,17 +297,25 @@ def triton_forward(
     causal: bool,
     causal_offset: int,
     dropout_p: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of exact attention; ``num_splits`` forces the key splits (tests)."""
+    """(out, lse) of exact attention; ``num_splits`` forces the key splits (tests). Window,
+    softcap, sinks (H,) and ALiBi slopes (B, H), both float32: docs/attention.md."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     out = opcall.new_output(q)
     lse = new_tensor((B, H, Sq), torch.float32, q.device)
     if B * H * Sq == 0 or Sk == 0 or D == 0:  # no launch; the oracle on empty data is free
-        ref_out, ref_lse = reference.attention(q, k, v, mask, scale, causal, causal_offset,
-                                               dropout_p, rng)  # fmt: skip
+        ref_out, ref_lse = reference.attention(
+            q, k, v, mask, scale, causal, causal_offset, dropout_p, rng,
+            window=(window_left, window_right), softcap=softcap, sinks=sinks, alibi_slopes=alibi,
+        )  # fmt: skip
         out.copy_(ref_out)
         lse.copy_(ref_lse)
         return out, lse
@@ -264,10 +323,12 @@ def triton_forward(
     tier = head_tier(block_d)
     m_arg, m_strides, flags = mask_args(mask, q)
     r_arg, drop_scale, thr, dropout = dropout_args(dropout_p, rng, q)
+    var_args, var_flags = variant_args(q, window_left, window_right, softcap, sinks, alibi)
     flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=interpreting(),
-                 PREC=dot_precision(q.dtype), BLOCK_D=block_d)  # fmt: skip
+                 PREC=dot_precision(q.dtype), BLOCK_D=block_d, **var_flags)  # fmt: skip
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides]
-    split_m, split_n, split_w, split_s = split_config(q.dtype, tier)
+    variants = any(var_flags.values())
+    split_m, split_n, split_w, split_s = split_config(q.dtype, tier, variants)
     group = H // Hkv
     m_tiles = triton.cdiv(group * Sq, split_m)  # split-K packs the heads of a kv group
     splits = num_splits
@@ -276,10 +337,12 @@ def triton_forward(
     splits = max(1, min(splits, MAX_SPLITS, -(-Sk // split_n)))
     with device_guard(q):
         if splits == 1:
-            args = (q, k, v, out, lse, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
+            args = (q, k, v, out, lse, m_arg, r_arg, *var_args, scale * LOG2E, drop_scale, thr,
+                    *strides,
                     H, group, 1, Sq, Sk, D, causal_offset, Sk, 0, 0, seq_class(Sq, Sk))  # fmt: skip
             flags["RNE_BF16"] = needs_bf16_rounding(out)
-            launch_tiled(attn_fwd_kernel, fwd_configs(q.dtype, tier), blocks_grid(Sq, B * H),
+            launch_tiled(attn_fwd_kernel, fwd_configs(q.dtype, tier, variants),
+                         blocks_grid(Sq, B * H),
                          args, flags, keys=TUNE_KEYS)  # fmt: skip
             return out, lse
         per = -(-Sk // (splits * split_n)) * split_n  # keys per split, whole blocks
@@ -287,15 +350,17 @@ def triton_forward(
         o_part = torch.empty((splits, B * H, Sq, D), dtype=torch.float32, device=q.device)
         l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
         grid = blocks_grid(group * Sq, B * Hkv, splits=splits)({"BLOCK_M": split_m})
+        # The sinks join once, in the combine, not in each split's partial.
         attn_fwd_kernel[checked_grid(grid)](
-            q, k, v, o_part, l_part, m_arg, r_arg, scale * LOG2E, drop_scale, thr, *strides,
-            H, group, group, Sq, Sk, D, causal_offset, per, B * H * Sq * D, B * H * Sq,
-            seq_class(Sq, Sk), **flags,
+            q, k, v, o_part, l_part, m_arg, r_arg, *var_args, scale * LOG2E, drop_scale, thr,
+            *strides, H, group, group, Sq, Sk, D, causal_offset, per, B * H * Sq * D,
+            B * H * Sq, seq_class(Sq, Sk), **{**flags, "SINKS": False},
             RNE_BF16=False, BLOCK_M=split_m, BLOCK_N=split_n, num_warps=split_w,
             num_stages=split_s,
         )  # fmt: skip
         attn_combine_kernel[checked_grid((B * H * Sq,))](
-            o_part, l_part, out, lse, splits, B * H * Sq * D, B * H * Sq, D,
-            SPLITS=MAX_SPLITS, BLOCK_D=block_d, RNE_BF16=needs_bf16_rounding(out), num_warps=4,
+            o_part, l_part, out, lse, var_args[0], splits, B * H * Sq * D, B * H * Sq, D, H, Sq,
+            SPLITS=MAX_SPLITS, SINKS_ON=sinks is not None, BLOCK_D=block_d,
+            RNE_BF16=needs_bf16_rounding(out), num_warps=4,
         )  # fmt: skip
     return out, lse

@@ -24,7 +24,9 @@ from fastattn.ops._attention_triton_common import (
 )
 
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FLOATS = {"scale", "qk_scale", "drop_scale"}
+_FLOATS = {"scale", "qk_scale", "drop_scale", "cap2"}
+_VARIANTS_OFF = {"SOFTCAP": False, "ALIBI": False, "WINDOW": False, "SINKS": False}
+_VARIANTS_ON = {"SOFTCAP": True, "ALIBI": True, "WINDOW": True, "SINKS": True}
 
 
 def _signature(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
@@ -59,10 +61,13 @@ def aot_specs() -> Any:
     dQ: the most code and registers); the pinned tile in bf16 with the other mask kind (bool)
     and nothing else (the deterministic dQ path of dK/dV), and in fp32 (own tiles, tf32x3
     dots) with every feature on; the split-K forward in fp16 and fp32; the combine in each
-    dtype; the dO.O preprocess. The full cross-product (tiles x dtypes x flags x 5 head-dim
-    blocks) would be ~1000 compiles; the flags only add elementwise code to the same tiles, so
-    shared memory, registers and the tensor-core path are those checked here. BLOCK_D 16 and 32
-    use the 64-tier tiles with less memory.
+    dtype; the dO.O preprocess. Then the variants (window, softcap, ALiBi, sinks: all on, causal,
+    no mask or dropout, as Gemma 2 / gpt-oss / Mistral call them) with every tile of the fp16
+    lists (their own where those spill: ``VARIANT_CONFIGS``) and the pinned fp32 tile. The full
+    cross-product (tiles x dtypes x flags x 5 head-dim blocks) would be ~1000 compiles; the
+    flags only add elementwise code to the same tiles, so shared memory, registers and the
+    tensor-core path are those checked here. BLOCK_D 16 and 32 use the 64-tier tiles with less
+    memory.
     """
     for tier in (64, 128, 256):
         block_d = tier
@@ -79,9 +84,10 @@ def aot_specs() -> Any:
             mk = t if on else "u8"
             base = f"{tier}-{t}-mask_{mk}-c{int(on)}-p{int(on)}"
             cx = {"HAS_MASK": True, "MASK_BOOL": not on, "CAUSAL": on, "DROPOUT": on,
-                  "UPCAST": False, "PREC": dot_precision(dtype), "BLOCK_D": block_d}  # fmt: skip
+                  "UPCAST": False, "PREC": dot_precision(dtype), "BLOCK_D": block_d,
+                  **_VARIANTS_OFF}  # fmt: skip
             io = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "LSE": "*fp32", "M": f"*{mk}",
-                  "RNG": "*i64"}  # fmt: skip
+                  "RNG": "*i64", "Sinks": "*fp32", "Alibi": "*fp32"}  # fmt: skip
             every = t == "fp16"
             fwd, dkdv, dq = (f(dtype, tier) for f in (fwd_configs, dkdv_configs, dq_configs))
             for cfg in fwd if every else fwd[:1]:
@@ -101,8 +107,12 @@ def aot_specs() -> Any:
                 ptrs = {**io, "Out": "*fp32"}
                 cfg = split_config(dtype, tier)
                 yield _spec(f"attn_fwd_split-{base}", attn_fwd_kernel, ptrs, cxf, cfg)
-            cxc = {"SPLITS": MAX_SPLITS, "BLOCK_D": block_d, "RNE_BF16": t == "bf16"}
-            ptrs = {"OP": "*fp32", "LP": "*fp32", "Out": f"*{t}", "LSE": "*fp32"}
+            if t != "bf16":  # (bf16 compiles as fp16 here: the same registers, checked once)
+                yield from _variant_specs(tier, dtype, t, io)
+            cxc = {"SPLITS": MAX_SPLITS, "SINKS_ON": t == "fp16", "BLOCK_D": block_d,
+                   "RNE_BF16": t == "bf16"}  # fmt: skip
+            ptrs = {"OP": "*fp32", "LP": "*fp32", "Out": f"*{t}", "LSE": "*fp32",
+                    "Sinks": "*fp32"}  # fmt: skip
             yield {
                 "id": f"attn_combine-d{block_d}-{t}",
                 "kernel": attn_combine_kernel,
@@ -110,3 +120,28 @@ def aot_specs() -> Any:
                 "constexprs": cxc,
                 "num_warps": 4,
             }
+
+
+def _variant_specs(tier: int, dtype: torch.dtype, t: str, io: dict[str, str]) -> Any:
+    """The forward, dK/dV and dQ kernels with window, softcap, ALiBi and sinks on (causal, no
+    mask, no dropout), every tile of the fp16 lists (bf16's spill the same: measured), the
+    pinned fp32 one; and the split-K forward (whose sinks join in the combine)."""
+    cx = {"HAS_MASK": False, "MASK_BOOL": False, "CAUSAL": True, "DROPOUT": False,
+          "UPCAST": False, "PREC": dot_precision(dtype), "BLOCK_D": tier, **_VARIANTS_ON,
+          "RNE_BF16": False}  # fmt: skip
+    base = f"{tier}-{t}-variants"
+    every = t == "fp16"
+    fwd, dkdv, dq = (f(dtype, tier, True) for f in (fwd_configs, dkdv_configs, dq_configs))
+    for cfg in fwd if every else fwd[:1]:
+        yield _spec(f"attn_fwd-{base}", attn_fwd_kernel, {**io, "Out": f"*{t}"}, cx, cfg)
+    bwd_io = {**io, "DO": f"*{t}", "DELTA": "*fp32", "DQ": "*fp32", "DK": f"*{t}",
+              "DV": f"*{t}", "DM": "*fp32"}  # fmt: skip
+    for cfg in dkdv if every else dkdv[:1]:
+        cxb = {**cx, "MASK_GRAD": False, "ATOMIC_DQ": True}
+        yield _spec(f"attn_bwd_dkdv-{base}", attn_bwd_dkdv_kernel, bwd_io, cxb, cfg)
+    for cfg in dq if every else dq[:1]:
+        yield _spec(f"attn_bwd_dq-{base}", attn_bwd_dq_kernel, {**bwd_io, "DQ": f"*{t}"}, cx,
+                    cfg)  # fmt: skip
+    cxs = {**cx, "SINKS": False}
+    yield _spec(f"attn_fwd_split-{base}", attn_fwd_kernel, {**io, "Out": "*fp32"}, cxs,
+                split_config(dtype, tier, True))  # fmt: skip

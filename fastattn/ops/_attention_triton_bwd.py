@@ -31,7 +31,10 @@ from fastattn.ops._attention_triton_common import (
     head_tier,
     mask_args,
     seq_class,
+    tanh,
     tile_scores,
+    variant_args,
+    window_visible,
 )
 
 
@@ -56,13 +59,15 @@ def attn_bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
 
 @jit
 def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, causal_offset,
-              qk_scale, drop_scale, drop_thr, s_mm, s_mn,
+              qk_scale, drop_scale, drop_thr, s_mm, s_mn, slope2, cap2, win_left, win_right,
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-              DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    """(P dropped and scaled, dS) of one (BLOCK_M, BLOCK_N) tile; kt, vt are (BLOCK_D, BLOCK_N);
-    the mask rows of this head start at element ``mb`` (int64)."""
-    s = tile_scores(q, kt, M, mb + rows.to(tl.int64) * s_mm, rows, rows < Sq, cols, Sk,
-                    causal_offset, qk_scale, s_mn, HAS_MASK, MASK_BOOL, CAUSAL, PREC)
+              DROPOUT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr,
+              ALIBI: tl.constexpr, WINDOW: tl.constexpr):
+    """(P dropped and scaled, dS of the raw scores) of one (BLOCK_M, BLOCK_N) tile; kt, vt are
+    (BLOCK_D, BLOCK_N); the mask rows of this head start at element ``mb`` (int64)."""
+    s, th = tile_scores(q, kt, M, mb + rows.to(tl.int64) * s_mm, rows, rows < Sq, cols, Sk,
+                        causal_offset, qk_scale, s_mn, slope2, cap2, win_left, win_right,
+                        HAS_MASK, MASK_BOOL, CAUSAL, PREC, SOFTCAP, ALIBI, WINDOW)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead row: s is -inf
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vt, input_precision=PREC)
@@ -72,16 +77,22 @@ def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, cau
         dp = tl.where(keep, dp * drop_scale, 0.0)
     else:
         pd = p
-    return pd, p * (dp - delta[:, None])
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:  # d(c tanh(x / c)) / dx = 1 - tanh^2
+        ds = ds * (1.0 - th * th)
+    return pd, ds
 
 
 @jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale, qk_scale,
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, Sinks, Alibi, s_ab,
+                         s_ah, cap2, win_left, win_right, scale, qk_scale,
                          drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh,
                          s_vn, s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D,
                          causal_offset, seq_class,
                          HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                          DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+                         SINKS: tl.constexpr,
                          UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV of one block of BLOCK_N keys (held: K, V as (BLOCK_N, BLOCK_D) tiles) over the
@@ -111,15 +122,24 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
+    hi = Sq
     if CAUSAL:  # query blocks whose rows see none of these keys are skipped
         lo = (tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    if WINDOW:  # and the rows whose window holds none of them
+        if win_right >= 0:
+            lo = tl.maximum(lo, (pid_n * BLOCK_N - causal_offset - win_right) // BLOCK_M * BLOCK_M)
+        if win_left >= 0:
+            hi = tl.minimum(hi, pid_n * BLOCK_N + BLOCK_N - causal_offset + win_left)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(Alibi + b * s_ab + h * s_ah) * 1.4426950408889634
         qp = Q + b * s_qb + h * s_qh + offs_d[:, None]
         dop = DO + b * s_db + h * s_dh + offs_d[None, :]
         mp = M + b * s_mb + h * s_mh + c64[:, None] * s_mn
-        for start in range(lo, Sq, BLOCK_M):
+        for start in range(lo, hi, BLOCK_M):
             rows = start + offs_m
             r_ok = rows < Sq
             r64 = rows.to(tl.int64)
@@ -132,6 +152,12 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale,
             lse = tl.load(LSE + bh * Sq + rows, mask=r_ok, other=0.0)
             delta = tl.load(DELTA + bh * Sq + rows, mask=r_ok, other=0.0)
             st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (keys, queries), log2 units
+            if SOFTCAP:
+                tht = tanh(st / cap2)
+                st = tht * cap2
+            if ALIBI:
+                rel = (rows[None, :] + causal_offset - cols[:, None]).to(tl.float32)
+                st -= slope2 * tl.abs(rel)
             inb = c_ok[:, None] & r_ok[None, :]
             valid = inb
             if HAS_MASK:
@@ -142,6 +168,9 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale,
                     st += tl.load(mt, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
             if CAUSAL:
                 valid = valid & (cols[:, None] <= rows[None, :] + causal_offset)
+            if WINDOW:
+                valid = valid & tl.trans(window_visible(rows, cols, causal_offset, win_left,
+                                                        win_right))
             st = tl.where(valid, st, float("-inf"))
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # dead: st -inf
             pt = tl.exp2(st - lse2[None, :])
@@ -155,6 +184,8 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale,
             dst = pt * (dpt - delta[None, :])
             if MASK_GRAD:
                 tl.store(DM + (bh * Sq + rows)[None, :] * Sk + cols[:, None], dst, mask=inb)
+            if SOFTCAP:  # the raw scores' gradient: d(c tanh(x / c)) / dx = 1 - tanh^2
+                dst = dst * (1.0 - tht * tht)
             dv += tl.dot(pdt.to(do.dtype), do, input_precision=PREC)
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
             if ATOMIC_DQ:
@@ -171,11 +202,14 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, scale,
 
 
 @jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, drop_scale,
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, Sinks, Alibi, s_ab, s_ah, cap2,
+                       win_left, win_right, scale, qk_scale, drop_scale,
                        drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh,
                        s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset, seq_class,
                        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                       DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                       DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                       WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr,
                        RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr):
     n_m = tl.cdiv(Sq, BLOCK_M)
@@ -203,10 +237,19 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, dro
     kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
     vp = V + b * s_vb + hk * s_vh + offs_d[:, None]
     hi = Sk
+    lo = 0
     if CAUSAL:
         hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M + causal_offset)
+    if WINDOW:  # the keys outside every row's window are skipped
+        if win_left >= 0:
+            lo = tl.maximum(0, pid_m * BLOCK_M + causal_offset - win_left) // BLOCK_N * BLOCK_N
+        if win_right >= 0:
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + causal_offset + win_right)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Alibi + b * s_ab + h * s_ah) * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
         c64 = cols.to(tl.int64)
@@ -217,7 +260,8 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, scale, qk_scale, dro
             vt = vt.to(tl.float32)
         pd, ds = _bwd_tile(q, do, kt, vt, lse, delta, M, b * s_mb + h * s_mh, RNG, bh, rows, cols,
                            Sq, Sk, causal_offset, qk_scale, drop_scale, drop_thr, s_mm, s_mn,
-                           HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC)
+                           slope2 + tl.zeros([BLOCK_M], tl.float32), cap2, win_left, win_right,
+                           HAS_MASK, MASK_BOOL, CAUSAL, DROPOUT, PREC, SOFTCAP, ALIBI, WINDOW)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     dq = dq * scale
     if RNE_BF16:
@@ -247,23 +291,32 @@ def triton_backward(
     dropout_p: float,
     deterministic: bool,
     mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dmask) of exact attention; dmask is dS in fp32, or empty(0)."""
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask, dsinks) of exact attention; dmask is dS in fp32, or empty(0);
+    dsinks (H,) float32, or empty(0) without sinks."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq, dk, dv = opcall.new_output(q), opcall.new_output(k), opcall.new_output(v)
     shape = (B, H, Sq, Sk) if mask_grad else (0,)
     # Zero-filled: entries of skipped (causal) blocks are never written and are 0.
     dmask = torch.zeros(shape, dtype=torch.float32, device=q.device)
+    dsinks = torch.zeros(H if sinks is not None else 0, dtype=torch.float32, device=q.device)
     if B * H * Sq == 0 or Sk == 0 or D == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask, dsinks
     out, lse = out.contiguous(), lse.contiguous()
     block_d = head_block(D)
     tier = head_tier(block_d)
     m_arg, m_strides, flags = mask_args(mask, q)
     r_arg, drop_scale, thr, dropout = dropout_args(dropout_p, rng, q)
+    var_args, var_flags = variant_args(q, window_left, window_right, softcap, sinks, alibi)
+    variants = any(var_flags.values())
     flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=interpreting(),
-                 PREC=dot_precision(q.dtype), BLOCK_D=block_d)  # fmt: skip
+                 PREC=dot_precision(q.dtype), BLOCK_D=block_d, **var_flags)  # fmt: skip
     do_strides = list(grad_out.stride()[:3])
     qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
     sizes = (H, H // Hkv, Sq, Sk, D, causal_offset, seq_class(Sq, Sk))
@@ -278,9 +331,11 @@ def triton_backward(
             num_warps=4,
         )  # fmt: skip
         launch_tiled(
-            attn_bwd_dkdv_kernel, dkdv_configs(q.dtype, tier), blocks_grid(Sk, B * Hkv, "BLOCK_N"),
-            (q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, scale,
-             scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes),
+            attn_bwd_dkdv_kernel, dkdv_configs(q.dtype, tier, variants),
+            blocks_grid(Sk, B * Hkv, "BLOCK_N"),
+            (q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, *var_args,
+             scale, scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides,
+             *sizes),
             {**flags, "MASK_GRAD": mask_grad, "ATOMIC_DQ": atomic,
              "RNE_BF16": needs_bf16_rounding(dk)},
             keys=TUNE_KEYS, reset=["DQ"] if atomic else None,
@@ -292,9 +347,12 @@ def triton_backward(
                 dq.copy_(dq_acc)
         else:
             launch_tiled(
-                attn_bwd_dq_kernel, dq_configs(q.dtype, tier), blocks_grid(Sq, B * H),
-                (q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, scale, scale * LOG2E,
-                 drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes),
+                attn_bwd_dq_kernel, dq_configs(q.dtype, tier, variants), blocks_grid(Sq, B * H),
+                (q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, *var_args, scale,
+                 scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes),
                 {**flags, "RNE_BF16": needs_bf16_rounding(dq)}, keys=TUNE_KEYS,
             )  # fmt: skip
-    return dq, dk, dv, dmask
+    if sinks is not None:  # d sink_h = -sum over (b, i) of p_sink * delta (docs/attention.md)
+        p_sink = torch.exp(sinks.view(1, H, 1) - lse).masked_fill(lse == float("-inf"), 0.0)
+        dsinks = -(p_sink * delta).sum((0, 2))
+    return dq, dk, dv, dmask, dsinks

@@ -36,7 +36,10 @@ __all__ = [
     "new_tensor",
     "seq_class",
     "split_config",
+    "tanh",
     "tile_scores",
+    "variant_args",
+    "window_visible",
 ]
 
 LOG2E = 1.4426950408889634
@@ -70,12 +73,55 @@ def dropout_keep(RNG, grow, cols, thr, KEYS_FIRST: tl.constexpr):
 
 
 @jit
+def tanh(x):
+    """tanh in fp32 to ~3.5 ulp: the CPU kernels' rational function (csrc/cpu/vec_math_impl.h:
+    x P(x^2) / Q(x^2) on |x| <= 9, degrees 5 / 3, clamped to [-1, 1]); plain arithmetic, so the
+    interpreter and every GPU compute the same. NaN stays NaN."""
+    xc = tl.minimum(tl.maximum(x, -9.0), 9.0)
+    xc = tl.where(x != x, x, xc)
+    u = xc * xc
+    p = 1.9242380258632785e-11
+    p = p * u - 1.3182353875151875e-08
+    p = p * u + 9.406467142980546e-06
+    p = p * u + 0.0029364018701016903
+    p = p * u + 0.12933944165706635
+    p = p * u + 1.0
+    d = 0.0002302375214640051 * u + 0.02382768504321575
+    d = d * u + 0.46267253160476685
+    d = d * u + 1.0
+    y = xc * p / d
+    return tl.where(y != y, y, tl.minimum(tl.maximum(y, -1.0), 1.0))
+
+
+@jit
+def window_visible(qi, cols, causal_offset, win_left, win_right):
+    """(BLOCK_M, BLOCK_N): key ``cols[j]`` inside the window of query ``qi[i]`` (a bound of -1:
+    none): ``qi + off - left <= col <= qi + off + right``."""
+    diag = qi[:, None] + causal_offset
+    ok = (win_left < 0) | (cols[None, :] >= diag - win_left)
+    return ok & ((win_right < 0) | (cols[None, :] <= diag + win_right))
+
+
+@jit
 def tile_scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_mn,
+                slope2, cap2, win_left, win_right,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-                PREC: tl.constexpr):
-    """Scores of a (BLOCK_M, BLOCK_N) tile in log2 units; -inf where masked or out of bounds.
-    Row r is query ``qi[r]`` and its mask row starts at element ``m_row[r]`` (int64)."""
+                PREC: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                WINDOW: tl.constexpr):
+    """(scores, tanh) of a (BLOCK_M, BLOCK_N) tile in log2 units; scores -inf where masked or out
+    of bounds. Row r is query ``qi[r]`` and its mask row starts at element ``m_row[r]``
+    (int64). In order (docs/attention.md): the softcap ``cap2 * tanh(s / cap2)`` (cap2 = c *
+    log2(e); tanh is returned for the backward's derivative, 0 without a softcap), the ALiBi
+    bias ``-slope2[r] * |qi + off - col|`` (slopes times log2(e)), the mask, the causal and
+    window limits."""
     s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    th = 0.0
+    if SOFTCAP:
+        th = tanh(s / cap2)
+        s = th * cap2
+    if ALIBI:
+        rel = (qi[:, None] + causal_offset - cols[None, :]).to(tl.float32)
+        s -= slope2[:, None] * tl.abs(rel)
     valid = r_ok[:, None] & (cols < Sk)[None, :]
     if HAS_MASK:
         mp = M + m_row[:, None] + cols.to(tl.int64)[None, :] * s_mn
@@ -86,7 +132,9 @@ def tile_scores(q, kt, M, m_row, qi, r_ok, cols, Sk, causal_offset, qk_scale, s_
             s += tl.load(mp, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
     if CAUSAL:
         valid = valid & (cols[None, :] <= qi[:, None] + causal_offset)
-    return tl.where(valid, s, float("-inf"))
+    if WINDOW:
+        valid = valid & window_visible(qi, cols, causal_offset, win_left, win_right)
+    return tl.where(valid, s, float("-inf")), th
 
 
 # ------------------------------------------------------------------------- configurations
@@ -132,20 +180,43 @@ SPLIT_MAX_SQ = 64  # split-K for at most this many query rows
 MAX_SPLITS = 64
 
 
-def fwd_configs(dtype: torch.dtype, tier: int) -> list[Tile]:
-    return (FWD_CONFIGS_FP32 if dtype == torch.float32 else FWD_CONFIGS)[tier]
+# With a window, softcap, ALiBi or sinks on, a second score tile stays live (the softcap's tanh
+# for the backward's derivative, the ALiBi distances): the lists of these (kernel, fp32, tier)
+# whose tiles then spill are replaced by tiles that do not (the AOT variant specs check them).
+VARIANT_CONFIGS: dict[tuple[str, bool, int], list[Tile]] = {
+    ("fwd", False, 256): [(64, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", True, 128): [(16, 16, 4, 2)],
+    ("dkdv", False, 64): [(16, 64, 8, 2), (16, 32, 8, 2)],
+    ("dkdv", False, 256): [(16, 16, 8, 1)],
+    ("dq", False, 128): [(64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2), (32, 16, 8, 2)],
+    ("split", True, 64): [(16, 16, 4, 2)],
+}
 
 
-def dkdv_configs(dtype: torch.dtype, tier: int) -> list[Tile]:
-    return (DKDV_CONFIGS_FP32 if dtype == torch.float32 else DKDV_CONFIGS)[tier]
+def _tiles(kind: str, table: dict, table_fp32: dict, dtype: torch.dtype, tier: int,
+           variants: bool) -> Any:  # fmt: skip
+    fp32 = dtype == torch.float32
+    if variants and (kind, fp32, tier) in VARIANT_CONFIGS:
+        return VARIANT_CONFIGS[kind, fp32, tier]
+    return (table_fp32 if fp32 else table)[tier]
 
 
-def dq_configs(dtype: torch.dtype, tier: int) -> list[Tile]:
-    return (DQ_CONFIGS_FP32 if dtype == torch.float32 else DQ_CONFIGS)[tier]
+def fwd_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
+    return _tiles("fwd", FWD_CONFIGS, FWD_CONFIGS_FP32, dtype, tier, variants)
 
 
-def split_config(dtype: torch.dtype, tier: int) -> Tile:
-    return (SPLIT_CONFIG_FP32 if dtype == torch.float32 else SPLIT_CONFIG)[tier]
+def dkdv_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
+    return _tiles("dkdv", DKDV_CONFIGS, DKDV_CONFIGS_FP32, dtype, tier, variants)
+
+
+def dq_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
+    return _tiles("dq", DQ_CONFIGS, DQ_CONFIGS_FP32, dtype, tier, variants)
+
+
+def split_config(dtype: torch.dtype, tier: int, variants: bool = False) -> Tile:
+    split = {t: [c] for t, c in SPLIT_CONFIG.items()}
+    split32 = {t: [c] for t, c in SPLIT_CONFIG_FP32.items()}
+    return _tiles("split", split, split32, dtype, tier, variants)[0]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -165,7 +236,8 @@ def head_block(d: int) -> int:
 # Autotune keys: the feature flags, then seq_class: the sequence lengths by powers of two, so
 # that one shape does not pick the tile of every other (exact lengths would re-tune at every
 # new length). Triton adds the dtypes of the tensor arguments.
-TUNE_KEYS = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "MASK_GRAD", "ATOMIC_DQ", "seq_class"]
+TUNE_KEYS = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "MASK_GRAD", "ATOMIC_DQ", "SOFTCAP",
+             "ALIBI", "WINDOW", "SINKS", "seq_class"]  # fmt: skip
 
 
 def seq_class(sq: int, sk: int) -> int:
@@ -191,6 +263,28 @@ def mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor,
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     flags = {"HAS_MASK": True, "MASK_BOOL": mask.dtype == torch.bool}
     return m, list(m.stride()), flags
+
+
+def variant_args(
+    q: torch.Tensor,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    sinks: torch.Tensor | None,
+    alibi: torch.Tensor | None,
+) -> tuple[list[Any], dict[str, bool]]:
+    """The kernels' variant arguments (SINKS, ALIBI pointers, ALiBi strides, cap2 = softcap *
+    log2(e), the window bounds) and flags. Sinks (H,) and slopes (B, H) are float32."""
+    window = window_left >= 0 or window_right >= 0
+    al = q if alibi is None else alibi
+    al_str = [0, 0] if alibi is None else [alibi.stride(0), alibi.stride(1)]
+    args = [q if sinks is None else sinks, al, *al_str, max(softcap, 1.0) * LOG2E,
+            window_left, window_right]  # fmt: skip
+    flags = {"SOFTCAP": softcap > 0.0, "ALIBI": alibi is not None, "WINDOW": window,
+             "SINKS": sinks is not None}  # fmt: skip
+    if softcap > 0.0:
+        args[4] = softcap * LOG2E
+    return args, flags
 
 
 def dropout_args(dropout_p: float, rng: torch.Tensor | None, q: torch.Tensor) -> tuple:

@@ -44,10 +44,11 @@ def attention_triton(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel of ``fastattn::attention`` (schema in csrc/ops.cpp), plus ``deterministic``
-    for its backward pass (the C++ CPU backward is always deterministic). The window, softcap,
-    sinks and ALiBi arguments are not served by the Triton kernels yet (refused before this)."""
-    _triton_serves(window_left, window_right, softcap, sinks, alibi, v.shape[-1] == q.shape[-1])
-    return _tri.triton_forward(q, k, v, mask, rng, scale, causal, causal_offset, dropout_p)
+    for its backward pass (the C++ CPU backward is always deterministic). A value head_dim of
+    its own is not served by the Triton kernels yet (refused before this)."""
+    _triton_serves(v.shape[-1] == q.shape[-1])
+    return _tri.triton_forward(q, k, v, mask, rng, scale, causal, causal_offset, dropout_p,
+                               window_left, window_right, softcap, sinks, alibi)  # fmt: skip
 
 
 @torch.library.custom_op("fastattn::attention_triton_backward", mutates_args=())
@@ -72,20 +73,18 @@ def attention_triton_backward(
     deterministic: bool,
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _triton_serves(window_left, window_right, softcap, sinks, alibi, v.shape[-1] == q.shape[-1])
-    dq, dk, dv, dmask = _tri_bwd.triton_backward(
+    _triton_serves(v.shape[-1] == q.shape[-1])
+    return _tri_bwd.triton_backward(
         grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset, dropout_p,
-        deterministic, mask_grad,
+        deterministic, mask_grad, window_left, window_right, softcap, sinks, alibi,
     )  # fmt: skip
-    return dq, dk, dv, dmask, q.new_empty((0,), dtype=torch.float32)
 
 
-def _triton_serves(wl: int, wr: int, softcap: float, sinks: Any, alibi: Any, same_d: bool) -> None:
-    if wl >= 0 or wr >= 0 or softcap > 0.0 or sinks is not None or alibi is not None or not same_d:
+def _triton_serves(same_d: bool) -> None:
+    if not same_d:
         raise NotImplementedError(
-            "fastattn.attention: the Triton kernels do not serve window, softcap, sinks, "
-            "alibi_slopes or a value head_dim other than q's yet (the cpu and reference "
-            "backends do)"
+            "fastattn.attention: the Triton kernels do not serve a value head_dim other than "
+            "q's yet (the cpu and reference backends do)"
         )
 
 
@@ -370,7 +369,7 @@ def attention(
     if causal and window is not None:
         wr = 0  # causal hides everything right of the diagonal
     name = dispatch.select(backend, q.device, q.dtype, OP, _CPP)
-    if name == "triton" and (variant or v.shape[-1] != q.shape[-1]):
+    if name == "triton" and v.shape[-1] != q.shape[-1]:
         name = _variant_backend(backend, q)
     if name == "reference":
         out, lse = reference.attention(
@@ -397,22 +396,21 @@ _warned_variant = False
 
 
 def _variant_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend for a window / softcap / sinks / ALiBi / other-v-head-dim call that auto chose
-    Triton for: the Triton kernels do not serve those yet. Named explicitly: an error; auto: the
-    eager reference (the same result, not fused), with one warning."""
+    """The backend for a call with a value head_dim of its own that auto chose Triton for: the
+    Triton kernels do not serve it yet. Named explicitly: an error; auto: the eager reference
+    (the same result, not fused), with one warning."""
     global _warned_variant
     requested = backend if backend not in (None, "auto") else os.environ.get("FASTATTN_BACKEND")
     if requested == "triton":
         raise RuntimeError(
-            "fastattn.attention: backend 'triton' cannot run this call: window, softcap, sinks, "
-            "alibi_slopes and a value head_dim other than q's are served by the cpu and "
-            "reference backends only (so far)"
+            "fastattn.attention: backend 'triton' cannot run this call: a value head_dim other "
+            "than q's is served by the cpu and reference backends only (so far)"
         )
     if not _warned_variant:
         _warned_variant = True
         warnings.warn(
-            f"fastattn.attention: window/softcap/sinks/alibi_slopes/other v head_dim on {q.device}"
-            " run the eager reference (no fused GPU kernel for them yet)",
+            f"fastattn.attention: a value head_dim other than q's on {q.device} runs the eager "
+            "reference (no fused GPU kernel for it yet)",
             stacklevel=3,
         )
     return "reference"
