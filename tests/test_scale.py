@@ -143,15 +143,18 @@ def test_softmax_one_row_past_2_31(big_memory):
     assert err <= 2**-7 * ref_dx.abs().max().item(), f"softmax row dx: relative error {err:.3e}"
 
 
+def torch_norm(h, w, b, rms: bool):
+    """torch's RMSNorm (weight w) or LayerNorm (w, b) over the last dim, eps 1e-5."""
+    n = h.shape[-1]
+    if rms:
+        return torch.nn.functional.rms_norm(h, (n,), w, 1e-5)
+    return torch.nn.functional.layer_norm(h, (n,), w, b, 1e-5)
+
+
 def norm64(x, residual, w, b, rms: bool):
     """(y, h) in float64: y = norm(h), h = x + residual (x without one)."""
     h = x.double() + residual.double() if residual is not None else x.double()
-    n = h.shape[-1]
-    if rms:
-        y = torch.nn.functional.rms_norm(h, (n,), w.double(), 1e-5)
-    else:
-        y = torch.nn.functional.layer_norm(h, (n,), w.double(), b.double(), 1e-5)
-    return y, h
+    return torch_norm(h, w.double(), b.double(), rms), h
 
 
 # 2**21 + 1 rows of 1024 (bf16; weight and bias bf16, as in bf16 checkpoints): LayerNorm, and
@@ -178,10 +181,7 @@ def test_norm_past_2_31(big_memory, rms):
         h = periodic(base, rows)  # the normalised input, for the backward pass
     ref_y, ref_h = norm64(base, rbase, w, b, rms)
     eager_h = base + rbase if rbase is not None else base
-    if rms:
-        eager = torch.nn.functional.rms_norm(eager_h, (n,), w, 1e-5)
-    else:
-        eager = torch.nn.functional.layer_norm(eager_h, (n,), w, b, 1e-5)
+    eager = torch_norm(eager_h, w, b, rms)
     assert_parity(y[:p], ref_y, eager, "y")
     if rms:
         assert_parity(h[:p], ref_h, eager_h, "h")
@@ -192,28 +192,17 @@ def test_norm_past_2_31(big_memory, rms):
     # float64 gradients of one period (from h rounded to bf16: the kernel's input)
     h64 = h[:p].double().requires_grad_()
     w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
-    if rms:
-        y64 = torch.nn.functional.rms_norm(h64, (n,), w64, 1e-5)
-    else:
-        y64 = torch.nn.functional.layer_norm(h64, (n,), w64, b64, 1e-5)
+    y64 = torch_norm(h64, w64, b64, rms)
     g = torch.autograd.grad(y64, [h64, w64] if rms else [h64, w64, b64], gbase.double())
     he = h[:p].clone().requires_grad_()
-    if rms:
-        ye = torch.nn.functional.rms_norm(he, (n,), w, 1e-5)
-    else:
-        ye = torch.nn.functional.layer_norm(he, (n,), w, b, 1e-5)
+    ye = torch_norm(he, w, b, rms)
     (dx_eager,) = torch.autograd.grad(ye, he, gbase)
     assert_parity(dx[:p], g[0], dx_eager, "dx")
     # Whole periods, then the partial one (its rows are the first rows - p * whole of a period).
     whole, tail = divmod(rows, p)
     for i, name in enumerate(["dw"] + ([] if rms else ["db"])):
         got = (dw, db)[i]
-        ht = h64[:tail].detach().requires_grad_()
-        yt = (
-            torch.nn.functional.rms_norm(ht, (n,), w64, 1e-5)
-            if rms
-            else torch.nn.functional.layer_norm(ht, (n,), w64, b64, 1e-5)
-        )
+        yt = torch_norm(h64[:tail].detach(), w64, b64, rms)
         (gt,) = torch.autograd.grad(yt, [w64, b64][i], gbase[:tail].double())
         ref = whole * g[i + 1] + gt
         err = (got.double() - ref).abs().max().item()

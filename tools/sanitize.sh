@@ -9,17 +9,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 py=${PYTHON:-$root/.venv/bin/python}
-out=$root/.build-asan
-san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 
-mkdir -p "$out"
-rm -rf "$out"/lib.*
-FASTATTN_BUILD_CUDA=0 CFLAGS="$san" LDFLAGS="$san" MAX_JOBS=${MAX_JOBS:-2} \
-  "$py" setup.py -q build --build-base "$out" >"$out/build.log" 2>&1 || {
-  tail -30 "$out/build.log"
-  exit 1
+# build_with DIR FLAGS: fastattn._C built with FLAGS (compile and link) in DIR (its old lib.*
+# removed first, so a stale build is never tested); prints the lib.* directory to import from.
+build_with() {
+  local dir=$1 flags=$2
+  mkdir -p "$dir"
+  rm -rf "$dir"/lib.*
+  env -u LD_PRELOAD FASTATTN_BUILD_CUDA=0 CFLAGS="$flags" LDFLAGS="$flags" \
+    MAX_JOBS="${MAX_JOBS:-2}" "$py" setup.py -q build --build-base "$dir" >"$dir/build.log" 2>&1 || {
+    tail -30 "$dir/build.log" >&2
+    return 1
+  }
+  echo "$dir"/lib.*
 }
-lib=$(echo "$out"/lib.*)
+
+lib=$(build_with "$root/.build-asan" \
+  "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer")
 # The Python process must load the ASan runtime before anything else, and libstdc++ with it
 # (Python is not linked to it, and ASan's __cxa_throw interceptor must find it at start). Python
 # and torch leak by design at exit (not fastattn's: leak detection off); torch mixes allocators
@@ -62,15 +68,7 @@ if [ ! -f "$tsan_rt" ]; then
   echo "sanitize: this gcc has no ThreadSanitizer runtime (libtsan.so): thread stage not run"
   exit $failed
 fi
-tout=$root/.build-tsan
-tsan="-fsanitize=thread -fno-omit-frame-pointer"
-mkdir -p "$tout"
-env -u LD_PRELOAD FASTATTN_BUILD_CUDA=0 CFLAGS="$tsan" LDFLAGS="$tsan" MAX_JOBS="${MAX_JOBS:-2}" \
-  "$py" setup.py -q build --build-base "$tout" >"$tout/build.log" 2>&1 || {
-  tail -30 "$tout/build.log"
-  exit 1
-}
-tlib=$(echo "$tout"/lib.*)
+tlib=$(build_with "$root/.build-tsan" "-fsanitize=thread -fno-omit-frame-pointer")
 tsel="many_threads or eight_threads or freed_on_another_thread or reused_blocks"
 if (cd "$tlib" && LD_PRELOAD="$tsan_rt $cxx_rt" OMP_NUM_THREADS=1 \
   TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0:suppressions=$root/tools/tsan.supp" "$py" -m pytest -q -s \
