@@ -74,6 +74,18 @@ def finite_parts_match(fast: torch.Tensor, ref: torch.Tensor) -> None:
         assert torch.equal(fast == sign * float("inf"), ref == sign * float("inf")), "inf differs"
 
 
+def reference_attention_terms(
+    q: torch.Tensor, k: torch.Tensor, causal: bool | str, window: tuple[int, int] | None
+) -> tuple[bool, int, tuple[int, int]]:
+    """``(causal, causal_offset, window)`` of reference.attention for attention()'s ``causal``
+    and ``window`` (docs/attention.md, restated here, not taken from the code under test): the
+    causal alignment's offset, bottom-right unless "top_left", which also places a window without
+    causal; under causal the window's right side is 0."""
+    offset = 0 if causal == "top_left" else k.shape[2] - q.shape[2]
+    left, right = window if window else (-1, -1)
+    return bool(causal), offset, (left, 0 if causal and window else right)
+
+
 def assert_parity(
     fast: torch.Tensor,
     ref64: torch.Tensor,

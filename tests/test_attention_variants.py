@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GPU, assert_parity
+from conftest import GPU, assert_parity, reference_attention_terms
 
 import fastattn
 from fastattn import reference
@@ -54,13 +54,10 @@ def _variant_args(B, H, kw, dtype, device="cpu"):
 
 
 def _oracle(q, k, v, kw, opmath):
-    """reference.attention with attention()'s keywords in its own terms: the causal alignment
-    as an offset (also the window's), the window's right side 0 under causal."""
-    causal = kw.get("causal", False)
-    offset = 0 if causal == "top_left" else k.shape[2] - q.shape[2]
-    left, right = kw.get("window") or (-1, -1)
-    window = (left, 0 if causal and "window" in kw else right)
-    return reference.attention(q, k, v, None, None, causal is not False, offset, window=window,
+    """reference.attention with attention()'s keywords in its own terms."""
+    causal, offset, window = reference_attention_terms(q, k, kw.get("causal", False),
+                                                       kw.get("window"))  # fmt: skip
+    return reference.attention(q, k, v, None, None, causal, offset, window=window,
                                softcap=kw.get("softcap", 0.0), sinks=kw.get("sinks"),
                                alibi_slopes=kw.get("alibi_slopes"), opmath=opmath)  # fmt: skip
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROUNDED, assert_parity
+from conftest import ROUNDED, assert_parity, reference_attention_terms
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -300,14 +300,10 @@ def _run(case: dict[str, Any], t: dict[str, Any], backend: str, opmath: torch.dt
             )
         finally:
             del os.environ["FASTATTN_BACKEND"]
-    # The public API aligns a window as causal is (bottom-right unless top-left, also without
-    # causal), and with causal its right side is 0.
-    offset = 0 if causal == "top_left" else k.shape[2] - q.shape[2]
-    wl, wr = window if window else (-1, -1)
-    wr = 0 if causal and window else wr
+    is_causal, offset, win = reference_attention_terms(q, k, causal, window)
     if alibi is not None:
         alibi = alibi.to(opmath)
-    return reference.attention(q, k, v, m, None, bool(causal), offset, window=(wl, wr),
+    return reference.attention(q, k, v, m, None, is_causal, offset, window=win,
                                alibi_slopes=alibi, opmath=opmath, **var)[0]  # fmt: skip
 
 

@@ -3,6 +3,8 @@ run and generation, and load each other's weights."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import assert_parity
@@ -10,39 +12,15 @@ from conftest import assert_parity
 from fastattn.models import KVCache, Transformer, TransformerConfig, tiny_corpus
 
 # MHA + RMSNorm + rotary; GQA + LayerNorm + learned positions; a sliding window of 8 (shorter
-# than the sequences) on layer 0 only, with GQA; the same with logit softcapping (Gemma 2).
+# than the sequences) on layer 0 only, with GQA; that window on every layer with logit
+# softcapping (Gemma 2).
+_BASE = TransformerConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, max_seq_len=128)
+_GQA = replace(_BASE, n_kv_heads=2)
 CONFIGS = [
-    TransformerConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
-    TransformerConfig(
-        vocab_size=64,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        norm="layernorm",
-        pos="learned",
-        max_seq_len=128,
-    ),  # fmt: skip
-    TransformerConfig(
-        vocab_size=64,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        max_seq_len=128,
-        sliding_window=8,
-        window_layers=(0,),
-    ),  # fmt: skip
-    TransformerConfig(
-        vocab_size=64,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        max_seq_len=128,
-        sliding_window=8,
-        softcap=1.5,
-    ),  # fmt: skip
+    _BASE,
+    replace(_GQA, norm="layernorm", pos="learned"),
+    replace(_GQA, sliding_window=8, window_layers=(0,)),
+    replace(_GQA, sliding_window=8, softcap=1.5),
 ]
 IDS = ["mha-rms-rope", "gqa-ln-learned", "gqa-window-layer0", "gqa-window-softcap"]
 

@@ -193,30 +193,29 @@ VARIANT_CONFIGS: dict[tuple[str, bool, int], list[Tile]] = {
 }
 
 
-def _tiles(kind: str, table: dict, table_fp32: dict, dtype: torch.dtype, tier: int,
-           variants: bool) -> Any:  # fmt: skip
-    fp32 = dtype == torch.float32
-    if variants and (kind, fp32, tier) in VARIANT_CONFIGS:
-        return VARIANT_CONFIGS[kind, fp32, tier]
-    return (table_fp32 if fp32 else table)[tier]
+def _variant_tiles(kind: str, dtype: torch.dtype, tier: int, variants: bool) -> list[Tile]:
+    """The VARIANT_CONFIGS list of (kind, dtype, tier) when the variants are on, else []."""
+    return VARIANT_CONFIGS.get((kind, dtype == torch.float32, tier), []) if variants else []
 
 
 def fwd_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
-    return _tiles("fwd", FWD_CONFIGS, FWD_CONFIGS_FP32, dtype, tier, variants)
+    own = _variant_tiles("fwd", dtype, tier, variants)
+    return own or (FWD_CONFIGS_FP32 if dtype == torch.float32 else FWD_CONFIGS)[tier]
 
 
 def dkdv_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
-    return _tiles("dkdv", DKDV_CONFIGS, DKDV_CONFIGS_FP32, dtype, tier, variants)
+    own = _variant_tiles("dkdv", dtype, tier, variants)
+    return own or (DKDV_CONFIGS_FP32 if dtype == torch.float32 else DKDV_CONFIGS)[tier]
 
 
 def dq_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
-    return _tiles("dq", DQ_CONFIGS, DQ_CONFIGS_FP32, dtype, tier, variants)
+    own = _variant_tiles("dq", dtype, tier, variants)
+    return own or (DQ_CONFIGS_FP32 if dtype == torch.float32 else DQ_CONFIGS)[tier]
 
 
 def split_config(dtype: torch.dtype, tier: int, variants: bool = False) -> Tile:
-    split = {t: [c] for t, c in SPLIT_CONFIG.items()}
-    split32 = {t: [c] for t, c in SPLIT_CONFIG_FP32.items()}
-    return _tiles("split", split, split32, dtype, tier, variants)[0]
+    own = _variant_tiles("split", dtype, tier, variants)
+    return own[0] if own else (SPLIT_CONFIG_FP32 if dtype == torch.float32 else SPLIT_CONFIG)[tier]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -278,12 +277,10 @@ def variant_args(
     window = window_left >= 0 or window_right >= 0
     al = q if alibi is None else alibi
     al_str = [0, 0] if alibi is None else [alibi.stride(0), alibi.stride(1)]
-    args = [q if sinks is None else sinks, al, *al_str, max(softcap, 1.0) * LOG2E,
-            window_left, window_right]  # fmt: skip
+    cap2 = (softcap if softcap > 0.0 else 1.0) * LOG2E  # (1.0: unread without a softcap)
+    args = [q if sinks is None else sinks, al, *al_str, cap2, window_left, window_right]
     flags = {"SOFTCAP": softcap > 0.0, "ALIBI": alibi is not None, "WINDOW": window,
              "SINKS": sinks is not None}  # fmt: skip
-    if softcap > 0.0:
-        args[4] = softcap * LOG2E
     return args, flags
 
 
