@@ -36,6 +36,15 @@ mkdir -p "$BUILD"
 # 1. The CUDA venv (its own: the dev venv has the CPU torch wheel).
 if ! "$PY" -c 'import torch, ninja, pybind11, numpy; assert torch.version.cuda' 2>/dev/null; then
   step "creating $VENV (torch==2.14.1, CUDA wheel from local disk)"
+  # The CUDA wheel and its nvidia-* libraries take ~5.5 GB: say so before pip fills the disk
+  # half-way ("OSError: [Errno 28] No space left on device" from the middle of an install).
+  need_kb=$((7 * 1024 * 1024))
+  for dir in "$ROOT" "${TMPDIR:-/tmp}"; do
+    free_kb=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
+    ((free_kb >= need_kb)) ||
+      fail "$VENV needs ~7 GiB free on the disk of $dir; it has $((free_kb / 1024)) MiB" \
+        "(df -h $dir; an old clone's .venv-cuda or .build-* directories are 5+ GB each)"
+  done
   [[ -x $PY ]] || python3 -m venv "$VENV"
   # The dev pins of the build tools (requirements-dev.txt is the one place versions are chosen).
   mapfile -t PINS < <(grep -E '^(numpy|ninja|pybind11)([=<>~ ]|$)' requirements-dev.txt)
