@@ -108,3 +108,22 @@ def test_sliding_window_reaches_the_kernel(monkeypatch):
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     assert seen and all(w == (WINDOW - 1, 0) for w in seen), seen
+
+
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_output_attentions_are_the_models_own(model_type):
+    # Windows, softcap and sinks in the weights too, in each model's own convention (gpt-oss
+    # gives a sink its share of a row; the others' rows sum to one).
+    fa_hf.register()
+    kind = MODELS[model_type][0]
+    eager, fast = build(model_type, "eager"), build(model_type, fa_hf.NAME)
+    fast.load_state_dict(eager.state_dict())
+    ids, mask = batch(kind, pad=True)
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with pytest.warns(UserWarning, match="does not compute attention weights"):
+            got = fast(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(got) == len(want) > 0
+    keep = mask.bool()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.transpose(1, 2)[keep], b.transpose(1, 2)[keep])

@@ -33,6 +33,7 @@ import torch
 
 import fastattn
 from fastattn import patching
+from fastattn.integrations import hf_eager, hf_masks
 from fastattn.ops.attention import attention
 
 NAME = "fastattn"
@@ -93,17 +94,17 @@ def _refusal(reason: str) -> UnsupportedModelError:
     )
 
 
-_CONFIG_VERDICT: dict[type, str | None] = {}
+_CONFIG_CLASSES: dict[type, list[type]] = {}
 _SDPA_MASK: Callable[..., torch.Tensor | None] | None = None  # transformers' sdpa_mask
 _COLLECTOR: Any = None  # transformers' output collector (set by register())
 
 
-def _config_reason(config: Any) -> str | None:
-    """:func:`unsupported_reason` of the model classes built on ``config``'s class (those defined
-    beside it; any, for a config class borrowed by another package), cached per class."""
+def _config_classes(config: Any) -> list[type]:
+    """The model classes built on ``config``'s class (those defined beside it; any, for a config
+    class borrowed by another package), the base model first; cached per class."""
     cls = type(config)
-    if cls in _CONFIG_VERDICT:
-        return _CONFIG_VERDICT[cls]
+    if cls in _CONFIG_CLASSES:
+        return _CONFIG_CLASSES[cls]
     from transformers import PreTrainedModel
 
     users, todo = [], [PreTrainedModel]
@@ -115,9 +116,9 @@ def _config_reason(config: Any) -> str | None:
     package = cls.__module__.rpartition(".")[0]
     local = [u for u in users if u.__module__.rpartition(".")[0] == package]
     ordered = sorted(local or users, key=lambda u: (len(u.__name__), u.__name__))  # XModel first
-    verdict = next((r for r in map(_class_reason, ordered) if r is not None), None)
-    _CONFIG_VERDICT[cls] = verdict
-    return verdict
+    if ordered:  # (none yet: its modeling module is not imported; asked again later)
+        _CONFIG_CLASSES[cls] = ordered
+    return ordered
 
 
 def _check_config(config: Any) -> None:
@@ -125,17 +126,66 @@ def _check_config(config: Any) -> None:
     serve (skipped while torch.compile traces: ``apply()`` and the first eager call check)."""
     if config is None or torch.compiler.is_compiling():
         return
-    reason = _config_reason(config)
+    reason = next((r for r in map(_class_reason, _config_classes(config)) if r is not None), None)
     if reason is not None:
         raise _refusal(reason)
 
 
+def _key_padding_form(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: Any = 0,
+    mask_function: Callable[..., Any] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    config: Any = None,
+    device: Any = None,
+    **_: Any,
+) -> torch.Tensor | None | bool:
+    """The structured form of the mask transformers asks for, or False where only the dense mask
+    says it: ``None`` (no padding: the causal flag and window alone) or the ``(batch,
+    seqlen_k)`` bool padding of the keys, to which :func:`attention_forward` adds the causal flag
+    and window the attention module passes (transformers' flash-attention contract: its mask
+    function gives the 2D padding mask alone, the module ``is_causal`` and ``sliding_window``).
+    Only for a model that transformers' flash-attention path serves, a plain causal /
+    bidirectional / sliding-window pattern (:func:`hf_masks.pattern_of`), and queries that are
+    the last keys (a prefill, a chunked prefill or decoding on a dynamic cache; not a static
+    cache's unwritten slots), outside torch.compile tracing (which keeps the dense mask)."""
+    if torch.compiler.is_compiling() or config is None:
+        return False
+    if getattr(config, "is_causal", True) is False:  # transformers' bidirectional override
+        return False
+    classes = _config_classes(config)
+    if not classes or not all(getattr(c, "_supports_flash_attn", False) for c in classes):
+        return False
+    pattern = hf_masks.pattern_of(mask_function)
+    ints = all(type(n) is int for n in (q_length, kv_length, q_offset, kv_offset))
+    if pattern is None or not ints or q_offset + q_length != kv_offset + kv_length:
+        return False
+    padding = hf_masks.key_padding(attention_mask, kv_length, kv_offset)
+    if padding is not None and bool(padding.all()):
+        padding = None
+    if padding is None and q_length not in (1, kv_length):
+        # The causal flag of a mask-less call is aligned top-left (transformers' SDPA
+        # semantics): a chunk of queries after earlier keys needs the key form to be aligned
+        # bottom-right.
+        padding = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    return padding
+
+
 def fastattn_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """The mask function registered as ``"fastattn"``: transformers' SDPA mask (bool, True =
-    attend; ``None`` when the causal flag suffices), after checking that the model asking for it
-    runs its attention through fastattn (a model with its own attention code is refused here,
-    before its first attention runs)."""
+    """The mask function registered as ``"fastattn"``: the structured form of
+    :func:`_key_padding_form` where it applies (no ``(batch, 1, seqlen_q, seqlen_k)`` mask is
+    built), else transformers' SDPA mask (bool, True = attend; ``None`` when the causal flag
+    suffices); after checking that the model asking for it runs its attention through fastattn
+    (a model with its own attention code is refused here, before its first attention runs)."""
     _check_config(kwargs.get("config"))
+    if not args:
+        form = _key_padding_form(**kwargs)
+        if form is not False:
+            assert not isinstance(form, bool)
+            return form
     assert _SDPA_MASK is not None  # set by register(), which registers this function
     return _SDPA_MASK(*args, **kwargs)
 
@@ -159,37 +209,6 @@ def _warn_output_attentions() -> None:
         UserWarning,
         stacklevel=3,
     )
-
-
-def _eager_with_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    causal: bool,
-    dropout: float,
-    scaling: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unfused attention that also returns the weights ``(batch, heads, seqlen_q, seqlen_k)``,
-    with the masking of transformers' eager path (masked scores at the dtype's minimum)."""
-    groups = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(groups, dim=1)
-    v = value.repeat_interleave(groups, dim=1)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, k.transpose(2, 3)) * scale
-    if causal:
-        keep = torch.ones(query.shape[2], k.shape[2], dtype=torch.bool, device=query.device)
-        mask = keep.tril()
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:  # -inf (a bias hidden by the mask) as eager's minimum: no NaN rows
-            scores = (scores + mask).clamp_min(torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if dropout > 0:
-        weights = torch.nn.functional.dropout(weights, p=dropout)
-    out = torch.matmul(weights, v)
-    return out.transpose(1, 2).contiguous(), weights
 
 
 def attention_forward(
@@ -216,11 +235,26 @@ def attention_forward(
         raise ValueError("fastattn attention does not support paged caches")
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux", kwargs.get("sinks"))
     module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(query.shape[2] > 1 and attention_mask is None and module_causal)
-    window = _window(kwargs.get("sliding_window"), bool(module_causal), query, key, attention_mask)
+    sliding = kwargs.get("sliding_window")
     mask = attention_mask
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[2]]
+    if mask is not None and mask.ndim == 2:
+        # fastattn_mask's key-padding form: the queries are the last keys, and the module's
+        # causal flag and window apply aligned bottom-right (the flash-attention contract).
+        if mask.shape != (key.shape[0], key.shape[2]):
+            raise ValueError(
+                f"fastattn attention: a 2D attention_mask is the key padding (batch, seqlen_k) "
+                f"= {(key.shape[0], key.shape[2])}; got {tuple(mask.shape)}"
+            )
+        mask = mask.bool()[:, None, None, :]  # (B, 1, 1, Sk)
+        causal: bool | str = bool(module_causal and query.shape[2] > 1)
+        window = _window(sliding, bool(module_causal), query, key, None)
+    else:
+        # transformers' causal flag is SDPA's (top-left): with an empty static cache the keys
+        # past the queries are then hidden, as its sdpa path gets by cropping them.
+        causal = "top_left" if query.shape[2] > 1 and mask is None and module_causal else False
+        window = _window(sliding, bool(module_causal), query, key, mask)
+        if mask is not None:
+            mask = mask[:, :, :, : key.shape[2]]
     if position_bias is not None:  # an additive bias, hidden where the mask hides
         bias = position_bias[..., : key.shape[2]].to(torch.float32)
         if mask is None:
@@ -230,16 +264,19 @@ def attention_forward(
         else:
             mask = bias + mask
     if _weights_requested(kwargs):
-        if softcap is not None or sinks is not None or window is not None:
-            raise ValueError(
-                "fastattn attention: output_attentions=True is not served with softcap, "
-                "attention sinks or a sliding window; use attn_implementation='eager'"
-            )
         _warn_output_attentions()
-        return _eager_with_weights(query, key, value, mask, causal, dropout, scaling)
-    # transformers' causal flag is SDPA's (top-left): with an empty static cache the keys past
-    # the queries are then hidden, as its sdpa path gets by cropping them.
-    out = attention(query, key, value, causal="top_left" if causal else False, scale=scaling,
+        eager = hf_eager.model_eager(module)
+        if eager is not None and position_bias is None:  # the model's own weights
+            eager_mask = hf_eager.additive_mask(
+                mask, query.shape[2], key.shape[2], causal, window, query.dtype
+            )
+            return eager(
+                module, query, key, value, eager_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        return hf_eager.attention_with_weights(
+            query, key, value, mask, causal, dropout, scaling, window, softcap, sinks
+        )
+    out = attention(query, key, value, causal=causal, scale=scaling,
                     attn_mask=mask, dropout_p=dropout, window=window,
                     softcap=0.0 if softcap is None else float(softcap), sinks=sinks)  # fmt: skip
     assert isinstance(out, torch.Tensor)
