@@ -93,21 +93,54 @@ def test_model_matches_its_eager_attention(model_type, monkeypatch):
 
 
 def test_sliding_window_reaches_the_kernel(monkeypatch):
-    # Mistral's window arrives as the kernel's window (block skipping), not only as a mask.
+    # Mistral's window arrives as the kernel's window (block skipping) with the key padding
+    # alone, never a (batch, 1, seqlen_q, seqlen_k) mask: padded prefill, then a chunk of
+    # queries after cached keys (the causal flag aligned bottom-right), then decoding.
     fa_hf.register()
     seen = []
     real = fa_hf.attention
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("window"))
-        return real(*args, **kwargs)
+    def spy(q, k, v, **kwargs):
+        m = kwargs.get("attn_mask")
+        seen.append((kwargs.get("window"), None if m is None else (*m.shape[2:], k.shape[2])))
+        return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(fa_hf, "attention", spy)
-    model = build("mistral", fa_hf.NAME)
+    eager, fast = build("mistral", "eager"), build("mistral", fa_hf.NAME)
+    fast.load_state_dict(eager.state_dict())
     ids, mask = batch("causal", pad=True)
+    from transformers import DynamicCache
+
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
-    assert seen and all(w == (WINDOW - 1, 0) for w in seen), seen
+        for model in (eager, fast):
+            cache = DynamicCache(config=model.config)
+            first = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache)
+            rest = model(input_ids=ids[:, 8:], attention_mask=mask, past_key_values=cache)
+            model.outs = (first.logits, rest.logits)
+    for got, want in zip(fast.outs, eager.outs, strict=True):
+        keep = torch.ones(got.shape[:2], dtype=torch.bool)
+        keep[1, :4] = got.shape[1] != 8  # the padded positions of the first chunk
+        torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-5)
+    assert seen and all(w == (WINDOW - 1, 0) for w, _ in seen), seen
+    # (the second chunk's keys: the 3 the sliding cache keeps, and the chunk's 4)
+    assert all(form is not None and form[0] == 1 and form[1] == form[2] for _, form in seen), seen
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])  # sliding only; and full layers
+def test_static_cache_generate_matches_eager(model_type, monkeypatch):
+    # A static cache: whatever form each call's mask takes (window-sized sliding layers are
+    # aligned and get the key form; a full layer's unwritten slots the dense mask), the same
+    # tokens as eager.
+    fa_hf.register()
+    calls = count_calls(monkeypatch, fa_hf, "attention")
+    eager, fast = build(model_type, "eager"), build(model_type, fa_hf.NAME)
+    fast.load_state_dict(eager.state_dict())
+    ids, mask = batch("causal", pad=True)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        want = eager.generate(input_ids=ids, attention_mask=mask, **kw)
+        got = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert calls and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("model_type", list(MODELS))
