@@ -1,11 +1,14 @@
 """Attention variant cases of ``fastattn-bench attention`` (issue 15): a sliding window against
-the full causal kernel and SDPA given the equivalent dense mask; softcap, sinks and ALiBi against
+the full causal kernel and SDPA given the equivalent dense mask (also through transformers' mask
+interface and attention functions, with padding); softcap, sinks and ALiBi against
 the plain kernel (their cost), eager PyTorch and, where it can express them, SDPA."""
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +60,8 @@ def _windowed_reference(i: Inputs, left: int) -> torch.Tensor:
     outs = []
     for r0 in range(0, S, step):
         r1, k0 = min(S, r0 + step), max(0, r0 - left)
-        o, _ = reference.attention(q[:, :, r0:r1], k[:, :, k0:r1], v[:, :, k0:r1], None, None,
+        pad = i["pad"][:, None, None, k0:r1] if "pad" in i else None  # (B, 1, 1, keys)
+        o, _ = reference.attention(q[:, :, r0:r1], k[:, :, k0:r1], v[:, :, k0:r1], pad, None,
                                    True, r0 - k0, window=(left, 0))  # fmt: skip
         outs.append(o)
     return torch.cat(outs, dim=2)
@@ -97,6 +101,77 @@ def _window_cases(opts: Options, be: str) -> list[Case]:
             case = Case("attention", f"fwd causal window {left}", shape, dt, make, oracle(ref),
                         4 * b * h * s * d * es, impls)  # fmt: skip
             case.flops = 4 * b * h * s * min(s, left + 1) * d  # the keys each query sees
+            case.peak_gflops = opts.peak_gflops.get(DTYPE_NAMES.get(dt, ""), math.nan)
+            case.memory = True
+            cases.append(case)
+    return cases
+
+
+HF_PADDING = 100  # right-padded keys of the transformers case (every row still sees a key)
+
+
+def _hf_window_cases(opts: Options) -> list[Case]:
+    """A Mistral-style sliding-window layer through transformers' mask interface and the
+    registered attention, with key padding: fastattn's mask function (the key padding only)
+    against fastattn and transformers' SDPA given transformers' dense mask. Mask construction
+    is timed with the attention: it is what the dense form costs."""
+    try:
+        from transformers import MistralConfig, MistralModel  # noqa: F401 (the config's model)
+        from transformers import masking_utils as mu
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:  # transformers is optional
+        return []
+    from fastattn.integrations import transformers as fa_hf
+
+    fa_hf.register()
+    layer = torch.nn.Module()
+    layer.is_causal, layer.num_key_value_groups = True, 1  # type: ignore[assignment]
+    cases = []
+    for b, h, s, d, left in WINDOW_QUICK if opts.quick else WINDOW_SHAPES:
+        cfg = MistralConfig(num_hidden_layers=1, sliding_window=left + 1)
+
+        def mask(
+            i: Inputs, build: Callable[..., torch.Tensor | None], s: int = s, cfg: Any = cfg
+        ) -> torch.Tensor | None:
+            w = cfg.sliding_window
+            return build(batch_size=i["q"].shape[0], q_length=s, kv_length=s,
+                         attention_mask=i["pad"], config=cfg, device=i["q"].device,
+                         mask_function=mu.sliding_window_causal_mask_function(w),
+                         allow_is_causal_skip=True)  # fmt: skip
+
+        def ours(
+            i: Inputs,
+            dense: bool,
+            mask: Callable[..., torch.Tensor | None] = mask,
+            w: int = left + 1,
+        ) -> Out:
+            m = mask(i, mu.sdpa_mask if dense else fa_hf.fastattn_mask)
+            out, _ = fa_hf.attention_forward(layer, i["q"], i["k"], i["v"], m, sliding_window=w)
+            return out.transpose(1, 2)  # (B, H, S, D)
+
+        def sdpa(i: Inputs, mask: Callable[..., torch.Tensor | None] = mask) -> Out:
+            out, _ = sdpa_attention_forward(layer, i["q"], i["k"], i["v"], mask(i, mu.sdpa_mask))
+            return out.transpose(1, 2)
+
+        for dt in opts.dtypes:
+
+            def make(dev: torch.device, s: int = s, shape: tuple = (b, h, s, d), dt=dt) -> Inputs:
+                inp = _inputs(dev, shape, dt, grad=False)
+                inp["pad"] = torch.ones(shape[0], s, dtype=torch.bool, device=dev)
+                inp["pad"][:, s - HF_PADDING :] = False
+                return inp
+
+            impls = [
+                Impl(f"{backend_label('attention', opts, dt)} via transformers (key padding)",
+                     functools.partial(ours, dense=False), subject=True),
+                Impl("fastattn via transformers' dense mask", functools.partial(ours, dense=True)),
+                Impl("transformers sdpa (dense mask)", sdpa),
+            ]  # fmt: skip
+            es = torch.empty((), dtype=dt).element_size()
+            ref = functools.partial(_windowed_reference, left=left)
+            case = Case("attention", f"fwd HF sliding window {left + 1} + padding", (b, h, s, d),
+                        dt, make, oracle(ref), 4 * b * h * s * d * es, impls)  # fmt: skip
+            case.flops = 4 * b * h * s * min(s, left + 1) * d
             case.peak_gflops = opts.peak_gflops.get(DTYPE_NAMES.get(dt, ""), math.nan)
             case.memory = True
             cases.append(case)
@@ -189,4 +264,8 @@ def _variant_cases(opts: Options, be: str) -> list[Case]:
 
 def variant_cases(opts: Options) -> list[Case]:
     """The window cases, then softcap / sinks / ALiBi (see the module docstring)."""
-    return _window_cases(opts, opts.backend) + _variant_cases(opts, opts.backend)
+    return (
+        _window_cases(opts, opts.backend)
+        + _hf_window_cases(opts)
+        + _variant_cases(opts, opts.backend)
+    )
