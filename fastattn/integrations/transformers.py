@@ -228,8 +228,10 @@ def attention_forward(
     seqlen_q, heads, head_dim), None)``. Semantics are those of transformers' ``sdpa`` path,
     plus the keyword arguments of its flash-attention path: ``sliding_window`` (the kernel
     skips the key blocks outside it), ``softcap`` and ``s_aux`` (attention sinks), served in the
-    kernel. v may have its own head_dim (latent attention). With ``output_attentions=True`` it
-    warns and returns the weights of an unfused attention."""
+    kernel. v may have its own head_dim (latent attention). ``attention_mask`` is transformers'
+    SDPA mask, or the ``(batch, seqlen_k)`` key padding of :func:`fastattn_mask`. With
+    ``output_attentions=True`` it warns and runs the model's own eager attention (which returns
+    the weights) on the equivalent mask."""
     _check_config(getattr(module, "config", None))
     if kwargs.get("cache") is not None and not isinstance(kwargs["cache"], bool):
         raise ValueError("fastattn attention does not support paged caches")
