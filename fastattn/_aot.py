@@ -3,8 +3,8 @@
 ``python -m fastattn._aot [--cc 80 90] [-k SUBSTRING]`` compiles each op's ``aot_specs()`` with
 ``triton.compile`` for ``GPUTarget("cuda", cc, 32)`` — no GPU needed — twice: as is, and with the
 specialisation Triton's JIT gives the usual run-time arguments (``aligned``: every pointer and
-every stride and size argument ``s_*``, ``D``, ``Sq``, ``Sk``, ``n_cols`` divisible by 16, plus
-the spec's ``aligned_constexprs``, e.g. a unit stride; unless the spec says ``aligned_too``
+every stride and size argument ``s_*``, ``D``, ``Dv``, ``Sq``, ``Sk``, ``n_cols`` divisible by 16,
+plus the spec's ``aligned_constexprs``, e.g. a unit stride; unless the spec says ``aligned_too``
 False), which vectorises loads and lets sm_80+
 stage tiles through shared memory with cp.async (more shared memory). It prints one JSON line per
 compile: shared memory used, registers per thread and stack frame bytes (from ``cuobjdump
@@ -30,7 +30,7 @@ from fastattn._triton import interpreting, jit, tl
 # Shared memory per block (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SMEM_LIMIT = {80: 166_912, 90: 232_448}
 # Integer arguments that are multiples of 16 in the usual (aligned) launch, besides strides s_*.
-ALIGNED_INTS = ("D", "Sq", "Sk", "n_cols")
+ALIGNED_INTS = ("D", "Dv", "Sq", "Sk", "n_cols")
 
 
 @jit

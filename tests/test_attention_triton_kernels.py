@@ -29,14 +29,17 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 RNG = torch.tensor([0x9E3779B9, 12345], dtype=torch.int64)
 
 
-def _inputs(B, H, Hkv, Sq, Sk, D, dtype, transposed=False, seed=0):
+def _inputs(B, H, Hkv, Sq, Sk, D, dtype, transposed=False, seed=0, dv=None):
     g = torch.Generator().manual_seed(seed)
     if transposed:  # (B, S, H, D) storage viewed as (B, H, S, D)
         q = torch.randn(B, Sq, H, D, generator=g).to(dtype).transpose(1, 2)
     else:
         q = torch.randn(B, H, Sq, D, generator=g).to(dtype)
     k = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    if dv is None:
+        v = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    else:  # v's own head dim, (B, S, Hkv, Dv) storage viewed as (B, Hkv, S, Dv): strided
+        v = torch.randn(B, Sk, Hkv, dv, generator=g).to(dtype).transpose(1, 2)
     return q, k, v
 
 
@@ -70,8 +73,8 @@ def _check(fast, ref, eager, dtype, name):
 
 
 def _run(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, causal=False, off=0, mask=None, p=0.0,
-         splits=None, deterministic=True, transposed=False):  # fmt: skip
-    q, k, v = _inputs(B, H, Hkv, Sq, Sk, D, dtype, transposed)
+         splits=None, deterministic=True, transposed=False, dv=None):  # fmt: skip
+    q, k, v = _inputs(B, H, Hkv, Sq, Sk, D, dtype, transposed, dv=dv)
     m = _mask(mask, B, H, Sq, Sk)
     rng = RNG if p > 0 else None
     scale = D**-0.5
@@ -133,6 +136,15 @@ CASES = [
     (2, 4, 2, 19, 37, 64, {"transposed": True, "causal": True, "off": 18}),
     (1, 2, 1, 33, 65, 128, {"causal": True, "off": 32}),
     (1, 2, 2, 17, 40, 256, {"mask": "bool"}),
+    # v's own head dim (multi-head latent attention; v strided): narrower, wider, DeepSeek's
+    (1, 4, 2, 7, 113, 24, {"dv": 16, "causal": True, "off": 106}),
+    (1, 4, 1, 1, 300, 24, {"dv": 16, "splits": 4, "mask": "float"}),
+    (1, 4, 2, 113, 7, 24, {"dv": 16, "mask": "bool", "p": 0.25}),
+    (2, 4, 2, 17, 33, 16, {"dv": 40, "p": 0.25, "deterministic": False}),
+    (1, 2, 1, 33, 47, 40, {"dv": 24, "mask": "float", "transposed": True}),
+    (1, 4, 2, 9, 70, 40, {"dv": 48, "causal": True, "off": 61}),  # one block (64) for both
+    (1, 2, 1, 17, 40, 192, {"dv": 128, "causal": True, "off": 23, "deterministic": False}),
+    (1, 2, 1, 3, 160, 192, {"dv": 128, "splits": 3}),
 ]
 
 
@@ -170,16 +182,33 @@ def test_deterministic_is_bitwise_reproducible():
 @pytest.mark.parametrize(
     "shape", [(0, 2, 2, 5, 7), (1, 2, 1, 0, 7), (1, 2, 1, 5, 0)], ids=["B0", "Sq0", "Sk0"]
 )
-def test_zero_size(shape):
+@pytest.mark.parametrize("dv", [None, 24])
+def test_zero_size(shape, dv):
     B, H, Hkv, Sq, Sk = shape
-    q, k, v = _inputs(B, H, Hkv, Sq, Sk, 16, torch.float32)
+    q, k, v = _inputs(B, H, Hkv, Sq, Sk, 16, torch.float32, dv=dv)
     out, lse = A.triton_forward(q, k, v, None, None, 0.25, False, 0, 0.0)
-    assert out.shape == q.shape and lse.shape == (B, H, Sq)
+    assert out.shape == (*q.shape[:3], v.shape[3]) and lse.shape == (B, H, Sq)
     assert (out == 0).all() and (lse == float("-inf")).all()
     do = torch.randn_like(out)
     dq, dk, dv, dm, _ = AB.triton_backward(do, q, k, v, out, lse, None, None, 0.25, True, 0, 0.0,
                                        True, False)  # fmt: skip
     assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all() and dm.numel() == 0
+    assert dv.shape == v.shape
+
+
+def test_zero_qk_head_dim_with_values():
+    # D = 0, Dv > 0: every score is 0, out is the mean of the visible values, and dv = P^T dO
+    # comes from the kernels (dq, dk are empty).
+    q, k, v = torch.randn(1, 2, 5, 0), torch.randn(1, 2, 7, 0), torch.randn(1, 2, 7, 16)
+    out, lse = A.triton_forward(q, k, v, None, None, 1.0, True, 2, 0.0)
+    want, _ = reference.attention(q.double(), k.double(), v.double(), None, 1.0, True, 2)
+    assert torch.allclose(out.double(), want, atol=1e-6)
+    do = torch.randn_like(out)
+    *_, dv, _, _ = AB.triton_backward(do, q, k, v, out, lse, None, None, 1.0, True, 2, 0.0, True,
+                                      False)  # fmt: skip
+    vr = v.double().requires_grad_()
+    o = reference.attention(q.double(), k.double(), vr, None, 1.0, True, 2)[0]
+    assert torch.allclose(dv.double(), torch.autograd.grad(o, vr, do.double())[0], atol=1e-6)
 
 
 def test_autotuned_launch(monkeypatch):

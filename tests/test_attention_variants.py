@@ -4,6 +4,8 @@ whose formulas docs/attention.md states), with every gradient (the sinks' includ
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import GPU, assert_parity, reference_attention_terms
@@ -109,10 +111,8 @@ def grid():
 
 def triton_grid():
     # The interpreter runs ~ms per block step: two shapes (a decode row against 200 keys, which
-    # takes the split-K path and its combine, and 33 x 70), one dtype per variant in turn. v's
-    # own head_dim is not in the Triton kernels (refused, test_triton_refuses_other_v_head_dim).
-    names = [n for n in VARIANTS if "dv" not in VARIANTS[n]]
-    for i, name in enumerate(names):
+    # takes the split-K path and its combine, and 33 x 70), one dtype per variant in turn.
+    for i, name in enumerate(VARIANTS):
         for j, (sq, sk) in enumerate([(1, 200), (33, 70)]):
             dtype = (torch.float32, torch.bfloat16)[(i + j) % 2]
             yield pytest.param(name, dtype, sq, sk, 40, (4, 2), id=f"{name}-{dtype}-{sq}x{sk}")
@@ -125,11 +125,48 @@ def test_triton_variants_in_the_interpreter(variant, dtype, Sq, Sk, D, heads):
     test_parity_grid_variants("triton", variant, dtype, Sq, Sk, D, heads)
 
 
+# A value head_dim of its own (multi-head latent attention) in the Triton kernels: narrower and
+# wider than q/k's, neither a power of two nor the same block (24 -> 32 / 16, 16 / 40 -> 64),
+# over odd lengths, seqlen_q != seqlen_k both ways, decode (split-K: 1 x 300, checked below),
+# GQA, causal, window and sinks; v strided (test_parity_grid_variants). fp32 and bf16 in turn.
+DV_KWARGS = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window": (20, 9)},
+    "sinks-causal-window": {"sinks": True, "causal": True, "window": (50, 0)},
+}
+
+
+@pytest.mark.parametrize("kw_name", list(DV_KWARGS))
+@pytest.mark.parametrize(("Sq", "Sk"), [(1, 1), (7, 113), (113, 7), (1, 300)])
+@pytest.mark.parametrize(("D", "Dv"), [(24, 16), (16, 40)])
+def test_triton_v_head_dim_in_the_interpreter(D, Dv, Sq, Sk, kw_name):
+    if fastattn.dispatch.unavailable_reason("triton", torch.device("cpu"), torch.float32):
+        pytest.skip("triton cannot run here")
+    from fastattn.ops import _attention_triton_common as C
+
+    dtype = (torch.float32, torch.bfloat16)[(Sq + Sk + D + len(kw_name)) % 2]
+    if (Sq, Sk) == (1, 300):  # the decode shape does take the split-K path and its combine
+        programs = 2 * 2  # batch x kv heads x one tile of the group's 4 x 1 rows
+        assert C.decode_splits(torch.empty(0), programs, Sk, C.split_config(dtype, 64)[1]) > 1
+    kw = {**DV_KWARGS[kw_name], "dv": Dv}
+    test_parity_grid_variants("triton", kw, dtype, Sq, Sk, D, (4, 2))
+
+
+@pytest.mark.parametrize(("Sq", "Sk", "causal"), [(1, 300, False), (33, 70, True)])
+def test_triton_deepseek_head_dims_in_the_interpreter(Sq, Sk, causal):
+    # DeepSeek's 192 / 128 (BLOCK_D 256, BLOCK_DV 128; tier 256 tiles), fp32, MQA.
+    if fastattn.dispatch.unavailable_reason("triton", torch.device("cpu"), torch.float32):
+        pytest.skip("triton cannot run here")
+    kw = {"causal": causal, "dv": 128}
+    test_parity_grid_variants("triton", kw, torch.float32, Sq, Sk, 192, (2, 1))
+
+
 # "parity_grid" and "cpu" in the id: tools/cpu_tiers.py runs it on every CPU tier.
 @pytest.mark.parametrize("backend", ["cpu"])
 @pytest.mark.parametrize(("variant", "dtype", "Sq", "Sk", "D", "heads"), list(grid()))
 def test_parity_grid_variants(backend, variant, dtype, Sq, Sk, D, heads):
-    kw = VARIANTS[variant]
+    kw = VARIANTS[variant] if isinstance(variant, str) else variant
     B, (H, Hkv) = 2, heads
     Dv = kw.get("dv", D)
     q = torch.randn(B, H, Sq, D).to(dtype)
@@ -141,14 +178,29 @@ def test_parity_grid_variants(backend, variant, dtype, Sq, Sk, D, heads):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("Sq", "Sk"), [(1, 1025), (1025, 1025)])  # split-K decode; 1024 + 1
-@pytest.mark.parametrize("variant", [n for n in VARIANTS if "dv" not in VARIANTS[n]])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=GPU)])
 def test_parity_variants_gpu(backend, variant, Sq, Sk, D, dtype):
     # The Triton kernels compiled for the GPU (tensor cores, autotuned tiles), as on CPU above.
     kw = VARIANTS[variant]
     q = torch.randn(2, 8, Sq, D, device="cuda").to(dtype)
-    k, v = (torch.randn(2, 2, Sk, D, device="cuda").to(dtype) for _ in range(2))
+    k = torch.randn(2, 2, Sk, D, device="cuda").to(dtype)
+    v = torch.randn(2, Sk, 2, kw.get("dv", D), device="cuda").to(dtype).transpose(1, 2)
+    check(q, k, v, _variant_args(2, 8, kw, dtype, device="cuda"), backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("Sq", "Sk"), [(1, 1025), (113, 7), (1025, 1025)])
+@pytest.mark.parametrize("kw_name", list(DV_KWARGS))
+@pytest.mark.parametrize(("D", "Dv"), [(192, 128), (24, 16), (64, 128)])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=GPU)])
+def test_parity_v_head_dim_gpu(backend, D, Dv, kw_name, Sq, Sk, dtype):
+    # v's own head_dim compiled for the GPU: DeepSeek's 192 / 128, a tiny one, v wider than q.
+    kw = {**DV_KWARGS[kw_name], "dv": Dv}
+    q = torch.randn(2, 8, Sq, D, device="cuda").to(dtype)
+    k = torch.randn(2, 2, Sk, D, device="cuda").to(dtype)
+    v = torch.randn(2, Sk, 2, Dv, device="cuda").to(dtype).transpose(1, 2)
     check(q, k, v, _variant_args(2, 8, kw, dtype, device="cuda"), backend)
 
 
@@ -266,13 +318,26 @@ def test_bad_v_head_dim_is_rejected():
         fastattn.attention(q, k, torch.randn(1, 2, 4, 300))
 
 
-def test_triton_refuses_other_v_head_dim():
-    # Not yet in the Triton kernels: naming the backend is an error, never another result.
+def test_triton_serves_other_v_head_dim(monkeypatch):
+    # Named, the Triton backend runs a value head_dim of its own (it used to refuse it): its
+    # kernels run (not the reference behind them), without a warning, output (..., Dv).
+    from fastattn.ops import _attention_triton as tri
+
     q = torch.randn(1, 2, 4, 16)
     if fastattn.dispatch.unavailable_reason("triton", q.device, q.dtype) is not None:
         pytest.skip("triton cannot run here")
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot run this call"):
-        fastattn.attention(q, q, torch.randn(1, 2, 4, 8), backend="triton")
+    launched = []
+    real = tri.triton_forward
+    monkeypatch.setattr(
+        tri, "triton_forward", lambda *a, **kw: launched.append(1) or real(*a, **kw)
+    )
+    v = torch.randn(1, 2, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fastattn.attention(q, q, v, backend="triton")
+    assert launched and out.shape == (1, 2, 4, 8)
+    want = reference.attention(q.double(), q.double(), v.double(), None, 0.25, False, 0)[0]
+    assert_parity(out, want, None, "out", torch.float32)
 
 
 @pytest.mark.real_default

@@ -50,7 +50,9 @@ def _group(spec_id: str) -> str:
 
 
 # fp32 attention (tf32x3 dots: operands split in two) spills even at 16x16 tiles on sm_80/sm_90
-# at these (kernel, head-dim tier) pairs; the least-spilling tiles ship. Known, not fixed.
+# at these (kernel, head-dim tier) pairs; the least-spilling tiles ship. Known, not fixed. The
+# prefixes also take the fp32 specs of v's own head dim in those tiers ("-fp32-d256v128-",
+# "-fp32-d32v16-"), measured to spill the same way; those of no listed pair must not spill.
 FP32_SPILLS = (
     "attn_fwd-256-fp32",
     "attn_bwd_dkdv-64-fp32",

@@ -36,7 +36,6 @@ from fastattn._triton import (
     tl,
     triton,
 )
-from fastattn.ops import opcall
 from fastattn.ops._attention_triton_common import (
     LOG2E,
     MAX_SPLITS,
@@ -49,7 +48,7 @@ from fastattn.ops._attention_triton_common import (
     dropout_keep,
     fwd_configs,
     head_block,
-    head_tier,
+    kv_tier,
     mask_args,
     new_tensor,
     seq_class,
@@ -97,6 +96,7 @@ def attn_fwd_kernel(
     Sq,
     Sk,
     D,
+    Dv,
     causal_offset,
     keys_per_split,
     s_os,
@@ -116,7 +116,10 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    OWN_DV: tl.constexpr,
 ):
+    # q and k have head dim D (BLOCK_D), v and out Dv (BLOCK_DV): each padded and masked alone.
     # Program pid_h * n_m + pid_m (axis 0), split (axis 2) owns rows r of NH query heads h0 ..
     # h0+NH-1 (NH = GROUP packs a kv group's heads into one tile for decode, else 1): head
     # h0 + r // Sq, query r % Sq.
@@ -135,6 +138,13 @@ def attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    if OWN_DV:  # v's own head dim: its own offsets and masks
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < Dv
+    else:  # one set (Dv = D): the registers of a kernel without a head dim of v's own
+        offs_dv = offs_d
+        dv_ok = d_ok
+        Dv = D
     q = tl.load(
         Q + b * s_qb + hr[:, None] * s_qh + qi.to(tl.int64)[:, None] * s_qm + offs_d[None, :],
         mask=r_ok[:, None] & d_ok[None, :],
@@ -143,7 +153,7 @@ def attn_fwd_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
-    vp = V + b * s_vb + hk * s_vh + offs_d[None, :]
+    vp = V + b * s_vb + hk * s_vh + offs_dv[None, :]
     m_row = b * s_mb + hr * s_mh + qi.to(tl.int64) * s_mm
     lo = split * keys_per_split
     hi = tl.minimum(Sk, lo + keys_per_split)
@@ -165,7 +175,7 @@ def attn_fwd_kernel(
         slope2 = tl.load(Alibi + b * s_ab + hr * s_ah, mask=r_ok, other=0.0) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         c_ok = cols < Sk
@@ -206,7 +216,7 @@ def attn_fwd_kernel(
         if DROPOUT:
             p = tl.where(dropout_keep(RNG, grow, cols, drop_thr, False), p, 0.0)
         v = tl.load(
-            vp + cols.to(tl.int64)[:, None] * s_vn, mask=c_ok[:, None] & d_ok[None, :], other=0.0
+            vp + cols.to(tl.int64)[:, None] * s_vn, mask=c_ok[:, None] & dv_ok[None, :], other=0.0
         )
         if UPCAST:
             v = v.to(tl.float32)
@@ -228,9 +238,9 @@ def attn_fwd_kernel(
     if RNE_BF16:
         out = round_to_bf16(out)
     tl.store(
-        Out + split.to(tl.int64) * s_os + grow[:, None] * D + offs_d[None, :],
+        Out + split.to(tl.int64) * s_os + grow[:, None] * Dv + offs_dv[None, :],
         out.to(Out.dtype.element_ty),
-        mask=r_ok[:, None] & d_ok[None, :],
+        mask=r_ok[:, None] & dv_ok[None, :],
     )
     tl.store(LSE + split.to(tl.int64) * s_ls + grow, lse, mask=r_ok)
 
@@ -245,19 +255,19 @@ def attn_combine_kernel(
     n_splits,
     s_os,
     s_ls,
-    D,
+    Dv,
     H,
     Sq,
     SPLITS: tl.constexpr,
     SINKS_ON: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     RNE_BF16: tl.constexpr,
 ):
     """Merges the fp32 partial (out, lse) of the key splits of one query row (and its head's
-    sink, which joins the denominator once, with no value)."""
+    sink, which joins the denominator once, with no value); rows of v's head dim Dv."""
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_DV)
     lse_s = tl.load(LP + sp.to(tl.int64) * s_ls + row, mask=sp < n_splits, other=float("-inf"))
     mx = tl.max(lse_s, 0)
     sink = float("-inf")
@@ -268,17 +278,17 @@ def attn_combine_kernel(
     total = tl.sum(tl.exp(lse_s - m_ref), 0)
     if SINKS_ON:
         total += tl.exp(sink - m_ref)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
     lp = LP + row
-    op = OP + row * D + offs_d
+    op = OP + row * Dv + offs_d
     for _ in range(0, n_splits):  # pointers step by one split (64-bit pointer arithmetic)
-        acc += tl.exp(tl.load(lp) - m_ref) * tl.load(op, mask=offs_d < D, other=0.0)
+        acc += tl.exp(tl.load(lp) - m_ref) * tl.load(op, mask=offs_d < Dv, other=0.0)
         lp += s_ls
         op += s_os
     out = acc / tl.where(total == 0.0, 1.0, total)
     if RNE_BF16:
         out = round_to_bf16(out)
-    tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+    tl.store(Out + row * Dv + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < Dv)
     lse = m_ref + tl.log(tl.where(total == 0.0, 1.0, total))
     tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), lse))
 
@@ -308,10 +318,10 @@ def triton_forward(
     """(out, lse) of exact attention; ``num_splits`` forces the key splits (tests). Window,
     softcap, sinks (H,) and ALiBi slopes (B, H), both float32: docs/attention.md."""
     B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    out = opcall.new_output(q)
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = new_tensor((B, H, Sq, Dv), q.dtype, q.device)
     lse = new_tensor((B, H, Sq), torch.float32, q.device)
-    if B * H * Sq == 0 or Sk == 0 or D == 0:  # no launch; the oracle on empty data is free
+    if B * H * Sq * Sk * D * Dv == 0:  # no launch; the oracle on empty data is free
         ref_out, ref_lse = reference.attention(
             q, k, v, mask, scale, causal, causal_offset, dropout_p, rng,
             window=(window_left, window_right), softcap=softcap, sinks=sinks, alibi_slopes=alibi,
@@ -319,16 +329,18 @@ def triton_forward(
         out.copy_(ref_out)
         lse.copy_(ref_lse)
         return out, lse
-    block_d = head_block(D)
-    tier = head_tier(block_d)
+    block_d, block_dv = head_block(D), head_block(Dv)
+    # Tiles of both head dims are held and streamed: the larger one's tier sizes them.
+    tier, blocks = kv_tier(block_d, block_dv), (block_d, block_dv)
     m_arg, m_strides, flags = mask_args(mask, q)
     r_arg, drop_scale, thr, dropout = dropout_args(dropout_p, rng, q)
     var_args, var_flags = variant_args(q, window_left, window_right, softcap, sinks, alibi)
     flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=interpreting(),
-                 PREC=dot_precision(q.dtype), BLOCK_D=block_d, **var_flags)  # fmt: skip
+                 PREC=dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
+                 OWN_DV=Dv != D, **var_flags)  # fmt: skip
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides]
     variants = any(var_flags.values())
-    split_m, split_n, split_w, split_s = split_config(q.dtype, tier, variants)
+    split_m, split_n, split_w, split_s = split_config(q.dtype, tier, variants, blocks)
     group = H // Hkv
     m_tiles = triton.cdiv(group * Sq, split_m)  # split-K packs the heads of a kv group
     splits = num_splits
@@ -338,29 +350,29 @@ def triton_forward(
     with device_guard(q):
         if splits == 1:
             args = (q, k, v, out, lse, m_arg, r_arg, *var_args, scale * LOG2E, drop_scale, thr,
-                    *strides,
-                    H, group, 1, Sq, Sk, D, causal_offset, Sk, 0, 0, seq_class(Sq, Sk))  # fmt: skip
+                    *strides, H, group, 1, Sq, Sk, D, Dv, causal_offset, Sk, 0, 0,
+                    seq_class(Sq, Sk))  # fmt: skip
             flags["RNE_BF16"] = needs_bf16_rounding(out)
-            launch_tiled(attn_fwd_kernel, fwd_configs(q.dtype, tier, variants),
+            launch_tiled(attn_fwd_kernel, fwd_configs(q.dtype, tier, variants, blocks),
                          blocks_grid(Sq, B * H),
                          args, flags, keys=TUNE_KEYS)  # fmt: skip
             return out, lse
         per = -(-Sk // (splits * split_n)) * split_n  # keys per split, whole blocks
         splits = -(-Sk // per)
-        o_part = torch.empty((splits, B * H, Sq, D), dtype=torch.float32, device=q.device)
+        o_part = torch.empty((splits, B * H, Sq, Dv), dtype=torch.float32, device=q.device)
         l_part = torch.empty((splits, B * H, Sq), dtype=torch.float32, device=q.device)
         grid = blocks_grid(group * Sq, B * Hkv, splits=splits)({"BLOCK_M": split_m})
         # The sinks join once, in the combine, not in each split's partial.
         attn_fwd_kernel[checked_grid(grid)](
             q, k, v, o_part, l_part, m_arg, r_arg, *var_args, scale * LOG2E, drop_scale, thr,
-            *strides, H, group, group, Sq, Sk, D, causal_offset, per, B * H * Sq * D,
+            *strides, H, group, group, Sq, Sk, D, Dv, causal_offset, per, B * H * Sq * Dv,
             B * H * Sq, seq_class(Sq, Sk), **{**flags, "SINKS": False},
             RNE_BF16=False, BLOCK_M=split_m, BLOCK_N=split_n, num_warps=split_w,
             num_stages=split_s,
         )  # fmt: skip
         attn_combine_kernel[checked_grid((B * H * Sq,))](
-            o_part, l_part, out, lse, var_args[0], splits, B * H * Sq * D, B * H * Sq, D, H, Sq,
-            SPLITS=MAX_SPLITS, SINKS_ON=sinks is not None, BLOCK_D=block_d,
+            o_part, l_part, out, lse, var_args[0], splits, B * H * Sq * Dv, B * H * Sq, Dv, H, Sq,
+            SPLITS=MAX_SPLITS, SINKS_ON=sinks is not None, BLOCK_DV=block_dv,
             RNE_BF16=needs_bf16_rounding(out), num_warps=4,
         )  # fmt: skip
     return out, lse

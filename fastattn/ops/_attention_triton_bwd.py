@@ -28,7 +28,7 @@ from fastattn.ops._attention_triton_common import (
     dropout_args,
     dropout_keep,
     head_block,
-    head_tier,
+    kv_tier,
     mask_args,
     seq_class,
     tanh,
@@ -41,15 +41,15 @@ from fastattn.ops._attention_triton_common import (
 # ----------------------------------------------------------------------------------- kernels
 # fmt: off
 @jit
-def attn_bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, D,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DELTA = rowsum(dO * O) in fp32."""
+def attn_bwd_pre_kernel(Out, DO, DELTA, s_db, s_dh, s_dm, H, Sq, Dv,
+                        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """DELTA = rowsum(dO * O) in fp32 (rows of v's head dim Dv)."""
     n_m = tl.cdiv(Sq, BLOCK_M)
     bh = tl.program_id(0) // n_m
     rows = (tl.program_id(0) % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (rows < Sq)[:, None] & (offs_d < D)[None, :]
-    op = Out + (bh.to(tl.int64) * Sq + rows)[:, None] * D + offs_d[None, :]
+    offs_d = tl.arange(0, BLOCK_DV)
+    ok = (rows < Sq)[:, None] & (offs_d < Dv)[None, :]
+    op = Out + (bh.to(tl.int64) * Sq + rows)[:, None] * Dv + offs_d[None, :]
     o = tl.load(op, mask=ok, other=0.0)
     dop = DO + (bh // H).to(tl.int64) * s_db + (bh % H).to(tl.int64) * s_dh
     do = tl.load(dop + rows.to(tl.int64)[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
@@ -63,8 +63,9 @@ def _bwd_tile(q, do, kt, vt, lse, delta, M, mb, RNG, bh, rows, cols, Sq, Sk, cau
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
               DROPOUT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr,
               ALIBI: tl.constexpr, WINDOW: tl.constexpr):
-    """(P dropped and scaled, dS of the raw scores) of one (BLOCK_M, BLOCK_N) tile; kt, vt are
-    (BLOCK_D, BLOCK_N); the mask rows of this head start at element ``mb`` (int64)."""
+    """(P dropped and scaled, dS of the raw scores) of one (BLOCK_M, BLOCK_N) tile; kt is
+    (BLOCK_D, BLOCK_N), vt (BLOCK_DV, BLOCK_N); the mask rows of this head start at element
+    ``mb`` (int64)."""
     s, th = tile_scores(q, kt, M, mb + rows.to(tl.int64) * s_mm, rows, rows < Sq, cols, Sk,
                         causal_offset, qk_scale, s_mn, slope2, cap2, win_left, win_right,
                         HAS_MASK, MASK_BOOL, CAUSAL, PREC, SOFTCAP, ALIBI, WINDOW)
@@ -88,15 +89,16 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, Sinks,
                          s_ah, cap2, win_left, win_right, scale, qk_scale,
                          drop_scale, drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh,
                          s_vn, s_db, s_dh, s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D,
-                         causal_offset, seq_class,
+                         Dv, causal_offset, seq_class,
                          HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                          DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                          SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
                          SINKS: tl.constexpr,
                          UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dK, dV of one block of BLOCK_N keys (held: K, V as (BLOCK_N, BLOCK_D) tiles) over the
-    query blocks of its kv group, in the transposed form S^T = K Q^T: every tile is (keys,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, OWN_DV: tl.constexpr):
+    """dK, dV of one block of BLOCK_N keys (held: K (BLOCK_N, BLOCK_D), V (BLOCK_N, BLOCK_DV))
+    over the query blocks of its kv group, in the transposed form S^T = K Q^T: every tile is (keys,
     queries), so P^T and dS^T feed dV += P^T dO and dK += dS^T Q without a transpose of a
     computed tile (fewer registers and shared memory than S = Q K^T would need)."""
     n_n = tl.cdiv(Sk, BLOCK_N)
@@ -111,16 +113,24 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, Sinks,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    kv_ok = c_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * s_kb + hk * s_kh + c64[:, None] * s_kn + offs_d[None, :], mask=kv_ok,
+    if OWN_DV:  # v's own head dim: its own offsets and masks
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < Dv
+    else:  # one set (Dv = D): the registers of a kernel without a head dim of v's own
+        offs_dv = offs_d
+        dv_ok = d_ok
+        Dv = D
+    k_ok = c_ok[:, None] & d_ok[None, :]
+    v_ok = c_ok[:, None] & dv_ok[None, :]
+    k = tl.load(K + b * s_kb + hk * s_kh + c64[:, None] * s_kn + offs_d[None, :], mask=k_ok,
                 other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + c64[:, None] * s_vn + offs_d[None, :], mask=kv_ok,
+    v = tl.load(V + b * s_vb + hk * s_vh + c64[:, None] * s_vn + offs_dv[None, :], mask=v_ok,
                 other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo = 0
     hi = Sq
     if CAUSAL:  # query blocks whose rows see none of these keys are skipped
@@ -137,14 +147,14 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, Sinks,
         if ALIBI:
             slope2 = tl.load(Alibi + b * s_ab + h * s_ah) * 1.4426950408889634
         qp = Q + b * s_qb + h * s_qh + offs_d[:, None]
-        dop = DO + b * s_db + h * s_dh + offs_d[None, :]
+        dop = DO + b * s_db + h * s_dh + offs_dv[None, :]
         mp = M + b * s_mb + h * s_mh + c64[:, None] * s_mn
         for start in range(lo, hi, BLOCK_M):
             rows = start + offs_m
             r_ok = rows < Sq
             r64 = rows.to(tl.int64)
             qt = tl.load(qp + r64[None, :] * s_qm, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-            do = tl.load(dop + r64[:, None] * s_dm, mask=r_ok[:, None] & d_ok[None, :],
+            do = tl.load(dop + r64[:, None] * s_dm, mask=r_ok[:, None] & dv_ok[None, :],
                          other=0.0)
             if UPCAST:
                 qt = qt.to(tl.float32)
@@ -196,22 +206,25 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DM, M, RNG, Sinks,
     if RNE_BF16:
         dk = round_to_bf16(dk)
         dv = round_to_bf16(dv)
-    out_off = (bhk.to(tl.int64) * Sk + cols)[:, None] * D + offs_d[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    key_row = (bhk.to(tl.int64) * Sk + cols)[:, None]
+    tl.store(DK + key_row * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=k_ok)
+    tl.store(DV + key_row * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=v_ok)
 
 
 @jit
 def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, Sinks, Alibi, s_ab, s_ah, cap2,
                        win_left, win_right, scale, qk_scale, drop_scale,
                        drop_thr, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh,
-                       s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, causal_offset, seq_class,
+                       s_dm, s_mb, s_mh, s_mm, s_mn, H, GROUP, Sq, Sk, D, Dv, causal_offset,
+                       seq_class,
                        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
                        DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                        WINDOW: tl.constexpr, SINKS: tl.constexpr,
                        UPCAST: tl.constexpr, PREC: tl.constexpr,
                        RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, OWN_DV: tl.constexpr):
+    """dQ of one block of BLOCK_M query rows (held: q (BLOCK_M, BLOCK_D), dO (BLOCK_M,
+    BLOCK_DV)) over the key blocks its rows see."""
     n_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0) % n_m
     bh = tl.program_id(0) // n_m
@@ -222,12 +235,19 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, Sinks, Alibi, s_ab, 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    if OWN_DV:  # v's own head dim: its own offsets and masks
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < Dv
+    else:  # one set (Dv = D): the registers of a kernel without a head dim of v's own
+        offs_dv = offs_d
+        dv_ok = d_ok
+        Dv = D
     ok = (rows < Sq)[:, None] & d_ok[None, :]
     r64 = rows.to(tl.int64)
     q = tl.load(Q + b * s_qb + h * s_qh + r64[:, None] * s_qm + offs_d[None, :], mask=ok,
                 other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + r64[:, None] * s_dm + offs_d[None, :], mask=ok,
-                 other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + r64[:, None] * s_dm + offs_dv[None, :],
+                 mask=(rows < Sq)[:, None] & dv_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -235,7 +255,7 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, Sinks, Alibi, s_ab, 
     lse = tl.load(LSE + row_off, mask=rows < Sq, other=0.0)
     delta = tl.load(DELTA + row_off, mask=rows < Sq, other=0.0)
     kp = K + b * s_kb + hk * s_kh + offs_d[:, None]
-    vp = V + b * s_vb + hk * s_vh + offs_d[:, None]
+    vp = V + b * s_vb + hk * s_vh + offs_dv[:, None]
     hi = Sk
     lo = 0
     if CAUSAL:
@@ -251,10 +271,10 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, Sinks, Alibi, s_ab, 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
-        kv_ok = d_ok[:, None] & (cols < Sk)[None, :]
+        c_ok = (cols < Sk)[None, :]
         c64 = cols.to(tl.int64)
-        kt = tl.load(kp + c64[None, :] * s_kn, mask=kv_ok, other=0.0)
-        vt = tl.load(vp + c64[None, :] * s_vn, mask=kv_ok, other=0.0)
+        kt = tl.load(kp + c64[None, :] * s_kn, mask=d_ok[:, None] & c_ok, other=0.0)
+        vt = tl.load(vp + c64[None, :] * s_vn, mask=dv_ok[:, None] & c_ok, other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -271,9 +291,10 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, M, RNG, Sinks, Alibi, s_ab, 
 
 
 # --------------------------------------------------------------------------------- launcher
-def pre_block_m(block_d: int) -> int:
-    """Rows per program of the dO.O preprocess: 64, or 32 past head dim 64 (64 x 128 spills)."""
-    return 64 if block_d <= 64 else 32
+def pre_block_m(block_dv: int) -> int:
+    """Rows per program of the dO.O preprocess (rows of v's head dim): 64, or 32 past head dim
+    64 (64 x 128 spills)."""
+    return 64 if block_dv <= 64 else 32
 
 
 def triton_backward(
@@ -300,38 +321,41 @@ def triton_backward(
     """(dq, dk, dv, dmask, dsinks) of exact attention; dmask is dS in fp32, or empty(0);
     dsinks (H,) float32, or empty(0) without sinks."""
     B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = opcall.new_output(q), opcall.new_output(k), opcall.new_output(v)
     shape = (B, H, Sq, Sk) if mask_grad else (0,)
     # Zero-filled: entries of skipped (causal) blocks are never written and are 0.
     dmask = torch.zeros(shape, dtype=torch.float32, device=q.device)
     dsinks = torch.zeros(H if sinks is not None else 0, dtype=torch.float32, device=q.device)
-    if B * H * Sq == 0 or Sk == 0 or D == 0:
+    if B * H * Sq * Sk * Dv == 0:  # (D = 0 with Dv > 0 runs: dv = P^T dO, P uniform)
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask, dsinks
     out, lse = out.contiguous(), lse.contiguous()
-    block_d = head_block(D)
-    tier = head_tier(block_d)
+    block_d, block_dv = head_block(D), head_block(Dv)
+    # Tiles of both head dims are held and streamed: the larger one's tier sizes them.
+    tier, blocks = kv_tier(block_d, block_dv), (block_d, block_dv)
     m_arg, m_strides, flags = mask_args(mask, q)
     r_arg, drop_scale, thr, dropout = dropout_args(dropout_p, rng, q)
     var_args, var_flags = variant_args(q, window_left, window_right, softcap, sinks, alibi)
     variants = any(var_flags.values())
     flags.update(CAUSAL=causal, DROPOUT=dropout, UPCAST=interpreting(),
-                 PREC=dot_precision(q.dtype), BLOCK_D=block_d, **var_flags)  # fmt: skip
+                 PREC=dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
+                 OWN_DV=Dv != D, **var_flags)  # fmt: skip
     do_strides = list(grad_out.stride()[:3])
     qkv_strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
-    sizes = (H, H // Hkv, Sq, Sk, D, causal_offset, seq_class(Sq, Sk))
+    sizes = (H, H // Hkv, Sq, Sk, D, Dv, causal_offset, seq_class(Sq, Sk))
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     atomic = not deterministic
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
     dm_arg = dmask if mask_grad else delta
     with device_guard(q):
-        pre_m = pre_block_m(block_d)
+        # (the preprocess reads only O and dO: v's head dim sizes its tile)
+        pre_m = pre_block_m(block_dv)
         attn_bwd_pre_kernel[checked_grid(blocks_grid(Sq, B * H)({"BLOCK_M": pre_m}))](
-            out, grad_out, delta, *do_strides, H, Sq, D, BLOCK_M=pre_m, BLOCK_D=block_d,
+            out, grad_out, delta, *do_strides, H, Sq, Dv, BLOCK_M=pre_m, BLOCK_DV=block_dv,
             num_warps=4,
         )  # fmt: skip
         launch_tiled(
-            attn_bwd_dkdv_kernel, dkdv_configs(q.dtype, tier, variants),
+            attn_bwd_dkdv_kernel, dkdv_configs(q.dtype, tier, variants, blocks),
             blocks_grid(Sk, B * Hkv, "BLOCK_N"),
             (q, k, v, grad_out, lse, delta, dq_acc, dk, dv, dm_arg, m_arg, r_arg, *var_args,
              scale, scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides,
@@ -347,7 +371,8 @@ def triton_backward(
                 dq.copy_(dq_acc)
         else:
             launch_tiled(
-                attn_bwd_dq_kernel, dq_configs(q.dtype, tier, variants), blocks_grid(Sq, B * H),
+                attn_bwd_dq_kernel, dq_configs(q.dtype, tier, variants, blocks),
+                blocks_grid(Sq, B * H),
                 (q, k, v, grad_out, lse, delta, dq, m_arg, r_arg, *var_args, scale,
                  scale * LOG2E, drop_scale, thr, *qkv_strides, *do_strides, *m_strides, *sizes),
                 {**flags, "RNE_BF16": needs_bf16_rounding(dq)}, keys=TUNE_KEYS,

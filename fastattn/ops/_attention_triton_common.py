@@ -32,6 +32,7 @@ __all__ = [
     "fwd_configs",
     "head_block",
     "head_tier",
+    "kv_tier",
     "mask_args",
     "new_tensor",
     "seq_class",
@@ -193,28 +194,48 @@ VARIANT_CONFIGS: dict[tuple[str, bool, int], list[Tile]] = {
 }
 
 
-def _variant_tiles(kind: str, dtype: torch.dtype, tier: int, variants: bool) -> list[Tile]:
-    """The VARIANT_CONFIGS list of (kind, dtype, tier) when the variants are on, else []."""
-    return VARIANT_CONFIGS.get((kind, dtype == torch.float32, tier), []) if variants else []
+# With a value head dim of its own, (kind, fp32, BLOCK_D, BLOCK_DV) whose tier's tiles spill
+# (the AOT "d<BLOCK_D>v<BLOCK_DV>" specs, measured on sm_80/sm_90), with or without variants:
+# 32 / 16 (tier 64) spills in the 64 x 64 x 4-warp forward tile and the fp32 split tile on
+# sm_90; 256 / 128 in the variants' dK/dV tile on sm_80.
+DV_CONFIGS: dict[tuple[str, bool, int, int], list[Tile]] = {
+    ("fwd", False, 32, 16): [(64, 64, 8, 2), (64, 32, 8, 2)],
+    ("split", True, 32, 16): [(16, 16, 4, 2)],
+    ("dkdv", False, 256, 128): [(32, 16, 8, 1), (16, 16, 8, 2)],
+}
+Blocks = tuple[int, int]  # (BLOCK_D, BLOCK_DV)
 
 
-def fwd_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
-    own = _variant_tiles("fwd", dtype, tier, variants)
+def _own_tiles(kind: str, dtype: torch.dtype, tier: int, variants: bool,
+               blocks: Blocks | None) -> list[Tile]:  # fmt: skip
+    """The DV_CONFIGS list of (kind, dtype, blocks) when v has a head dim of its own, else the
+    VARIANT_CONFIGS one of (kind, dtype, tier) when the variants are on, else []."""
+    fp32 = dtype == torch.float32
+    own = DV_CONFIGS.get((kind, fp32, *blocks), []) if blocks and blocks[0] != blocks[1] else []
+    return own or (VARIANT_CONFIGS.get((kind, fp32, tier), []) if variants else [])
+
+
+def fwd_configs(dtype: torch.dtype, tier: int, variants: bool = False,
+                blocks: Blocks | None = None) -> list[Tile]:  # fmt: skip
+    own = _own_tiles("fwd", dtype, tier, variants, blocks)
     return own or (FWD_CONFIGS_FP32 if dtype == torch.float32 else FWD_CONFIGS)[tier]
 
 
-def dkdv_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
-    own = _variant_tiles("dkdv", dtype, tier, variants)
+def dkdv_configs(dtype: torch.dtype, tier: int, variants: bool = False,
+                 blocks: Blocks | None = None) -> list[Tile]:  # fmt: skip
+    own = _own_tiles("dkdv", dtype, tier, variants, blocks)
     return own or (DKDV_CONFIGS_FP32 if dtype == torch.float32 else DKDV_CONFIGS)[tier]
 
 
-def dq_configs(dtype: torch.dtype, tier: int, variants: bool = False) -> list[Tile]:
-    own = _variant_tiles("dq", dtype, tier, variants)
+def dq_configs(dtype: torch.dtype, tier: int, variants: bool = False,
+               blocks: Blocks | None = None) -> list[Tile]:  # fmt: skip
+    own = _own_tiles("dq", dtype, tier, variants, blocks)
     return own or (DQ_CONFIGS_FP32 if dtype == torch.float32 else DQ_CONFIGS)[tier]
 
 
-def split_config(dtype: torch.dtype, tier: int, variants: bool = False) -> Tile:
-    own = _variant_tiles("split", dtype, tier, variants)
+def split_config(dtype: torch.dtype, tier: int, variants: bool = False,
+                 blocks: Blocks | None = None) -> Tile:  # fmt: skip
+    own = _own_tiles("split", dtype, tier, variants, blocks)
     return own[0] if own else (SPLIT_CONFIG_FP32 if dtype == torch.float32 else SPLIT_CONFIG)[tier]
 
 
@@ -232,11 +253,18 @@ def head_block(d: int) -> int:
     return max(16, _p2(d))
 
 
+def kv_tier(block_d: int, block_dv: int) -> int:
+    """The tile tier of head dims (BLOCK_D, BLOCK_DV): every kernel holds tiles of both (q and
+    the output accumulator; k, v, dk, dv; q, dO, dq) and streams the others, so the larger one
+    sizes them (a value head dim of its own, docs/attention.md)."""
+    return head_tier(max(block_d, block_dv))
+
+
 # Autotune keys: the feature flags, then seq_class: the sequence lengths by powers of two, so
 # that one shape does not pick the tile of every other (exact lengths would re-tune at every
 # new length). Triton adds the dtypes of the tensor arguments.
-TUNE_KEYS = ["BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT", "MASK_GRAD", "ATOMIC_DQ", "SOFTCAP",
-             "ALIBI", "WINDOW", "SINKS", "seq_class"]  # fmt: skip
+TUNE_KEYS = ["BLOCK_D", "BLOCK_DV", "OWN_DV", "CAUSAL", "HAS_MASK", "DROPOUT", "MASK_GRAD",
+             "ATOMIC_DQ", "SOFTCAP", "ALIBI", "WINDOW", "SINKS", "seq_class"]  # fmt: skip
 
 
 def seq_class(sq: int, sk: int) -> int:

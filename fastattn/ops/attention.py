@@ -9,8 +9,6 @@ both, the input checks, and the public functions ``attention`` and
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Any
 
 import torch
@@ -44,9 +42,7 @@ def attention_triton(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel of ``fastattn::attention`` (schema in csrc/ops.cpp), plus ``deterministic``
-    for its backward pass (the C++ CPU backward is always deterministic). A value head_dim of
-    its own is not served by the Triton kernels yet (refused before this)."""
-    _triton_serves(v.shape[-1] == q.shape[-1])
+    for its backward pass (the C++ CPU backward is always deterministic)."""
     return _tri.triton_forward(q, k, v, mask, rng, scale, causal, causal_offset, dropout_p,
                                window_left, window_right, softcap, sinks, alibi)  # fmt: skip
 
@@ -73,19 +69,10 @@ def attention_triton_backward(
     deterministic: bool,
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _triton_serves(v.shape[-1] == q.shape[-1])
     return _tri_bwd.triton_backward(
         grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset, dropout_p,
         deterministic, mask_grad, window_left, window_right, softcap, sinks, alibi,
     )  # fmt: skip
-
-
-def _triton_serves(same_d: bool) -> None:
-    if not same_d:
-        raise NotImplementedError(
-            "fastattn.attention: the Triton kernels do not serve a value head_dim other than "
-            "q's yet (the cpu and reference backends do)"
-        )
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -369,8 +356,6 @@ def attention(
     if causal and window is not None:
         wr = 0  # causal hides everything right of the diagonal
     name = dispatch.select(backend, q.device, q.dtype, OP, _CPP)
-    if name == "triton" and v.shape[-1] != q.shape[-1]:
-        name = _variant_backend(backend, q)
     if name == "reference":
         out, lse = reference.attention(
             q, k, v, mask, scale_f, causal, offset, dropout_p, rng, window=(wl, wr),
@@ -390,27 +375,3 @@ def attention(
         else:
             out, lse = opcall.call(torch.ops.fastattn.attention, *args)
     return (out, lse) if return_lse else out
-
-
-_warned_variant = False
-
-
-def _variant_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend for a call with a value head_dim of its own that auto chose Triton for: the
-    Triton kernels do not serve it yet. Named explicitly: an error; auto: the eager reference
-    (the same result, not fused), with one warning."""
-    global _warned_variant
-    requested = backend if backend not in (None, "auto") else os.environ.get("FASTATTN_BACKEND")
-    if requested == "triton":
-        raise RuntimeError(
-            "fastattn.attention: backend 'triton' cannot run this call: a value head_dim other "
-            "than q's is served by the cpu and reference backends only (so far)"
-        )
-    if not _warned_variant:
-        _warned_variant = True
-        warnings.warn(
-            f"fastattn.attention: a value head_dim other than q's on {q.device} runs the eager "
-            "reference (no fused GPU kernel for it yet)",
-            stacklevel=3,
-        )
-    return "reference"
