@@ -150,10 +150,9 @@ def cases(draw: Any) -> dict[str, Any]:
         H = Hkv * draw(st.sampled_from([1, 2, 3]))  # MHA, GQA 2:1, 3:1 (MQA when Hkv = 1)
         Sq, Sk = draw(st.sampled_from(SIZES)), draw(st.sampled_from(SIZES))
         D = draw(st.sampled_from(HEAD_DIMS))
-        # The variants (issue 15): attention() on every backend; v's own head_dim but on Triton.
+        # The variants (issue 15), v's own head_dim among them: attention() on every backend.
         variants = op == "attention"
-        own_dv = variants and case["backend"] != "triton"
-        Dv = draw(st.sampled_from([D] * 3 + HEAD_DIMS)) if own_dv else D
+        Dv = draw(st.sampled_from([D] * 3 + HEAD_DIMS)) if variants else D
         while B * H * max(Sq, Sk) * max(D, Dv) > cap:
             Sq, Sk = max(1, Sq // 2), max(1, Sk // 2)
         case["q"] = _tensor_spec(draw, [B, H, Sq, D])
