@@ -15,6 +15,7 @@ from fastattn.ops.attention import attention
 from fastattn.ops.norm import layer_norm, rms_norm
 from fastattn.ops.sdpa import scaled_dot_product_attention
 from fastattn.ops.softmax import softmax
+from fastattn.ops.varlen import varlen_attention
 from fastattn.patching import PatchReport, patch, sdpa_scope, unpatch
 
 # Submodules that load on first attribute access, so that `import fastattn` stays light and
@@ -47,4 +48,5 @@ __all__ = [
     "sdpa_scope",
     "softmax",
     "unpatch",
+    "varlen_attention",
 ]

@@ -75,13 +75,13 @@ def attention_triton_backward(
     )  # fmt: skip
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+def lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _fake_forward(q, k, v, *_):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # (B, H, Sq, Dv)
-    return out, q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+    return out, q.new_empty(q.shape[:-1], dtype=lse_dtype(q))
 
 
 def _fake_backward(grad_out, q, k, v, out, lse, mask, rng, scale, causal, causal_offset,
@@ -134,8 +134,8 @@ def _register(fwd: str, bwd: str) -> None:
 
 
 _register("fastattn::attention_triton", "fastattn::attention_triton_backward")
-_CPP = dispatch.cpp_kernels(OP)  # backends of the C++ op in this build
-if _CPP:
+CPP_BACKENDS = dispatch.cpp_kernels(OP)  # backends of the C++ op in this build
+if CPP_BACKENDS:
     _register("fastattn::attention", "fastattn::attention_backward")
 
 
@@ -189,7 +189,7 @@ def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -
         _checks.mask(OP, attn_mask, q.new_empty(()).expand(*q.shape[:-1], k.shape[2]))
 
 
-def _check_variants(q: torch.Tensor, window: Any, softcap: Any, sinks: Any, alibi: Any) -> None:
+def check_variants(q: torch.Tensor, window: Any, softcap: Any, sinks: Any, alibi: Any) -> None:
     """The window, softcap, sinks and ALiBi arguments (docs/attention.md), before allocating."""
     if window is not None:
         if (
@@ -337,7 +337,7 @@ def attention(
     _check(q, k, v, attn_mask, dropout_p, scale)
     variant = window is not None or softcap != 0.0 or sinks is not None or alibi_slopes is not None
     if variant:
-        _check_variants(q, window, softcap, sinks, alibi_slopes)
+        check_variants(q, window, softcap, sinks, alibi_slopes)
     top_left = _causal_alignment(causal)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
@@ -355,7 +355,7 @@ def attention(
     wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
     if causal and window is not None:
         wr = 0  # causal hides everything right of the diagonal
-    name = dispatch.select(backend, q.device, q.dtype, OP, _CPP)
+    name = dispatch.select(backend, q.device, q.dtype, OP, CPP_BACKENDS)
     if name == "reference":
         out, lse = reference.attention(
             q, k, v, mask, scale_f, causal, offset, dropout_p, rng, window=(wl, wr),
@@ -365,7 +365,7 @@ def attention(
     else:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
-        opm = _lse_dtype(q)
+        opm = lse_dtype(q)
         sk = None if sinks is None else sinks.to(opm)  # autograd casts dsinks back
         al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
         args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p), wl, wr,
