@@ -216,3 +216,21 @@ def test_generic_weights_attention_is_fastattn_attention(sq, sk, causal, window,
     torch.testing.assert_close(weights @ kv, want)
     if not sinks:
         torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding-3", "sliding-1"])
+def test_packed_form_gives_transformers_dense_mask(name):
+    # Documents packed in rows (two rows, other splits; a one-token document): the mask function
+    # gives their segment ids, the attention runs them as varlen; equal to transformers' mask.
+    fa_hf.register()
+    factory, pattern, sliding = PATTERNS[name]
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6, 7]])
+    segments = mu.find_packed_sequence_indices(pos)
+    fn = lambda: mu.packed_sequence_compatibility_function(factory(), pos, segments)  # noqa: E731
+    assert hf_masks.packed_pattern_of(fn()) == (pattern, segments)
+    kw = mask_kwargs(fn, (9, 9, 0, 0), "none", MistralConfig(num_hidden_layers=1))
+    want = mu.sdpa_mask(**{**kw, "allow_is_causal_skip": False})
+    form = fa_hf.fastattn_mask(**kw)
+    assert form.dtype == torch.int64 and torch.equal(form, segments)
+    qkv, got = run_attention(form, pattern, sliding, (9, 9, 0, 0))
+    torch.testing.assert_close(got, dense_reference(qkv, want))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MaskPattern", "dense", "key_padding", "pattern_of"]
+__all__ = ["MaskPattern", "dense", "key_padding", "packed_pattern_of", "pattern_of"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,10 @@ def _factories() -> dict[str, Any]:
         "and": mu.and_masks(mu.causal_mask_function).__code__,
         "sliding": mu.sliding_window_overlay(1).__code__,
         "bidirectional_sliding": mu.sliding_window_bidirectional_overlay(1).__code__,
+        "packed": mu.packed_sequence_mask_function(torch.zeros(1, 1)).__code__,
+        "remap": mu.remap_positions_for_packed_sequence(
+            mu.causal_mask_function, torch.zeros(1, 1)
+        ).__code__,
     }
 
 
@@ -92,6 +96,28 @@ def pattern_of(mask_function: Callable[..., Any] | None) -> MaskPattern | None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         return None
     return MaskPattern(causal, window)
+
+
+def packed_pattern_of(
+    mask_function: Callable[..., Any] | None,
+) -> tuple[MaskPattern, torch.Tensor] | None:
+    """``(pattern, segments)`` of transformers' packed-sequence form of a plain mask function
+    (``packed_sequence_compatibility_function``: tokens attend within their segment, with the
+    pattern applied to their positions inside it), ``segments`` ``(batch, seqlen)`` the segment
+    index of each token (a new segment where the position ids do not go up by one); else None."""
+    f = _factories()
+    if getattr(mask_function, "__code__", None) is not f["and"]:
+        return None
+    assert mask_function is not None
+    parts = tuple(_cell(mask_function, "mask_functions"))
+    codes = [getattr(p, "__code__", None) for p in parts]
+    if len(parts) != 2 or codes[0] is not f["packed"] or codes[1] is not f["remap"]:
+        return None
+    pattern = pattern_of(_cell(parts[1], "mask_function"))
+    segments = _cell(parts[0], "packed_sequence_mask")
+    if pattern is None or not isinstance(segments, torch.Tensor) or segments.dim() != 2:
+        return None
+    return pattern, segments
 
 
 def key_padding(

@@ -33,7 +33,7 @@ import torch
 
 import fastattn
 from fastattn import patching
-from fastattn.integrations import hf_eager, hf_masks
+from fastattn.integrations import hf_eager, hf_masks, hf_packed
 from fastattn.ops.attention import attention
 
 NAME = "fastattn"
@@ -159,6 +159,10 @@ def _key_padding_form(
     classes = _config_classes(config)
     if not classes or not all(getattr(c, "_supports_flash_attn", False) for c in classes):
         return False
+    packed = hf_masks.packed_pattern_of(mask_function)
+    if packed is not None:  # documents packed in a row: their segment ids, int64 (B, S)
+        plain = type(q_offset) is int and q_offset == 0 == kv_offset and q_length == kv_length
+        return packed[1].long() if plain and attention_mask is None else False
     pattern = hf_masks.pattern_of(mask_function)
     ints = all(type(n) is int for n in (q_length, kv_length, q_offset, kv_offset))
     if pattern is None or not ints or q_offset + q_length != kv_offset + kv_length:
@@ -239,7 +243,20 @@ def attention_forward(
     module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     sliding = kwargs.get("sliding_window")
     mask = attention_mask
-    if mask is not None and mask.ndim == 2:
+    if (
+        mask is not None
+        and mask.ndim == 2
+        and not (mask.dtype.is_floating_point or mask.dtype == torch.bool)
+    ):
+        # fastattn_mask's packed form: the segment ids of each row's documents.
+        causal: bool | str = bool(module_causal)
+        window = _window(sliding, bool(module_causal), query, key, None)
+        if not _weights_requested(kwargs):
+            packed = hf_packed.packed_attention(query, key, value, mask, bool(causal), window,
+                                                scaling, dropout, softcap, sinks)  # fmt: skip
+            return packed, None
+        mask = mask[:, None, :, None] == mask[:, None, None, :]  # (B, 1, S, S): the documents
+    elif mask is not None and mask.ndim == 2:
         # fastattn_mask's key-padding form: the queries are the last keys, and the module's
         # causal flag and window apply aligned bottom-right (the flash-attention contract).
         if mask.shape != (key.shape[0], key.shape[2]):
@@ -248,7 +265,7 @@ def attention_forward(
                 f"= {(key.shape[0], key.shape[2])}; got {tuple(mask.shape)}"
             )
         mask = mask.bool()[:, None, None, :]  # (B, 1, 1, Sk)
-        causal: bool | str = bool(module_causal and query.shape[2] > 1)
+        causal = bool(module_causal and query.shape[2] > 1)
         window = _window(sliding, bool(module_causal), query, key, None)
     else:
         # transformers' causal flag is SDPA's (top-left): with an empty static cache the keys
