@@ -64,9 +64,23 @@ def _norm(cfg: TransformerConfig, fast: bool, fused_add: bool = False) -> nn.Mod
 def rope_tables(start: int, T: int, head_dim: int, theta: float, device: torch.device):
     """``(cos, sin)`` of the rotary angles at positions ``start ... start + T - 1``, ``(T,
     head_dim/2)`` fp32; computed once per forward pass and shared by every layer."""
-    inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    ang = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv
+    return rope_at(torch.arange(start, start + T, device=device), head_dim, theta)
+
+
+def rope_at(positions: torch.Tensor, head_dim: int, theta: float):
+    """``(cos, sin)`` of the rotary angles at ``positions`` ``(T,)``: ``(T, head_dim/2)`` fp32."""
+    dev = positions.device
+    inv = theta ** (-torch.arange(0, head_dim, 2, device=dev, dtype=torch.float32) / head_dim)
+    ang = positions.to(torch.float32)[:, None] * inv
     return ang.cos(), ang.sin()
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The position of each of ``total`` packed tokens inside its document (``cu_seqlens`` int32
+    ``(documents + 1,)``), on the device, without reading the lengths on the host."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)  # each token's document
+    return idx - cu_seqlens.long()[doc]
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -148,7 +162,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int):  # fmt: skip
+                cache: KVCache | None, layer: int,
+                cu_seqlens: torch.Tensor | None = None):  # fmt: skip
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -160,7 +175,10 @@ class Attention(nn.Module):
         p = self.cfg.dropout if self.training else 0.0
         # Causal, bottom-right aligned: the T new queries follow the cached keys.
         cap = self.cfg.softcap
-        if self.kernels == "fastattn":
+        o: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+        if cu_seqlens is not None:  # packed documents (B = 1): each attends within itself
+            o = self._packed(q, k, v, p, cu_seqlens)
+        elif self.kernels == "fastattn":
             window = None if self.left is None else (self.left, 0)
             o = fastattn.attention(q, k, v, causal=True, dropout_p=p, window=window,
                                    softcap=cap or 0.0)  # fmt: skip
@@ -170,6 +188,26 @@ class Attention(nn.Module):
             o = _eager_attention(q, k, v, p, self.left, cap)
         assert isinstance(o, torch.Tensor)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _packed(self, q, k, v, p: float, cu: torch.Tensor) -> torch.Tensor:
+        """Attention of packed documents (q ``(1, H, T, D)``): fastattn's varlen kernel, or
+        the eager / SDPA kernels with the block-diagonal causal mask they need instead."""
+        cap, window = self.cfg.softcap, None if self.left is None else (self.left, 0)
+        if self.kernels == "fastattn":
+            o = fastattn.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                          v[0].transpose(0, 1), cu, cu, causal=True,
+                                          dropout_p=p, window=window,
+                                          softcap=cap or 0.0)  # fmt: skip
+            assert isinstance(o, torch.Tensor)
+            return o.transpose(0, 1)[None]  # (1, H, T, D)
+        T = q.shape[2]
+        pos = packed_positions(cu, T)
+        start = torch.arange(T, device=q.device) - pos  # each token's document start
+        keep = (start[:, None] == start[None, :]) & _visible(T, T, self.left, q.device)
+        if self.kernels == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p,
+                                                  enable_gqa=True)  # fmt: skip
+        return _eager_attention(q, k, v, p, None, cap, keep)
 
 
 def _visible(Tq: int, Tk: int, left: int | None, device: torch.device) -> torch.Tensor:
@@ -186,15 +224,19 @@ def _eager_attention(
     p: float,
     left: int | None = None,
     softcap: float | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """matmul, masked softmax, matmul: the textbook version the fused kernel replaces."""
+    """matmul, masked softmax, matmul: the textbook version the fused kernel replaces (``keep``:
+    the visible keys, instead of the causal / window ones)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     Tq, Tk = q.shape[2], k.shape[2]
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    if Tq > 1 or left is not None:  # (one query, the last position, sees every key)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    elif Tq > 1 or left is not None:  # (one query, the last position, sees every key)
         s = s.masked_fill(~_visible(Tq, Tk, left, q.device), float("-inf"))
     return F.dropout(torch.softmax(s, dim=-1), p) @ v
 
@@ -249,11 +291,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, m: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0):  # fmt: skip
+                cache: KVCache | None = None, layer: int = 0,
+                cu_seqlens: torch.Tensor | None = None):  # fmt: skip
         """``x`` the residual stream and ``m`` the previous block's output, not yet added to it
         (None in the first block); returns that pair after this block."""
         h, x = add_norm(self.norm1, x, m)
-        a = self.drop(self.attn(h, rope, cache, layer))
+        a = self.drop(self.attn(h, rope, cache, layer, cu_seqlens))
         h, x = add_norm(self.norm2, x, a)
         return x, self.drop(self.mlp(h))
 
@@ -283,24 +326,37 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                start: int = 0, cache: KVCache | None = None):  # fmt: skip
+                start: int = 0, cache: KVCache | None = None,
+                cu_seqlens: torch.Tensor | None = None):  # fmt: skip
         """Logits ``(batch, seqlen, vocab)`` of tokens ``idx`` at positions ``start...``, and the
-        cross-entropy loss when ``targets`` is given (else None)."""
+        cross-entropy loss when ``targets`` is given (else None; -100 targets are ignored).
+
+        ``cu_seqlens`` (int32 ``(documents + 1,)``, training / scoring without a cache): ``idx``
+        ``(1, total)`` holds documents packed one after another, each attending only within
+        itself at positions from 0 (FlashAttention's varlen convention)."""
         T = idx.shape[1]
         cfg = self.cfg
-        if start + T > cfg.max_seq_len:
+        if cu_seqlens is not None and (idx.shape[0] != 1 or cache is not None or start != 0):
+            raise ValueError(
+                f"packed documents (cu_seqlens) take idx of shape (1, total) without a cache or "
+                f"start; got idx {tuple(idx.shape)}, start {start}, cache {cache is not None}"
+            )
+        if start + T > cfg.max_seq_len and cu_seqlens is None:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len")
         if cache is not None and cache.seqlen() != start:
             raise ValueError(f"start {start} but the cache holds {cache.seqlen()} tokens")
+        pos = torch.arange(start, start + T, device=idx.device)
+        if cu_seqlens is not None:
+            pos = packed_positions(cu_seqlens, T)
         x = self.tok(idx)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos(pos)
         rope = None
         if cfg.pos == "rope":
-            rope = rope_tables(start, T, cfg.dim // cfg.n_heads, cfg.rope_theta, idx.device)
+            rope = rope_at(pos, cfg.dim // cfg.n_heads, cfg.rope_theta)
         m = None
         for i, block in enumerate(self.blocks):
-            x, m = block(x, m, rope, cache, i)
+            x, m = block(x, m, rope, cache, i, cu_seqlens)
         logits = self.head(add_norm(self.norm, x, m)[0])
         loss = None
         if targets is not None:

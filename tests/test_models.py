@@ -121,3 +121,42 @@ def test_bad_config_is_rejected():
         Transformer(TransformerConfig(sliding_window=0))
     with pytest.raises(ValueError, match="SDPA has no logit softcapping"):
         Transformer(TransformerConfig(softcap=2.0), kernels="sdpa")
+
+
+DOCS = [13, 1, 30, 6]  # packed documents: a one-token one, one past the window of 8
+
+
+# (torch's SDPA has no softcap: the model refuses that pair, test_bad_config_is_rejected)
+PACKED_CASES = [pytest.param(c, k, id=f"{i}-{k}") for c, i in zip(CONFIGS, IDS, strict=True)
+                for k in ("fastattn", "sdpa", "eager") if not (k == "sdpa" and c.softcap)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cfg", "kernels"), PACKED_CASES)
+def test_packed_documents_match_each_document_alone(cfg, kernels):
+    # A packed training step: each document's logits are the float64 model's on that document
+    # alone, and the loss gradients those of the documents run one by one (summed).
+    torch.manual_seed(0)
+    model = Transformer(cfg, kernels=kernels)
+    ref = Transformer(cfg).double()
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, cfg.vocab_size, (1, sum(DOCS)))
+    tgt = torch.randint(0, cfg.vocab_size, (1, sum(DOCS)))
+    cu = torch.tensor([0, *torch.tensor(DOCS).cumsum(0).tolist()], dtype=torch.int32)
+    logits, loss = model(idx, tgt, cu_seqlens=cu)
+    parts, total = [], 0.0
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        lg, _ = ref(idx[:, a:b])
+        parts.append(lg)
+        total = total + torch.nn.functional.cross_entropy(lg[0], tgt[0, a:b], reduction="sum")
+    assert_parity(logits, torch.cat(parts, dim=1).detach(), what=kernels)
+    mine = torch.autograd.grad(loss, list(model.parameters()))
+    theirs = torch.autograd.grad(total / sum(DOCS), list(ref.parameters()))
+    for a, b in zip(mine, theirs, strict=True):
+        assert_parity(a, b, what=kernels)
+
+
+def test_packed_input_is_checked():
+    model = Transformer(_BASE, kernels="fastattn")
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"take idx of shape \(1, total\).*got idx \(2, 4\)"):
+        model(torch.zeros(2, 4, dtype=torch.long), cu_seqlens=cu)
