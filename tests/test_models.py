@@ -127,8 +127,12 @@ DOCS = [13, 1, 30, 6]  # packed documents: a one-token one, one past the window 
 
 
 # (torch's SDPA has no softcap: the model refuses that pair, test_bad_config_is_rejected)
-PACKED_CASES = [pytest.param(c, k, id=f"{i}-{k}") for c, i in zip(CONFIGS, IDS, strict=True)
-                for k in ("fastattn", "sdpa", "eager") if not (k == "sdpa" and c.softcap)]  # fmt: skip
+PACKED_CASES = [
+    pytest.param(c, k, id=f"{i}-{k}")
+    for c, i in zip(CONFIGS, IDS, strict=True)
+    for k in ("fastattn", "sdpa", "eager")
+    if not (k == "sdpa" and c.softcap)
+]
 
 
 @pytest.mark.parametrize(("cfg", "kernels"), PACKED_CASES)
