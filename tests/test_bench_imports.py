@@ -214,7 +214,7 @@ for first in mods:
         bad.append(f"{first} first: {type(e).__name__}: {e}")
     from fastattn.bench import cases
     if set(cases.REGISTRY) != {"softmax", "layernorm", "rmsnorm", "add-layernorm", "add-rmsnorm",
-                               "attention", "model"}:
+                               "attention", "model", "varlen"}:
         bad.append(f"{first} first: registry {list(cases.REGISTRY)}")
 print("\\n".join(bad) or "ok")
 """
@@ -249,6 +249,7 @@ def test_registry_order_is_kept() -> None:
         "add-rmsnorm",
         "attention",
         "model",
+        "varlen",
     ]
     assert list(C.REGISTRY) == order
     assert C.DEFAULT_OPS == order[:5]

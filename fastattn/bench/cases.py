@@ -71,6 +71,7 @@ from fastattn.bench.cases_attention import (
     eager_attention,
 )
 from fastattn.bench.cases_model import model_cases
+from fastattn.bench.cases_varlen import varlen_cases
 
 # isort: on
 
@@ -115,6 +116,7 @@ __all__ = [
     "layernorm_cases",
     "llama_rms_norm",
     "model_cases",
+    "varlen_cases",
     "norm_bytes",
     "oracle",
     "randn",
