@@ -13,6 +13,7 @@ from fastattn._version import __version__
 from fastattn.dispatch import backends
 from fastattn.ops.attention import attention
 from fastattn.ops.norm import layer_norm, rms_norm
+from fastattn.ops.paged import paged_attention
 from fastattn.ops.sdpa import scaled_dot_product_attention
 from fastattn.ops.softmax import softmax
 from fastattn.ops.varlen import varlen_attention
@@ -42,6 +43,7 @@ __all__ = [
     "empty_cpu_cache",
     "layer_norm",
     "nn",
+    "paged_attention",
     "patch",
     "rms_norm",
     "scaled_dot_product_attention",
