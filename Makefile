@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 TEST_JOBS ?= $(shell nproc)
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: fuzz sanitize test test-scale test-tiers bench bench-attention bench-model bench-varlen build lint format check-cuda gpu-check clean
+.PHONY: fuzz sanitize test test-scale test-tiers bench bench-attention bench-model bench-varlen bench-paged build lint format check-cuda gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,9 @@ bench-model: build  ## whole-model training step and generation (issue 5): minut
 
 bench-varlen: build  ## packed training step (issue 16): varlen vs padded SDPA, minutes here
 	$(BIN)/fastattn-bench varlen --json bench-results/varlen.json
+
+bench-paged: build  ## batched decode on a paged KV cache (issue 16) vs dense padded caches
+	$(BIN)/fastattn-bench paged --json bench-results/paged.json
 
 # On a CUDA machine, before anything else: build for its GPU, the gpu tests, the GPU benchmark,
 # docs-ready summary in $(GPU_CHECK_OUT) (tools/gpu_check.py). Uses the machine's own Python with

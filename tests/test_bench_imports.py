@@ -214,7 +214,7 @@ for first in mods:
         bad.append(f"{first} first: {type(e).__name__}: {e}")
     from fastattn.bench import cases
     if set(cases.REGISTRY) != {"softmax", "layernorm", "rmsnorm", "add-layernorm", "add-rmsnorm",
-                               "attention", "model", "varlen"}:
+                               "attention", "model", "varlen", "paged"}:
         bad.append(f"{first} first: registry {list(cases.REGISTRY)}")
 print("\\n".join(bad) or "ok")
 """
@@ -250,6 +250,7 @@ def test_registry_order_is_kept() -> None:
         "attention",
         "model",
         "varlen",
+        "paged",
     ]
     assert list(C.REGISTRY) == order
     assert C.DEFAULT_OPS == order[:5]

@@ -72,6 +72,7 @@ from fastattn.bench.cases_attention import (
 )
 from fastattn.bench.cases_model import model_cases
 from fastattn.bench.cases_varlen import varlen_cases
+from fastattn.bench.cases_paged import paged_cases
 
 # isort: on
 
@@ -116,6 +117,7 @@ __all__ = [
     "layernorm_cases",
     "llama_rms_norm",
     "model_cases",
+    "paged_cases",
     "varlen_cases",
     "norm_bytes",
     "oracle",

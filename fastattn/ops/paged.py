@@ -24,10 +24,11 @@ __all__ = ["paged_attention"]
 
 
 def _seq_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
-    """The first ``n`` tokens of one sequence's blocks, ``(n, kv_heads, head_dim)`` (a gather)."""
+    """The first ``n`` tokens of one sequence's blocks, ``(n, kv_heads, head_dim)``: whole
+    blocks gathered (one contiguous copy each), then a view of their first n rows."""
     bs = cache.shape[1]
-    pos = torch.arange(n, device=cache.device)
-    return cache[table[pos // bs].long(), pos % bs]
+    blocks = cache.index_select(0, table[: -(-n // bs)].long())  # (blocks, bs, Hkv, D)
+    return blocks.view(-1, *cache.shape[2:])[:n]
 
 
 @torch.library.custom_op("fastattn::paged_attention", mutates_args=("k_cache", "v_cache"))
