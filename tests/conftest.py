@@ -86,6 +86,26 @@ def reference_attention_terms(
     return bool(causal), offset, (left, 0 if causal and window else right)
 
 
+def sequence_oracle(q, k, v, kw: dict, opmath: torch.dtype, seq: int = 0) -> torch.Tensor:
+    """One sequence of a packed / paged batch alone: q ``(seqlen_q, heads, head_dim)``, k, v
+    ``(seqlen_k, kv_heads, head_dim)`` through fastattn.reference.attention in ``opmath``
+    (float64: the reference; the inputs' dtype: eager in it), aligned bottom-right, with the
+    ``kw`` of the public functions (causal, window, softcap, sinks, alibi_slopes: its row
+    ``seq`` when (batch, heads)); returns ``(seqlen_q, heads, head_dim_v)`` in q's dtype."""
+    from fastattn import reference
+
+    qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D)
+    causal, al = bool(kw.get("causal")), kw.get("alibi_slopes")
+    if al is not None and al.dim() == 2:
+        al = al[seq : seq + 1]
+    o, _ = reference.attention(
+        qs, ks, vs, None, None, causal, ks.shape[2] - qs.shape[2],
+        window=reference_attention_terms(qs, ks, causal, kw.get("window"))[2],
+        softcap=kw.get("softcap", 0.0), sinks=kw.get("sinks"), alibi_slopes=al, opmath=opmath,
+    )  # fmt: skip
+    return o[0].transpose(0, 1).to(q.dtype)
+
+
 def assert_parity(
     fast: torch.Tensor,
     ref64: torch.Tensor,

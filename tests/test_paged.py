@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, sequence_oracle
 
 import fastattn
-from fastattn import reference
 
 # cache lengths per batch, and why: empty, one token, odd lengths past a block, a long one.
 LENGTHS = {
@@ -54,21 +53,9 @@ def make_cache(lengths, new, bs, H, Hkv, D, dtype, seed=0):
 
 
 def oracle(q, dense_k, dense_v, kw, opmath):
-    outs = []
-    for b in range(q.shape[0]):
-        qb = q[b].transpose(0, 1)[None]
-        kb, vb = (t[b].transpose(0, 1)[None] for t in (dense_k, dense_v))
-        causal = bool(kw.get("causal"))
-        left, right = kw.get("window", (-1, -1))
-        al = kw.get("alibi_slopes")
-        o, _ = reference.attention(
-            qb, kb, vb, None, None, causal, kb.shape[2] - qb.shape[2],
-            window=(left, 0 if causal and "window" in kw else right),
-            softcap=kw.get("softcap", 0.0), sinks=kw.get("sinks"),
-            alibi_slopes=None if al is None else al[b : b + 1], opmath=opmath,
-        )  # fmt: skip
-        outs.append(o[0].transpose(0, 1).to(q.dtype))
-    return torch.stack(outs)
+    """Each sequence alone (conftest.sequence_oracle) on its dense keys, stacked."""
+    return torch.stack([sequence_oracle(q[b], dense_k[b], dense_v[b], kw, opmath, b)
+                        for b in range(q.shape[0])])  # fmt: skip
 
 
 def extras(kw, H, B):

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, sequence_oracle
 
 import fastattn
-from fastattn import reference
 
 # (lengths of q, lengths of k) per packed batch, and why each is there.
 LENGTHS = {
@@ -52,23 +51,11 @@ def extras(kw, H, nseq):
 
 
 def oracle(q, k, v, lq, lk, kw, opmath):
-    """Each sequence alone through fastattn.reference.attention (bottom-right alignment), in
-    ``opmath`` (float64: the reference; the inputs' dtype: eager in that dtype)."""
-    outs, cq, ck = [], cu(lq).tolist(), cu(lk).tolist()
-    left, right = kw.get("window", (-1, -1))
-    causal = bool(kw.get("causal"))
-    for i in range(len(lq)):
-        spans = ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]), (v, ck[i], ck[i + 1]))
-        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t, a, b in spans)  # (1, H, L, D)
-        al = kw.get("alibi_slopes")
-        o, _ = reference.attention(
-            qs, ks, vs, None, None, causal, ks.shape[2] - qs.shape[2],
-            window=(left, 0 if causal and "window" in kw else right),
-            softcap=kw.get("softcap", 0.0), sinks=kw.get("sinks"),
-            alibi_slopes=None if al is None else al[i : i + 1], opmath=opmath,
-        )  # fmt: skip
-        outs.append(o[0].transpose(0, 1).to(q.dtype))
-    return torch.cat(outs)
+    """Each sequence alone (conftest.sequence_oracle), concatenated."""
+    cq, ck = cu(lq).tolist(), cu(lk).tolist()
+    parts = [sequence_oracle(q[cq[i] : cq[i + 1]], k[ck[i] : ck[i + 1]], v[ck[i] : ck[i + 1]],
+                             kw, opmath, i) for i in range(len(lq))]  # fmt: skip
+    return torch.cat(parts)
 
 
 def run(fn, q, k, v, kw):
