@@ -193,3 +193,14 @@ def test_varlen_bad_input_is_refused(change, exc, match):
         return
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_varlen_one_long_sequence_among_short_ones():
+    # One 8192-token sequence among short and empty ones (forward, causal): the long one runs
+    # split over many tiles while the others are a tile each.
+    lq = [3, 8192, 0, 1, 7]
+    q, k, v = make(lq, lq, 1, 1, 16, 16, torch.float32)
+    out = fastattn.varlen_attention(q, k, v, cu(lq), cu(lq), causal=True, backend="cpu")
+    want = oracle(q.double(), k.double(), v.double(), lq, lq, {"causal": True}, torch.float64)
+    eager = oracle(q, k, v, lq, lq, {"causal": True}, torch.float32)
+    assert_parity(out, want, eager, "long among short")
