@@ -278,6 +278,23 @@ def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
 
+def run_forward(
+    backend: str, args: tuple, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of one attention forward on ``backend`` ("reference", "triton" or a C++
+    one), ``args`` in the ops' order (csrc/ops.cpp: q, k, v, mask, rng, scale, causal,
+    causal_offset, dropout_p, window_left, window_right, softcap, sinks, alibi; sinks and alibi
+    in the opmath dtype). The reference is differentiable by autograd; the kernels through
+    their ops' autograd formulas (``opcall.call``). Used by attention(), varlen and paged."""
+    if backend == "reference":
+        q, k, v, mask, rng, scale, causal, offset, p, wl, wr, softcap, sinks, alibi = args
+        return reference.attention(q, k, v, mask, scale, causal, offset, p, rng, window=(wl, wr),
+                                   softcap=softcap, sinks=sinks, alibi_slopes=alibi)  # fmt: skip
+    if backend == "triton":
+        return opcall.call(torch.ops.fastattn.attention_triton, *args, deterministic)
+    return opcall.call(torch.ops.fastattn.attention, *args)
+
+
 # ------------------------------------------------------------------------------ public API
 def attention(
     q: torch.Tensor,
@@ -356,22 +373,14 @@ def attention(
     if causal and window is not None:
         wr = 0  # causal hides everything right of the diagonal
     name = dispatch.select(backend, q.device, q.dtype, OP, CPP_BACKENDS)
+    if name != "reference" and (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
+        q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    opm = lse_dtype(q)
+    sk = None if sinks is None else sinks.to(opm)  # autograd casts dsinks back
+    al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
+    args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p), wl, wr,
+            float(softcap), sk, al)  # fmt: skip
+    out, lse = run_forward(name, args, deterministic)
     if name == "reference":
-        out, lse = reference.attention(
-            q, k, v, mask, scale_f, causal, offset, dropout_p, rng, window=(wl, wr),
-            softcap=float(softcap), sinks=sinks, alibi_slopes=alibi_slopes,
-        )  # fmt: skip
         lse = lse.detach()
-    else:
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-            q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
-        opm = lse_dtype(q)
-        sk = None if sinks is None else sinks.to(opm)  # autograd casts dsinks back
-        al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
-        args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p), wl, wr,
-                float(softcap), sk, al)  # fmt: skip
-        if name == "triton":
-            out, lse = opcall.call(torch.ops.fastattn.attention_triton, *args, deterministic)
-        else:
-            out, lse = opcall.call(torch.ops.fastattn.attention, *args)
     return (out, lse) if return_lse else out

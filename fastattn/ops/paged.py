@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn import _checks, dispatch, reference
+from fastattn import _checks, dispatch
 from fastattn.ops import attention as _attn
 from fastattn.ops import opcall
 
@@ -84,14 +84,7 @@ def paged_attention_op(
         al = None if alibi is None else alibi[b : b + 1]
         args = (qb, k, v, None, None, scale, causal, nk - Sq, 0.0, window_left, window_right,
                 softcap, sinks, al)  # fmt: skip
-        if backend == "reference":
-            o, s = reference.attention(qb, k, v, None, scale, causal, nk - Sq,
-                                       window=(window_left, window_right), softcap=softcap,
-                                       sinks=sinks, alibi_slopes=al)  # fmt: skip
-        elif backend == "triton":
-            o, s = torch.ops.fastattn.attention_triton.default(*args, False)
-        else:
-            o, s = torch.ops.fastattn.attention.default(*args)
+        o, s = _attn.run_forward(backend, args)
         out[b] = o[0].transpose(0, 1)
         lse[b] = s[0]
     return out, lse
@@ -114,7 +107,7 @@ def _check(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) -> Non
             f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
         )
     B, _, H, D = q.shape
-    nb, bs, Hkv, _ = k_cache.shape
+    _, bs, Hkv, _ = k_cache.shape
     if k_cache.shape[3] != D or v_cache.shape[:3] != k_cache.shape[:3]:
         raise _checks.ShapeError(
             f"{P}: k_cache (num_blocks, block_size, kv_heads, head_dim) must match q's head_dim "
@@ -161,7 +154,6 @@ def _check(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) -> Non
             raise _checks.ShapeError(f"{P}: {name} is on {t.device} but q is on {q.device}")
     if any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new)):
         raise RuntimeError(f"{P} is forward-only (serving): pass tensors that need no gradient")
-    del nb
 
 
 def paged_attention(

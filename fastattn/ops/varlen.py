@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn import _checks, dispatch, reference
+from fastattn import _checks, dispatch
 from fastattn.ops import attention as _attn
 from fastattn.ops import opcall
 
@@ -58,6 +58,16 @@ def _seq_rng(rng: torch.Tensor | None, i: int) -> torch.Tensor | None:
     return rng ^ torch.tensor([(i * _GOLDEN) & 0xFFFFFFFF, 0], dtype=rng.dtype, device=rng.device)
 
 
+def _seq_args(q, k, v, span, i, rng, alibi, scale, causal, p, wl, wr, softcap, sinks) -> tuple:
+    """The attention ops' arguments (attention.run_forward's order) for sequence ``i`` of the
+    packed tensors, ``span`` its (q0, q1, k0, k1) rows: views of q, k, v, no mask, its dropout
+    seeds, the causal offset of its lengths (bottom-right), its ALiBi row."""
+    q0, q1, k0, k1 = span
+    al = None if alibi is None else alibi[i : i + 1]  # (1, H)
+    return (_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), None, _seq_rng(rng, i), scale,
+            causal, (k1 - k0) - (q1 - q0), p, wl, wr, softcap, sinks, al)  # fmt: skip
+
+
 def _bounds(cu_q, cu_k, total_q, total_k, max_q, max_k):
     sq, sk = _lengths(cu_q, total_q, "cu_seqlens_q"), _lengths(cu_k, total_k, "cu_seqlens_k")
     _check_max("max_seqlen_q", max_q, sq)
@@ -95,20 +105,12 @@ def varlen_attention_op(
     for i, (q0, q1, k0, k1) in enumerate(spans):
         if q1 == q0:
             continue
-        al = None if alibi is None else alibi[i : i + 1]  # (1, H)
-        args = (_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), None, _seq_rng(rng, i), scale,
-                causal, (k1 - k0) - (q1 - q0), dropout_p, window_left, window_right, softcap,
-                sinks, al)  # fmt: skip
-        o, s = _forward(backend, args, deterministic)
+        args = _seq_args(q, k, v, (q0, q1, k0, k1), i, rng, alibi, scale, causal, dropout_p,
+                         window_left, window_right, softcap, sinks)  # fmt: skip
+        o, s = _attn.run_forward(backend, args, deterministic)
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = s[0]
     return out, lse
-
-
-def _forward(backend: str, args: tuple, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return torch.ops.fastattn.attention_triton.default(*args, deterministic)
-    return torch.ops.fastattn.attention.default(*args)
 
 
 @torch.library.custom_op("fastattn::varlen_attention_backward", mutates_args=())
@@ -140,10 +142,9 @@ def varlen_attention_backward_op(
     for i, (q0, q1, k0, k1) in enumerate(spans):
         if q1 == q0:
             continue
-        al = None if alibi is None else alibi[i : i + 1]
-        seq = (_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1))
-        rest = (_seq_rng(rng, i), scale, causal, (k1 - k0) - (q1 - q0), dropout_p, window_left,
-                window_right, softcap, sinks, al)  # fmt: skip
+        args = _seq_args(q, k, v, (q0, q1, k0, k1), i, rng, alibi, scale, causal, dropout_p,
+                         window_left, window_right, softcap, sinks)  # fmt: skip
+        seq, rest = args[:3], args[4:]  # (q, k, v); rng .. alibi (the mask, args[3], is None)
         go = _seq(grad_out, q0, q1).contiguous()
         o = _seq(out, q0, q1)
         s = lse[:, q0:q1].unsqueeze(0)  # (1, H, L)
@@ -334,12 +335,9 @@ def _reference(q, k, v, cu_q, cu_k, max_q, max_k, rng, scale, causal, p, wl, wr,
     spans = _bounds(cu_q, cu_k, q.shape[0], k.shape[0], -1 if max_q is None else int(max_q),
                     -1 if max_k is None else int(max_k))  # fmt: skip
     outs, lses = [], []
-    for i, (q0, q1, k0, k1) in enumerate(spans):
-        a = None if al is None else al[i : i + 1]
-        qs, ks, vs = _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1)
-        o, s = reference.attention(qs, ks, vs, None, scale, causal, (k1 - k0) - (q1 - q0), p,
-                                   _seq_rng(rng, i), window=(wl, wr), softcap=cap, sinks=sinks,
-                                   alibi_slopes=a)  # fmt: skip
+    for i, span in enumerate(spans):
+        args = _seq_args(q, k, v, span, i, rng, al, scale, causal, p, wl, wr, cap, sinks)
+        o, s = _attn.run_forward("reference", args)
         outs.append(o[0].transpose(0, 1))
         lses.append(s[0])
     out = torch.cat(outs) if outs else q.new_empty((0, q.shape[1], v.shape[-1]))
