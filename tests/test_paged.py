@@ -52,10 +52,15 @@ def make_cache(lengths, new, bs, H, Hkv, D, dtype, seed=0):
     return q, k_cache, v_cache, table, seqlens, k_new, v_new, dense_k, dense_v
 
 
-def oracle(q, dense_k, dense_v, kw, opmath):
-    """Each sequence alone (conftest.sequence_oracle) on its dense keys, stacked."""
-    return torch.stack([sequence_oracle(q[b], dense_k[b], dense_v[b], kw, opmath, b)
-                        for b in range(q.shape[0])])  # fmt: skip
+def check_sequences(out, q, dense_k, dense_v, kw, dtype, what):
+    """Each sequence of ``out`` against the float64 reference on its dense keys alone
+    (conftest.sequence_oracle; the keys are ragged: one sequence at a time)."""
+    kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+    for b in range(q.shape[0]):
+        want = sequence_oracle(q[b].double(), dense_k[b].double(), dense_v[b].double(), kw64,
+                               torch.float64, b)  # fmt: skip
+        eager = sequence_oracle(q[b], dense_k[b], dense_v[b], kw, dtype, b)
+        assert_parity(out[b], want, eager, f"{what} seq {b}")
 
 
 def extras(kw, H, B):
@@ -82,13 +87,7 @@ def test_paged_parity(backend, name, variant, bs, new, dtype):
     before_k = kc.clone()
     out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
                                    backend=backend, **kw)  # fmt: skip
-    # pad every sequence's keys to the longest with keys no query may see: run per sequence
-    for b in range(len(lengths)):
-        kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
-        want = oracle(q[b : b + 1].double(), [dk[b].double()], [dv[b].double()], _slice(kw64, b),
-                      torch.float64)  # fmt: skip
-        eager = oracle(q[b : b + 1], [dk[b]], [dv[b]], _slice(kw, b), dtype)
-        assert_parity(out[b : b + 1], want, eager, f"{backend} {name} {variant} seq {b}")
+    check_sequences(out, q, dk, dv, kw, dtype, f"{backend} {name} {variant}")
     if new:  # the new keys were written at each sequence's length, nothing else changed
         for b, n in enumerate(lengths):
             for t in range(n, n + new):
@@ -100,13 +99,6 @@ def test_paged_parity(backend, name, variant, bs, new, dtype):
         assert torch.equal(kc, before_k)
 
 
-def _slice(kw, b):
-    out = dict(kw)
-    if "alibi_slopes" in out:
-        out["alibi_slopes"] = out["alibi_slopes"][b : b + 1]
-    return out
-
-
 @pytest.mark.parametrize("variant", ["causal", "sinks-alibi"])
 def test_paged_triton_in_the_interpreter(variant):
     lengths = [0, 5, 40]
@@ -114,12 +106,7 @@ def test_paged_triton_in_the_interpreter(variant):
     kw = extras(VARIANTS[variant], 2, 3)
     out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
                                    backend="triton", **kw)  # fmt: skip
-    for b in range(3):
-        kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
-        want = oracle(q[b : b + 1].double(), [dk[b].double()], [dv[b].double()], _slice(kw64, b),
-                      torch.float64)  # fmt: skip
-        eager = oracle(q[b : b + 1], [dk[b]], [dv[b]], _slice(kw, b), torch.float32)
-        assert_parity(out[b : b + 1], want, eager, f"triton {variant} seq {b}")
+    check_sequences(out, q, dk, dv, kw, torch.float32, f"triton {variant}")
 
 
 def test_paged_opcheck_and_compile():
