@@ -19,6 +19,7 @@
 #include <optional>
 #include <tuple>
 
+#include "attention_forward.h"
 #include "checks.h"
 #include "cpu/attention_kernels.h"
 #include "cpu_dispatch.h"
@@ -35,17 +36,6 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr const char* kFwd = "fastattn::attention";
 constexpr const char* kBwd = "fastattn::attention_backward";
-
-// The kernel table of the best ISA path in use; float64 always takes the scalar (fp64 math) path.
-AttnKernels kernels_for(const char* op, DType x, bool has_mask, DType mask) {
-  static constexpr AttnKernels (*kGet[])(DType, bool, DType) = {
-      cpu::attention_kernels_scalar, cpu::attention_kernels_avx2, cpu::attention_kernels_avx512,
-      cpu::attention_kernels_avx512bf16};
-  const auto serves = [](const AttnKernels& t) { return t.fwd != nullptr; };
-  const AttnKernels k = best_kernels(kGet, x == DType::kFloat64, serves, x, has_mask, mask);
-  TORCH_CHECK(k.fwd != nullptr, op, ": no CPU kernel for this input/mask dtype pair");
-  return k;
-}
 
 // Below this many multiply-adds (Sq * Sk * D summed over heads) the call stays on one thread.
 constexpr int64_t kSerialBelow = int64_t{1} << 18;
@@ -76,18 +66,11 @@ int team_size(int64_t work) {
   return omp_get_max_threads();
 }
 
-// The window, softcap, sinks and ALiBi arguments of one call.
-struct Variants {
-  int64_t window_left, window_right;
-  double softcap;
-  const OptTensor& sinks;
-  const OptTensor& alibi;
-};
+}  // namespace
 
-// Fills the shape, input, scaling, mask, dropout and variant fields shared by both directions.
-Tensor setup_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v,
-                  const OptTensor& mask, const OptTensor& rng, double scale, bool causal,
-                  int64_t causal_offset, double dropout_p, const Variants& var) {
+Tensor setup_attention_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v,
+                            const OptTensor& mask, const OptTensor& rng, double scale, bool causal,
+                            int64_t causal_offset, double dropout_p, const AttnVariants& var) {
   a.B = q.size(0);
   a.H = q.size(1);
   a.Sq = q.size(2);
@@ -134,7 +117,17 @@ Tensor setup_args(AttnArgs& a, const Tensor& q, const Tensor& k, const Tensor& v
   return m;
 }
 
-// lse of rows with no key at all: -inf, or with sinks the row's sink.
+// float64 always takes the scalar (fp64 math) path.
+AttnKernels attention_kernels_for(const char* op, DType x, bool has_mask, DType mask) {
+  static constexpr AttnKernels (*kGet[])(DType, bool, DType) = {
+      cpu::attention_kernels_scalar, cpu::attention_kernels_avx2, cpu::attention_kernels_avx512,
+      cpu::attention_kernels_avx512bf16};
+  const auto serves = [](const AttnKernels& t) { return t.fwd != nullptr; };
+  const AttnKernels k = best_kernels(kGet, x == DType::kFloat64, serves, x, has_mask, mask);
+  TORCH_CHECK(k.fwd != nullptr, op, ": no CPU kernel for this input/mask dtype pair");
+  return k;
+}
+
 void fill_keyless_lse(Tensor& lse, const OptTensor& sinks) {
   if (sinks.has_value())
     lse.copy_(sinks->view({1, -1, 1}).expand_as(lse));
@@ -142,37 +135,13 @@ void fill_keyless_lse(Tensor& lse, const OptTensor& sinks) {
     lse.fill_(-std::numeric_limits<double>::infinity());
 }
 
-std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const OptTensor& mask, const OptTensor& rng, double scale,
-                                         bool causal, int64_t causal_offset, double dropout_p,
-                                         int64_t window_left, int64_t window_right, double softcap,
-                                         const OptTensor& sinks, const OptTensor& alibi) {
-  check_attention_inputs(kFwd, q, k, v, mask, rng, dropout_p);
-  check_attention_variants(kFwd, q, window_left, window_right, softcap, sinks, alibi);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Dv = v.size(3);
-  const int64_t Hkv = k.size(1), Sk = k.size(2);
-  const auto lse_dt = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor out = new_output({B, H, Sq, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor lse = new_output({B, H, Sq}, q.options().dtype(lse_dt));
-  if (B * H * Sq == 0) return {out, lse};
-  if (Sk == 0) {  // no key at all: every row is fully masked
-    out.zero_();
-    fill_keyless_lse(lse, sinks);
-    return {out, lse};
-  }
-  AttnArgs a{};
-  const Variants var{window_left, window_right, softcap, sinks, alibi};
-  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
-  a.out = out.data_ptr();
-  a.lse = lse.data_ptr();
-  const DType xdt = dtype_of(kFwd, q.scalar_type());
-  const AttnKernels kern =
-      kernels_for(kFwd, xdt, mask.has_value(), mask.has_value() ? a.mask_dtype : xdt);
-
+void forward_items(const AttnArgs& a, const AttnKernels& kern, const at::TensorOptions& opts) {
+  const int64_t B = a.B, H = a.H, Hkv = a.Hkv, Sq = a.Sq, Sk = a.Sk, D = a.D, Dv = a.Dv;
+  const auto lse_dt = opts.dtype() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t G = H / Hkv;
   const int64_t mq = std::min(Sq, std::max<int64_t>(1, (kern.fwd_rows + G - 1) / G));
   const int64_t rows = G * mq, nqb = (Sq + mq - 1) / mq, units = B * Hkv * nqb;
-  const int64_t elem = q.scalar_type() == at::kDouble ? 8 : 4;
+  const int64_t elem = opts.dtype() == at::kDouble ? 8 : 4;
   const int nt = team_size(B * H * Sq * Sk * std::max(D, Dv));
   // Split-K (decode): too few work items for the team, and keys enough to be worth splitting.
   int64_t nsplit = 1;
@@ -184,7 +153,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   nsplit = (Sk + chunk - 1) / chunk;
   const int64_t pstride = rows * (Dv + 2);
   Tensor part;
-  if (nsplit > 1) part = at::empty({units * nsplit * pstride}, q.options().dtype(lse_dt));
+  if (nsplit > 1) part = at::empty({units * nsplit * pstride}, opts.dtype(lse_dt));
   char* part_base = nsplit > 1 ? static_cast<char*>(part.data_ptr()) : nullptr;
   // K/V blocks are packed once when several query blocks read them; otherwise (decode) each item
   // packs the blocks it reads. Packing goes a wave of (batch, kv head) pairs at a time, whose
@@ -198,7 +167,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   const int64_t wave =
       nqb > 1 ? std::clamp<int64_t>(kWaveBytes / (nkb * block_bytes), 1, pairs) : pairs;
   Tensor packed;
-  if (nqb > 1) packed = at::empty({wave * nkb * block_bytes}, q.options().dtype(at::kByte));
+  if (nqb > 1) packed = at::empty({wave * nkb * block_bytes}, opts.dtype(at::kByte));
   char* pk = nqb > 1 ? static_cast<char*>(packed.data_ptr()) : nullptr;
   const int64_t scratch_bytes = cpu::attn_fwd_scratch_bytes(rows, D, Dv, elem);
   // Item t: unit u (batch, kv head, query block; the causal ones with the most keys first) and
@@ -241,6 +210,38 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
       }
     }
   }
+}
+
+namespace {
+
+std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const OptTensor& mask, const OptTensor& rng, double scale,
+                                         bool causal, int64_t causal_offset, double dropout_p,
+                                         int64_t window_left, int64_t window_right, double softcap,
+                                         const OptTensor& sinks, const OptTensor& alibi) {
+  check_attention_inputs(kFwd, q, k, v, mask, rng, dropout_p);
+  check_attention_variants(kFwd, q, window_left, window_right, softcap, sinks, alibi);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t Sk = k.size(2);
+  const auto lse_dt = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = new_output({B, H, Sq, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = new_output({B, H, Sq}, q.options().dtype(lse_dt));
+  if (B * H * Sq == 0) return {out, lse};
+  if (Sk == 0) {  // no key at all: every row is fully masked
+    out.zero_();
+    fill_keyless_lse(lse, sinks);
+    return {out, lse};
+  }
+  AttnArgs a{};
+  const AttnVariants var{window_left, window_right, softcap, sinks, alibi};
+  const Tensor m =
+      setup_attention_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  const DType xdt = dtype_of(kFwd, q.scalar_type());
+  const AttnKernels kern =
+      attention_kernels_for(kFwd, xdt, mask.has_value(), mask.has_value() ? a.mask_dtype : xdt);
+  forward_items(a, kern, q.options());
   return {out, lse};
 }
 
@@ -273,8 +274,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   const Tensor o = out_in.stride(-1) == 1 ? out_in : out_in.contiguous();
   const Tensor lse = lse_in.contiguous();
   AttnArgs a{};
-  const Variants var{window_left, window_right, softcap, sinks, alibi};
-  const Tensor m = setup_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
+  const AttnVariants var{window_left, window_right, softcap, sinks, alibi};
+  const Tensor m =
+      setup_attention_args(a, q, k, v, mask, rng, scale, causal, causal_offset, dropout_p, var);
   const auto op_dt = lse.scalar_type();
   Tensor delta = at::empty({B, H, Sq}, q.options().dtype(op_dt));
   a.dout = g.data_ptr();
@@ -291,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   a.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   const DType xdt = dtype_of(kFwd, q.scalar_type());
   const AttnKernels kern =
-      kernels_for(kBwd, xdt, mask.has_value(), mask.has_value() ? a.mask_dtype : xdt);
+      attention_kernels_for(kBwd, xdt, mask.has_value(), mask.has_value() ? a.mask_dtype : xdt);
 
   const int64_t nkb = (Sk + cpu::kKeyBlock - 1) / cpu::kKeyBlock;
   const int64_t pairs = B * Hkv;

@@ -51,4 +51,17 @@ TORCH_LIBRARY(fastattn, m) {
       "int window_left, int window_right, float softcap, Tensor? sinks, Tensor? alibi, "
       "bool deterministic, bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask, "
       "Tensor dsinks)");
+  // The above against a paged KV cache, forward only: q (B, H, Sq, D) (any strides, last dim
+  // contiguous); k_cache, v_cache (num_blocks, block_size, Hkv, D | Dv), block_size a power of two
+  // >= 16; sequence b's key j is row j % block_size of block block_table[b, j / block_size]
+  // (block_table int32 (B, max_blocks)). k_new, v_new (B, Sq, Hkv, D | Dv) (or None) are first
+  // written in place at positions cache_seqlens[b] .. (int32 (B,)); sequence b then has
+  // cache_seqlens[b] (+ Sq) keys, its queries the last ones (causal and the window aligned
+  // bottom-right per sequence). Options as above. Returns out (B, Sq, H, Dv) contiguous
+  // (seq-major) and lse (B, H, Sq). Lengths and block ids are checked before any key is touched.
+  m.def(
+      "paged_attention_forward(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor block_table, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, float scale, "
+      "bool causal, int window_left, int window_right, "
+      "float softcap, Tensor? sinks, Tensor? alibi) -> (Tensor out, Tensor lse)");
 }

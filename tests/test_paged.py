@@ -23,19 +23,19 @@ VARIANTS = {
 }
 
 
-def make_cache(lengths, new, bs, H, Hkv, D, dtype, seed=0):
+def make_cache(lengths, new, bs, H, Hkv, D, dtype, seed=0, Dv=None):
     """Dense per-sequence keys/values (each sequence's cache_seqlens + new tokens), scattered
     into shuffled blocks of a paged cache with spare blocks; q and the new keys/values."""
     g = torch.Generator().manual_seed(seed)
-    B = len(lengths)
+    B, Dv = len(lengths), Dv or D
     dense_k = [torch.randn(n + new, Hkv, D, generator=g).to(dtype) for n in lengths]
-    dense_v = [torch.randn(n + new, Hkv, D, generator=g).to(dtype) for n in lengths]
+    dense_v = [torch.randn(n + new, Hkv, Dv, generator=g).to(dtype) for n in lengths]
     need = [-(-(n + new) // bs) for n in lengths]
     max_blocks = max(need) + 1
     nblocks = sum(need) + 3
     perm = torch.randperm(nblocks, generator=g)
     k_cache = torch.randn(nblocks, bs, Hkv, D, generator=g).to(dtype)  # garbage where unused
-    v_cache = torch.randn(nblocks, bs, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(nblocks, bs, Hkv, Dv, generator=g).to(dtype)
     table = torch.full((B, max_blocks), nblocks - 1, dtype=torch.int32)  # unused: a valid id
     used = 0
     for b, n in enumerate(lengths):
@@ -99,6 +99,65 @@ def test_paged_parity(backend, name, variant, bs, new, dtype):
         assert torch.equal(kc, before_k)
 
 
+# The CPU kernel's own paths (csrc/paged.cpp walks the block table inside the attention kernels):
+# queries per sequence 1 (decode: K/V read in place, G * Sq <= 8 rows; bf16 with AVX512_BF16
+# packs instead), 3 (a small chunk: tiles packed per item) and 40 (G * 40 rows > one work item:
+# K/V packed once per wave); block sizes 16 and 32 (several cache blocks per 128-key tile) and
+# 256 (a tile at an offset inside one block); head dims 40 and 96 (not vector multiples), a v
+# head dim of its own; fp64 takes the scalar path.
+SHAPES = {"gqa4-d40": (8, 2, 40, 40), "mha-d96-dv64": (2, 2, 96, 64)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("new", [1, 3, 40])
+@pytest.mark.parametrize("bs", [16, 32, 256])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", ["plain", "window-softcap", "sinks-alibi"])
+def test_paged_cpu_kernel_paths(variant, shape, bs, new, dtype):
+    H, Hkv, D, Dv = SHAPES[shape]
+    lengths = [0, 300, 1, 113, 7]  # empty, one block and more, one token, odd lengths
+    q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache(lengths, new, bs, H, Hkv, D, dtype,
+                                                           Dv=Dv)  # fmt: skip
+    kw = extras(VARIANTS[variant], H, len(lengths))
+    out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
+                                   backend="cpu", **kw)  # fmt: skip
+    assert out.shape == (len(lengths), new, H, Dv) and out.is_contiguous()
+    check_sequences(out, q, dk, dv, kw, dtype, f"cpu {shape} {variant} bs {bs} new {new}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["causal", "sinks-alibi"])
+def test_paged_cpu_split_keys(variant, dtype):
+    """Two sequences, one kv head, one query each: too few work items for two threads, so the
+    kernel splits the 2100 keys into chunks and merges them (attention.cpp's split-K)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache([2100, 0], 1, 16, 4, 1, 64, dtype)
+        kw = extras(VARIANTS[variant], 4, 2)
+        out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
+                                       backend="cpu", **kw)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    check_sequences(out, q, dk, dv, kw, dtype, f"cpu split-K {variant}")
+
+
+def test_paged_cpu_op_refuses_bad_tables_in_cpp():
+    """The C++ entry checks lengths and block ids itself (TORCH_CHECK), before reading keys."""
+    q, kc, vc, table, seqlens, *_ = make_cache([5, 17], 0, 16, 2, 1, 8, torch.float32)
+    op = torch.ops.fastattn.paged_attention_forward
+    args = (None, None, 1.0, False, -1, -1, 0.0, None, None)
+    bad = table.clone()
+    bad[1, 1] = 10_000
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 10000 is outside"):
+        op(q.transpose(1, 2), kc, vc, bad, seqlens, *args)
+    with pytest.raises(ValueError, match=r"sequence 0 has 999 \+ 0 keys, which need 63 blocks"):
+        op(q.transpose(1, 2), kc, vc, table, torch.tensor([999, 1], dtype=torch.int32), *args)
+    with pytest.raises(RuntimeError, match="block_size must be a power of two"):
+        op(q.transpose(1, 2), kc[:, :12], vc[:, :12], table, seqlens, *args)
+    torch.library.opcheck(op.default, (q.transpose(1, 2), kc, vc, table, seqlens, *args))
+
+
 @pytest.mark.parametrize("variant", ["causal", "sinks-alibi"])
 def test_paged_triton_in_the_interpreter(variant):
     lengths = [0, 5, 40]
@@ -132,13 +191,16 @@ BAD = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])  # C++ checks / Python checks
 @pytest.mark.parametrize(("what", "mutate", "exc", "match"), BAD, ids=[b[0] for b in BAD])
-def test_paged_bad_values_are_refused_before_the_cache_is_touched(what, mutate, exc, match):
+def test_paged_bad_values_are_refused_before_the_cache_is_touched(what, mutate, exc, match,
+                                                                  backend):  # fmt: skip
     a = list(_base())
     mutate(a)
     kc = a[1].clone()
     with pytest.raises(exc, match=match):
-        fastattn.paged_attention(a[0], a[1], a[2], a[3], a[4], k_new=a[5], v_new=a[6])
+        fastattn.paged_attention(a[0], a[1], a[2], a[3], a[4], k_new=a[5], v_new=a[6],
+                                 backend=backend)  # fmt: skip
     assert torch.equal(a[1], kc), "the cache was written before the check"
 
 

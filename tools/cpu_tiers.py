@@ -44,17 +44,19 @@ TIERS = [("avx512bf16", "avx512"), ("avx512", "avx512"), ("avx2", "avx2"), ("sca
 # The parity grids of the CPU kernels (fp32, bf16, fp16; attention's variants too) and fp16's
 # special values (values near its max, subnormal outputs: converted by F16C on the vector tiers,
 # in software on the scalar one), cpu backend only (the others do not depend on the tier); and
-# the seeded fuzz profile with its regressions (tests/test_fuzz.py).
+# the seeded fuzz profile with its regressions (tests/test_fuzz.py); the paged-cache grid of the
+# CPU kernels' block-table walk (tests/test_paged.py).
 TARGETS = [
     "tests/test_softmax.py",
     "tests/test_norm.py",
     "tests/test_attention.py",
     "tests/test_attention_variants.py",
     "tests/test_fuzz.py",
+    "tests/test_paged.py",
 ]
 SELECT = (
     "(test_parity_grid and cpu) or (test_float16_ and cpu-cpu) or test_float16_subnormal"
-    " or test_fuzz or test_regressions"
+    " or test_fuzz or test_regressions or test_paged_cpu_kernel_paths or test_paged_cpu_split"
 )
 
 

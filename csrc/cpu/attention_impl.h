@@ -267,10 +267,15 @@ struct Attn {
   // read front to back (no power-of-two row stride to thrash a cache set). K^T of n keys:
   // dst[(j / NB) * D * NB + d * NB + j % NB] = k_j[d]. V of n keys: dst[(d / NB) * pstride +
   // j * NB + d % NB] = v_j[d], zeros for d in [D, round_up(D, NB)).
+  // Keys [j_off, j_off + n) of the block (a paged segment: j_off > 0), never crossing a panel.
   template <class T>
-  static void pack_kt_panels(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D) {
-    for (int64_t j0 = 0; j0 < n; j0 += NB)
-      pack_t(dst + (j0 / NB) * D * NB, src + j0 * stride, stride, n - j0 < NB ? n - j0 : NB, D, NB);
+  static void pack_kt_panels(Acc* dst, const T* src, int64_t stride, int64_t n, int64_t D,
+                             int64_t j_off = 0) {
+    for (int64_t j0 = 0; j0 < n;) {
+      const int64_t j = j_off + j0, c = n - j0 < NB - j % NB ? n - j0 : NB - j % NB;
+      pack_t(dst + (j / NB) * D * NB + j % NB, src + j0 * stride, stride, c, D, NB);
+      j0 += c;
+    }
   }
   template <class T>
   static void pack_v_panels(Acc* dst, int64_t pstride, const T* src, int64_t stride, int64_t n,
@@ -284,6 +289,31 @@ struct Attn {
       for (int64_t d = (D + W - 1) / W * W; d % NB != 0; d += W)
         V::store(dst + (d / NB) * pstride + j * NB + d % NB, V::zero());
     }
+  }
+
+  // ---------------------------------------------------------------- per-sequence keys
+  // The arguments as batch b sees them: with per-sequence lengths (seqlen_k), its own key count
+  // and bottom-right causal offset in tmp; otherwise a itself.
+  static inline const AttnArgs& for_batch(const AttnArgs& a, int64_t b, AttnArgs& tmp) {
+    if (a.seqlen_k == nullptr) return a;
+    tmp = a;
+    tmp.Sk = a.seqlen_k[b];
+    tmp.causal_offset = tmp.Sk - a.Sq;
+    return tmp;
+  }
+  // Row j of (b, hkv)'s keys (base k or v, strides str) and in run the rows that follow it
+  // contiguously (str[2] apart): the rest of its cache block when paged, else all.
+  template <class T>
+  static inline const T* kv_row(const AttnArgs& a, const void* base, const int64_t* str, int64_t b,
+                                int64_t hkv, int64_t j, int64_t& run) {
+    const T* p = static_cast<const T*>(base) + hkv * str[1];
+    if (a.block_table == nullptr) {
+      run = INT64_MAX / 4;
+      return p + b * str[0] + j * str[2];
+    }
+    const int64_t r = j & (a.page - 1);
+    run = a.page - r;
+    return p + int64_t(a.block_table[b * a.bt_stride + j / a.page]) * str[0] + r * str[2];
   }
 
   // ---------------------------------------------------------------- score-tile helpers
@@ -365,21 +395,29 @@ struct Attn {
   static void pack_block(const AttnArgs& a, int64_t b, int64_t hkv, int64_t jb, int64_t n,
                          Acc* dst) {
     const int64_t D = a.D, D2 = (D + 1) / 2, Dv = a.Dv;
-    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1] + jb * a.k_str[2];
-    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1] + jb * a.v_str[2];
-    if constexpr (dot_for<T>()) {
-      uint32_t* kt = reinterpret_cast<uint32_t*>(dst);
-      pack_kt_pairs(kt, kp, a.k_str[2], n, D, NF);
-      pack_v_pairs(kt + D2 * NF, padded(Dv), vp, a.v_str[2], n, Dv);
-    } else {
-      pack_kt_panels(dst, kp, a.k_str[2], n, D);
-      pack_v_panels(dst + D * NF, NF * NB, vp, a.v_str[2], n, Dv);
+    // One contiguous run of rows at a time: the whole block, or (paged) each cache block's
+    // part of it, which starts at an even key (page >= 16).
+    for (int64_t j = 0, run; j < n; j += run) {
+      const T* kp = kv_row<T>(a, a.k, a.k_str, b, hkv, jb + j, run);
+      const T* vp = kv_row<T>(a, a.v, a.v_str, b, hkv, jb + j, run);
+      if (run > n - j) run = n - j;
+      if constexpr (dot_for<T>()) {
+        uint32_t* kt = reinterpret_cast<uint32_t*>(dst);
+        pack_kt_pairs(kt + j, kp, a.k_str[2], run, D, NF);
+        pack_v_pairs(kt + D2 * NF + j / 2 * padded(Dv), padded(Dv), vp, a.v_str[2], run, Dv);
+      } else {
+        pack_kt_panels(dst, kp, a.k_str[2], run, D, j);
+        pack_v_panels(dst + D * NF + j * NB, NF * NB, vp, a.v_str[2], run, Dv);
+      }
     }
   }
   // Key block kbi of (b, hkv) into dst (attn_fwd_block_elems(D) opmath values).
   template <class T>
-  static void pack_kv(const AttnArgs& a, int64_t b, int64_t hkv, int64_t kbi, void* dst) {
+  static void pack_kv(const AttnArgs& a_in, int64_t b, int64_t hkv, int64_t kbi, void* dst) {
+    AttnArgs tmp;
+    const AttnArgs& a = for_batch(a_in, b, tmp);
     const int64_t jb = kbi * NF, n = a.Sk - jb < NF ? a.Sk - jb : NF;
+    if (n <= 0) return;  // past this sequence's keys (paged: the batch's longest sets nkb)
     pack_block<T>(a, b, hkv, jb, n, static_cast<Acc*>(dst));
   }
 
@@ -412,14 +450,16 @@ struct Attn {
   // depend on its row and key only (not on NR or the tile), so the backward can recompute them.
   template <int NR, class T>
   static inline void scores_direct_rows(int64_t n, int64_t D, const Acc* Q, int64_t ld, const T* kp,
-                                        int64_t ks, Acc* S, int64_t lds) {
+                                        int64_t ks, Acc* S, int64_t lds, int64_t pf) {
     for (int64_t j = 0; j < n; j += KJ) {
       const int nj = n - j < KJ ? int(n - j) : KJ;
       const T* kr[KJ];
       for (int x = 0; x < KJ; ++x) kr[x] = kp + (j + (x < nj ? x : 0)) * ks;
       // The hardware prefetchers leave this stream latency-bound here (Zen 3: 3 GB/s of the
       // 9 a plain sum reads at): ask for the rows kDirectAhead keys ahead.
-      for (int x = 0; x < KJ; ++x) prefetch_row(kp + (j + kDirectAhead + x) * ks, D);
+      // Only rows before pf: a paged run ends at its cache block (the next one is elsewhere).
+      for (int x = 0; x < KJ; ++x)
+        if (j + kDirectAhead + x < pf) prefetch_row(kp + (j + kDirectAhead + x) * ks, D);
       R acc[NR][KJ];
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r)
@@ -452,25 +492,27 @@ struct Attn {
   }
   template <class T>
   static void scores_direct(int64_t rows, int64_t n, int64_t D, const Acc* Q, int64_t ld,
-                            const T* kp, int64_t ks, Acc* S, int64_t lds) {
+                            const T* kp, int64_t ks, Acc* S, int64_t lds, int64_t pf) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4)
-      scores_direct_rows<4>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
+      scores_direct_rows<4>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
     switch (rows - r) {
       case 3:
-        return scores_direct_rows<3>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
+        return scores_direct_rows<3>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
       case 2:
-        return scores_direct_rows<2>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
+        return scores_direct_rows<2>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
       case 1:
-        return scores_direct_rows<1>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds);
+        return scores_direct_rows<1>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
       default:
         return;
     }
   }
 
   template <class T, class TM>
-  static void fwd(const AttnArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, int64_t j0,
+  static void fwd(const AttnArgs& a_in, int64_t b, int64_t hkv, int64_t i0, int64_t i1, int64_t j0,
                   int64_t j1, const void* packed, void* part_v, void* scratch) {
+    AttnArgs tmp;
+    const AttnArgs& a = for_batch(a_in, b, tmp);
     constexpr bool dot = dot_for<T>();
     const int64_t G = a.H / a.Hkv, mq = i1 - i0, rows = G * mq, D = a.D, Dp = padded(D);
     const int64_t Dv = a.Dv, Dvp = padded(Dv), Dmp = padded(D > Dv ? D : Dv);
@@ -488,8 +530,6 @@ struct Attn {
     // Decode-sized items (a few query rows, blocks not packed ahead) read K and V as they are:
     // packing a block would cost more than the few rows' products with it.
     const bool direct = !dot && pk == nullptr && rows <= kDirectRows;  // iff fwd_direct(a)
-    const T* kp = static_cast<const T*>(a.k) + b * a.k_str[0] + hkv * a.k_str[1];
-    const T* vp = static_cast<const T*>(a.v) + b * a.v_str[0] + hkv * a.v_str[1];
     for (int64_t g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + b * a.q_str[0] + (hkv * G + g) * a.q_str[1] +
                     i0 * a.q_str[2];
@@ -506,7 +546,7 @@ struct Attn {
     }
     // The key blocks that some row of [i0, i1) sees (a window skips the others): from the block
     // of the first row's first key to the last row's last key.
-    int64_t jend = j1, jstart = j0;
+    int64_t jend = j1 < a.Sk ? j1 : a.Sk, jstart = j0;  // (a.Sk: this sequence's keys)
     if (last_key(a, i1 - 1) + 1 < jend) jend = last_key(a, i1 - 1) + 1;
     if (first_key(a, i0) > jstart) jstart = first_key(a, i0) / NF * NF;
     const R ninfv = ninf(), sc = V::set1(Acc(a.scale));
@@ -514,7 +554,19 @@ struct Attn {
       const int64_t n = jend - jb < NF ? jend - jb : NF;
       const Acc* kt = KT;
       if (direct)
-        scores_direct(rows, n, D, Qs, Dp, kp + jb * a.k_str[2], a.k_str[2], S, NF);
+        for (int64_t j = 0, run; j < n; j += run) {  // each contiguous run of key rows
+          const T* kp = kv_row<T>(a, a.k, a.k_str, b, hkv, jb + j, run);
+          if (run < n - j) {  // paged: ask for the next cache block's first rows now
+            int64_t r2;
+            const T* nx = kv_row<T>(a, a.k, a.k_str, b, hkv, jb + j + run, r2);
+            for (int64_t x = 0; x < kDirectAhead && x < r2; ++x)
+              prefetch_row(nx + x * a.k_str[2], D);
+          } else {
+            run = n - j;
+          }
+          scores_direct(rows, run, D, Qs, Dp, kp, a.k_str[2], S + j, NF,
+                        a.block_table ? run : INT64_MAX);
+        }
       else if (pk != nullptr)
         kt = pk + (jb / NF) * blk;
       else
@@ -589,11 +641,21 @@ struct Attn {
       } else if (direct) {
         // V as it is, kDirectKeys rows at a time, so the rows every register block reads stay
         // in L1 across the blocks of D.
-        for (int64_t k0 = 0; k0 < n; k0 += kDirectKeys) {
-          const int64_t kn = n - k0 < kDirectKeys ? n - k0 : kDirectKeys;
-          for (int64_t x = 0; x < kDirectKeys; ++x)  // the next chunk's rows (see scores_direct)
-            prefetch_row(vp + (jb + k0 + kDirectKeys + x) * a.v_str[2], Dv);
-          gemm(rows, Dv, kn, S + k0, NF, 1, vp + (jb + k0) * a.v_str[2], a.v_str[2], O, Dvp, true);
+        for (int64_t k0 = 0, kn; k0 < n; k0 += kn) {  // (paged: within one cache block)
+          const T* vp = kv_row<T>(a, a.v, a.v_str, b, hkv, jb + k0, kn);
+          if (kn > n - k0) kn = n - k0;
+          if (kn > kDirectKeys) kn = kDirectKeys;
+          // The next chunk's rows (see scores_direct): dense, the rows after these; paged, that
+          // chunk's own rows (its cache block may be anywhere), when this tile has one.
+          if (a.block_table == nullptr) {
+            for (int64_t x = 0; x < kDirectKeys; ++x) prefetch_row(vp + (kn + x) * a.v_str[2], Dv);
+          } else if (k0 + kn < n) {
+            int64_t r2;
+            const T* nx = kv_row<T>(a, a.v, a.v_str, b, hkv, jb + k0 + kn, r2);
+            for (int64_t x = 0; x < kDirectKeys && x < r2; ++x)
+              prefetch_row(nx + x * a.v_str[2], Dv);
+          }
+          gemm(rows, Dv, kn, S + k0, NF, 1, vp, a.v_str[2], O, Dvp, true);
         }
       } else {
         gemm_panels(rows, Dv, n, S, NF, 1, kt + D * NF, NF * NB, O, Dvp, true);
@@ -621,7 +683,9 @@ struct Attn {
   template <class T>
   static void write_row(const AttnArgs& a, int64_t row, int64_t h, const Acc* o, Acc m, Acc l) {
     const int64_t Dv = a.Dv;
-    T* out = static_cast<T*>(a.out) + row * Dv;
+    // row = (b * H + h) * Sq + i; seq-major out: ((b * Sq + i) * H + h) * Dv.
+    const int64_t orow = a.out_seq_major ? (row / (a.H * a.Sq) * a.Sq + row % a.Sq) * a.H + h : row;
+    T* out = static_cast<T*>(a.out) + orow * Dv;
     const bool dead = l == Acc(0);  // a NaN sum (a NaN score) gives NaN, not zeros
     double lse = dead ? -__builtin_inf() : double(m) + __builtin_log(double(l));
     Acc mul = dead ? Acc(0) : Acc(1) / l;
@@ -780,7 +844,7 @@ struct Attn {
             pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
             pack_rows(dOs, Dvp, gp, a.do_str[2], mq, Dv, Acc(1));
             if (direct)
-              scores_direct(mq, n, D, Qs, Dp, kp + kb * a.k_str[2], a.k_str[2], S, NK);
+              scores_direct(mq, n, D, Qs, Dp, kp + kb * a.k_str[2], a.k_str[2], S, NK, INT64_MAX);
             else
               gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
             gemm(mq, n, Dv, dOs, Dvp, 1, VT, NK, dP, NK, false);

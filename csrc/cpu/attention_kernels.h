@@ -45,9 +45,19 @@ struct AttnArgs {
   bool dropout;
   uint32_t seed0, seed1, thr;
   double drop_scale;
-  // Forward outputs: out (B, H, Sq, Dv) contiguous in q's dtype; lse (B, H, Sq) opmath.
+  // Per-sequence keys (seqlen_k != nullptr, forward only): batch b has seqlen_k[b] <= Sk keys,
+  // its queries the last ones (causal_offset = seqlen_k[b] - Sq). Paged K/V (block_table !=
+  // nullptr, with seqlen_k): key j of batch b is row j % page of cache block
+  // block_table[b * bt_stride + j / page], at k + block * k_str[0] + head * k_str[1] +
+  // row * k_str[2] (v alike); page a power of two >= 16.
+  const int32_t* seqlen_k;
+  const int32_t* block_table;
+  int64_t bt_stride, page;
+  // Forward outputs: out (B, H, Sq, Dv) contiguous in q's dtype, or (B, Sq, H, Dv) when
+  // out_seq_major; lse (B, H, Sq) opmath.
   void* out;
   void* lse;
+  bool out_seq_major;
   // Backward inputs: grad_out and out (strided as q), lse contiguous; delta (B, H, Sq) opmath
   // scratch written by bwd_delta. Outputs dq (as q), dk (B, Hkv, Sk, D), dv (B, Hkv, Sk, Dv),
   // dmask (B, H, Sq, Sk) fp32 contiguous or nullptr.

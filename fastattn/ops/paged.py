@@ -5,11 +5,12 @@ blocks ``k_cache[block_table[b, i]]``, ``cache_seqlens[b]`` of them filled. Forw
 (``k_new``, ``v_new``) are appended in place at each sequence's current length first.
 
 The op ``fastattn::paged_attention`` reads the lengths and the block table inside itself (a
-``torch.compile`` graph needs no host integer) and checks them before touching the cache. For
-each sequence it gathers that sequence's keys and values out of their blocks into one
-contiguous (seqlen, kv_heads, head_dim) run and runs the backend's fused attention kernel on it
-(split over the keys for long contexts, as every decode call): exact, but the gather copies
-every key once more — a kernel that walks the block table itself is the next step (issue 16).
+``torch.compile`` graph needs no host integer), checks them before touching the cache, appends,
+then attends. On the ``cpu`` backend one C++ call does all three for the whole batch
+(``fastattn::paged_attention_forward``, csrc/paged.cpp): the attention kernels walk the block
+table themselves, reading each key where it lies, split over the keys for long contexts. The
+``reference`` backend (and any other, until it has such a kernel) gathers each sequence's keys
+out of their blocks and runs the dense kernel per sequence: exact, at the cost of that copy.
 """
 
 from __future__ import annotations
@@ -31,6 +32,41 @@ def _seq_kv(cache: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
     return blocks.view(-1, *cache.shape[2:])[:n]
 
 
+def _check_tables(block_table, cache_seqlens, new: int, bs: int, nblocks: int) -> None:
+    """Every sequence's ``cache_seqlens + new`` keys fit its row of the block table and name
+    blocks of the cache: vectorised, one host sync; the first offender is named."""
+    n = cache_seqlens.long() + new
+    need = (n + bs - 1).div(bs, rounding_mode="floor")  # blocks each sequence's keys fill
+    mb = block_table.shape[1]
+    used = torch.arange(mb, device=n.device) < need[:, None]  # (B, max_blocks)
+    bad_len = (cache_seqlens < 0) | (need > mb)
+    bad_blk = used & ((block_table < 0) | (block_table >= nblocks))
+    if not bool((bad_len | bad_blk.any(1)).any()):
+        return
+    b = int((bad_len | bad_blk.any(1)).nonzero()[0, 0])
+    if bool(bad_len[b]):
+        raise _checks.ShapeError(
+            f"fastattn.paged_attention: sequence {b} holds {int(n[b]) - new} + {new} new tokens, "
+            f"which need {int(need[b])} blocks of {bs}; block_table has {mb} per sequence"
+            + (" (and a length must be >= 0)" if int(cache_seqlens[b]) < 0 else "")
+        )
+    ids = block_table[b][bad_blk[b]].tolist()
+    raise _checks.ShapeError(
+        f"fastattn.paged_attention: block_table[{b}] names blocks {ids[:4]} outside the "
+        f"cache's {nblocks}"
+    )
+
+
+def _append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) -> None:
+    """Writes k_new / v_new ``(batch, new, kv_heads, head_dim)`` at positions
+    ``cache_seqlens[b] ..`` of each sequence: one indexed write per cache for the batch."""
+    bs = k_cache.shape[1]
+    pos = cache_seqlens.long()[:, None] + torch.arange(k_new.shape[1], device=k_new.device)
+    blk = block_table.long().gather(1, pos.div(bs, rounding_mode="floor"))  # (B, new)
+    k_cache[blk, pos % bs] = k_new
+    v_cache[blk, pos % bs] = v_new
+
+
 @torch.library.custom_op("fastattn::paged_attention", mutates_args=("k_cache", "v_cache"))
 def paged_attention_op(
     q: torch.Tensor,
@@ -50,34 +86,21 @@ def paged_attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out ``(batch, seqlen_q, heads, head_dim_v)``, lse ``(batch, heads, seqlen_q)``."""
+    if backend == "cpu":  # one C++ call: checks, append, kernels walking the block table
+        return torch.ops.fastattn.paged_attention_forward(
+            q.transpose(1, 2), k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, scale,
+            causal, window_left, window_right, softcap, sinks, alibi,
+        )  # fmt: skip
     B, Sq, H, _ = q.shape
-    nblocks, bs = k_cache.shape[0], k_cache.shape[1]
     new = 0 if k_new is None else k_new.shape[1]
-    lengths = [int(x) for x in cache_seqlens.tolist()]
-    table = block_table.tolist()
-    for b, n in enumerate(lengths):
-        need = -(-(n + new) // bs)  # blocks the sequence's keys fill
-        if n < 0 or need > block_table.shape[1]:
-            raise _checks.ShapeError(
-                f"fastattn.paged_attention: sequence {b} holds {n} + {new} new tokens, which "
-                f"need {need} blocks of {bs}; block_table has {block_table.shape[1]} per sequence"
-                + (" (and a length must be >= 0)" if n < 0 else "")
-            )
-        bad = [x for x in table[b][:need] if not 0 <= x < nblocks]
-        if bad:
-            raise _checks.ShapeError(
-                f"fastattn.paged_attention: block_table[{b}] names blocks {bad[:4]} outside the "
-                f"cache's {nblocks}"
-            )
+    _check_tables(block_table, cache_seqlens, new, k_cache.shape[1], k_cache.shape[0])
+    if k_new is not None and v_new is not None and new:
+        _append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new)
+    seqlens_k = cache_seqlens + new  # int32 (B,): the keys each sequence's queries see
+    # Elsewhere: each sequence's keys gathered out of their blocks, then the dense kernel.
     out = opcall.new_output(q.new_empty((B, Sq, H, v_cache.shape[-1])))
     lse = q.new_empty((B, H, Sq), dtype=_attn.lse_dtype(q))
-    for b, n in enumerate(lengths):
-        if k_new is not None and v_new is not None and new:  # append in place, then attend
-            pos = torch.arange(n, n + new, device=q.device)
-            blk = block_table[b, pos // bs].long()
-            k_cache[blk, pos % bs] = k_new[b]
-            v_cache[blk, pos % bs] = v_new[b]
-        nk = n + new
+    for b, nk in enumerate(seqlens_k.tolist()):
         k = _seq_kv(k_cache, block_table[b], nk).transpose(0, 1)[None]  # (1, Hkv, nk, D)
         v = _seq_kv(v_cache, block_table[b], nk).transpose(0, 1)[None]
         qb = q[b].transpose(0, 1)[None]  # (1, H, Sq, D)
@@ -95,6 +118,15 @@ def _(q, k_cache, v_cache, *_):
     B, Sq, H, _ = q.shape
     out = q.new_empty((B, Sq, H, v_cache.shape[-1]))
     return out, q.new_empty((B, H, Sq), dtype=_attn.lse_dtype(q))
+
+
+if "cpu" in dispatch.cpp_kernels("paged_attention_forward"):
+
+    @torch.library.register_fake("fastattn::paged_attention_forward")
+    def _(q, k_cache, v_cache, *_):
+        B, H, Sq, _ = q.shape  # q as the kernel takes it: (B, H, Sq, D)
+        out = q.new_empty((B, Sq, H, v_cache.shape[-1]))
+        return out, q.new_empty((B, H, Sq), dtype=_attn.lse_dtype(q))
 
 
 def _check(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new) -> None:
@@ -204,9 +236,15 @@ def paged_attention(
     opm = _attn.lse_dtype(q)
     sk = None if sinks is None else sinks.detach().to(opm)
     al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
-    out, lse = torch.ops.fastattn.paged_attention(
-        q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new,
-        D**-0.5 if scale is None else float(scale), bool(causal), wl, wr, float(softcap), sk,
-        al, name,
-    )  # fmt: skip
+    sc = D**-0.5 if scale is None else float(scale)
+    if name == "cpu":  # the C++ op itself (mutable schema, fake kernel): no Python op around it
+        out, lse = torch.ops.fastattn.paged_attention_forward(
+            q.transpose(1, 2), k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, sc,
+            bool(causal), wl, wr, float(softcap), sk, al,
+        )  # fmt: skip
+    else:
+        out, lse = torch.ops.fastattn.paged_attention(
+            q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, sc, bool(causal), wl,
+            wr, float(softcap), sk, al, name,
+        )  # fmt: skip
     return (out, lse) if return_lse else out
