@@ -10,6 +10,8 @@ function to ``AttentionMaskInterface`` — without the latter, transformers pass
 custom attention and padding would silently vanish. ``apply`` also swaps the norm modules:
 ``nn.LayerNorm`` and Llama-style RMSNorm classes, recognised by their structure and verified on a
 probe input before they are swapped (a variant such as Gemma's ``x * (1 + w)`` is left alone).
+Continuous batching (``model.generate_batch``) runs on :func:`fastattn.paged_attention` over
+transformers' paged cache: :mod:`fastattn.integrations.hf_paged`.
 
 Which models: transformers accepts any registered name for every model, but only a model whose
 attention goes through the ``AttentionInterface`` calls fastattn's attention; one with attention
@@ -33,7 +35,7 @@ import torch
 
 import fastattn
 from fastattn import patching
-from fastattn.integrations import hf_eager, hf_masks, hf_packed
+from fastattn.integrations import hf_eager, hf_masks, hf_packed, hf_paged
 from fastattn.ops.attention import attention
 
 NAME = "fastattn"
@@ -237,11 +239,21 @@ def attention_forward(
     ``output_attentions=True`` it warns and runs the model's own eager attention (which returns
     the weights) on the equivalent mask."""
     _check_config(getattr(module, "config", None))
-    if kwargs.get("cache") is not None and not isinstance(kwargs["cache"], bool):
-        raise ValueError("fastattn attention does not support paged caches")
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux", kwargs.get("sinks"))
     module_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     sliding = kwargs.get("sliding_window")
+    cache = kwargs.get("cache")
+    if cache is not None and not isinstance(cache, bool):
+        if not hf_paged.is_paged_cache(cache):
+            raise ValueError(f"fastattn attention: unknown cache object {type(cache).__name__}")
+        # Continuous batching: the paged cache is read in place (its attention_mask is unused:
+        # the sequences are in cu_seq_lens_q / cu_seq_lens_k).
+        return hf_paged.paged_attention_forward(
+            module, query, key, value, kwargs, scaling=scaling, causal=bool(module_causal),
+            window=_window(sliding, bool(module_causal), query, key, None), softcap=softcap,
+            sinks=sinks, dropout=dropout, position_bias=position_bias,
+            weights_requested=_weights_requested(kwargs),
+        )  # fmt: skip
     mask = attention_mask
     if (
         mask is not None
@@ -338,6 +350,7 @@ def register() -> None:
         _COLLECTOR = None
     _SDPA_MASK = sdpa_mask
     AttentionInterface.register(NAME, attention_forward)
+    hf_paged.register(NAME)  # continuous batching (generate_batch) keeps NAME
     # The mask SDPA gets (bool, True = attend; None when plain causal suffices), behind the check.
     AttentionMaskInterface.register(NAME, fastattn_mask)
 
