@@ -21,7 +21,7 @@ from fastattn.patching import PatchReport, patch, sdpa_scope, unpatch
 
 # Submodules that load on first attribute access, so that `import fastattn` stays light and
 # `fastattn.models.Transformer(...)` works without importing fastattn.models first.
-_LAZY = ("bench", "integrations", "models", "reference")
+_LAZY = ("bench", "integrations", "models", "reference", "serving")
 
 
 def __getattr__(name: str) -> Any:

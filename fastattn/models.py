@@ -189,6 +189,26 @@ class Attention(nn.Module):
         assert isinstance(o, torch.Tensor)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
+    def paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+              k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+              cache_seqlens: torch.Tensor, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+        """Serving: attention of ``x`` ``(batch, T, dim)`` (each sequence's next T tokens)
+        against a paged cache ``(num_blocks, block_size, kv_heads, head_dim)``, this call's
+        keys and values appended at ``cache_seqlens`` in place (see fastattn.paged_attention);
+        ``rope`` ``(batch, T, 1, head_dim/2)`` tables at each token's own position."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
+        if rope is not None:  # (rotary is elementwise: any layout with the tables broadcast)
+            q, k = rotary(q, *rope), rotary(k, *rope)
+        window = None if self.left is None else (self.left, 0)
+        o = fastattn.paged_attention(q, k_cache, v_cache, block_table, cache_seqlens,
+                                     k_new=k, v_new=v, causal=True, window=window,
+                                     softcap=self.cfg.softcap or 0.0, backend=backend)  # fmt: skip
+        assert isinstance(o, torch.Tensor)
+        return self.wo(o.reshape(B, T, -1))
+
     def _packed(self, q, k, v, p: float, cu: torch.Tensor) -> torch.Tensor:
         """Attention of packed documents (q ``(1, H, T, D)``): fastattn's varlen kernel, or
         the eager / SDPA kernels with the block-diagonal causal mask they need instead."""
@@ -292,11 +312,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, m: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0,
-                cu_seqlens: torch.Tensor | None = None):  # fmt: skip
+                cu_seqlens: torch.Tensor | None = None,
+                paged: tuple | None = None):  # fmt: skip
         """``x`` the residual stream and ``m`` the previous block's output, not yet added to it
-        (None in the first block); returns that pair after this block."""
+        (None in the first block); returns that pair after this block. ``paged``: the
+        arguments of :meth:`Attention.paged` after ``rope`` (serving, instead of ``cache``)."""
         h, x = add_norm(self.norm1, x, m)
-        a = self.drop(self.attn(h, rope, cache, layer, cu_seqlens))
+        if paged is None:
+            a = self.drop(self.attn(h, rope, cache, layer, cu_seqlens))
+        else:
+            a = self.drop(self.attn.paged(h, rope, *paged))
         h, x = add_norm(self.norm2, x, a)
         return x, self.drop(self.mlp(h))
 
