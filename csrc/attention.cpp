@@ -43,6 +43,11 @@ constexpr int64_t kSerialBelow = int64_t{1} << 18;
 // thread, in chunks of at least kMinSplitKeys keys.
 constexpr int64_t kFwdItemsPerThread = 4;
 constexpr int64_t kMinSplitKeys = 2 * cpu::kFwdKeyBlock;
+// Paged decode: with the cache's (block, row, kv head, head_dim) layout one head's key rows are
+// Hkv * head_dim apart (4 KiB at fp32, 8 x 128: a page each), so a sequence's heads read in turn
+// over all its keys miss the TLB on every row, each time. Cut into chunks of this many keys
+// taken by all heads one after another, each chunk's pages are translated once for them all.
+constexpr int64_t kPagedChunk = 512;
 // The packed K/V of one forward wave (see attention_cpu), when many short pairs share one.
 constexpr int64_t kWaveBytes = int64_t{32} << 20;
 // Backward: the key axis of each (batch, kv head) is cut into chunks when there are fewer than
@@ -149,7 +154,11 @@ void forward_items(const AttnArgs& a, const AttnKernels& kern, const at::TensorO
     nsplit = std::min((kFwdItemsPerThread * nt + units - 1) / units, Sk / kMinSplitKeys);
   }
   constexpr int64_t NF = cpu::kFwdKeyBlock;
-  const int64_t chunk = (((Sk + nsplit - 1) / nsplit) + NF - 1) / NF * NF;
+  int64_t chunk = (((Sk + nsplit - 1) / nsplit) + NF - 1) / NF * NF;
+  // Paged, one query block: the items go chunk-major, each sequence's kv heads one after another
+  // on the same kPagedChunk keys (see kPagedChunk), the chunks merged as split-K.
+  const bool chunk_major = a.block_table != nullptr && nqb == 1 && Sk > kPagedChunk;
+  if (chunk_major) chunk = kPagedChunk;
   nsplit = (Sk + chunk - 1) / chunk;
   const int64_t pstride = rows * (Dv + 2);
   Tensor part;
@@ -193,7 +202,9 @@ void forward_items(const AttnArgs& a, const AttnKernels& kern, const at::TensorO
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = w0 * nqb * nsplit; t < w1 * nqb * nsplit; ++t) {
-        const int64_t u = t / nsplit, c = t % nsplit;
+        // (chunk-major: one wave, nqb 1, t = (b * nsplit + c) * Hkv + hkv)
+        const int64_t u = chunk_major ? t / (nsplit * Hkv) * Hkv + t % Hkv : t / nsplit;
+        const int64_t c = chunk_major ? t / Hkv % nsplit : t % nsplit;
         int64_t b, hkv, i0, i1;
         unit_of(u, b, hkv, i0, i1);
         void* p = part_base ? part_base + (u * nsplit + c) * pstride * elem : nullptr;

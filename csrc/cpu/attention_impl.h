@@ -437,29 +437,35 @@ struct Attn {
   static constexpr int KJ = kRegs >= 32 ? 4 : 2;
   static constexpr int64_t kDirectAhead = 16;  // keys (8 KiB of fp32 K at head_dim 128)
 
-  // Asks for the cache lines of n elements at p (a hint: never faults, even past the tensor).
-  template <class T>
+  // Asks for the cache lines of n elements at p (a hint: never faults, even past the tensor),
+  // into L1 (or, L2, into L2 only).
+  template <class T, bool L2 = false>
   static inline void prefetch_row(const T* p, int64_t n) {
     const char* c = reinterpret_cast<const char*>(p);
-    for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+    for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64)
+      __builtin_prefetch(c + o, 0, L2 ? 2 : 3);
   }
-
   // S[r * lds + j] = Q_r . k_j for r < rows, keys j < n (rows of k at kp + j * ks, T as given;
   // Q opmath rows ld apart, D valid values each): dot products along head_dim, KJ keys and NR
   // rows at a time, each key vector loaded (and converted) once for NR rows. Each score's bits
   // depend on its row and key only (not on NR or the tile), so the backward can recompute them.
   template <int NR, class T>
   static inline void scores_direct_rows(int64_t n, int64_t D, const Acc* Q, int64_t ld, const T* kp,
-                                        int64_t ks, Acc* S, int64_t lds, int64_t pf) {
+                                        int64_t ks, Acc* S, int64_t lds, int64_t pf, const T* nxt) {
     for (int64_t j = 0; j < n; j += KJ) {
       const int nj = n - j < KJ ? int(n - j) : KJ;
       const T* kr[KJ];
       for (int x = 0; x < KJ; ++x) kr[x] = kp + (j + (x < nj ? x : 0)) * ks;
       // The hardware prefetchers leave this stream latency-bound here (Zen 3: 3 GB/s of the
       // 9 a plain sum reads at): ask for the rows kDirectAhead keys ahead.
-      // Only rows before pf: a paged run ends at its cache block (the next one is elsewhere).
-      for (int x = 0; x < KJ; ++x)
-        if (j + kDirectAhead + x < pf) prefetch_row(kp + (j + kDirectAhead + x) * ks, D);
+      // Paged: row r >= pf of the stream is row r - pf of the next cache block, at nxt.
+      for (int x = 0; x < KJ; ++x) {
+        const int64_t r = j + kDirectAhead + x;
+        if (r < pf)
+          prefetch_row(kp + r * ks, D);
+        else if (nxt != nullptr)
+          prefetch_row(nxt + (r - pf) * ks, D);
+      }
       R acc[NR][KJ];
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r)
@@ -492,17 +498,18 @@ struct Attn {
   }
   template <class T>
   static void scores_direct(int64_t rows, int64_t n, int64_t D, const Acc* Q, int64_t ld,
-                            const T* kp, int64_t ks, Acc* S, int64_t lds, int64_t pf) {
+                            const T* kp, int64_t ks, Acc* S, int64_t lds, int64_t pf,
+                            const T* nxt) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4)
-      scores_direct_rows<4>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
+      scores_direct_rows<4>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf, nxt);
     switch (rows - r) {
       case 3:
-        return scores_direct_rows<3>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
+        return scores_direct_rows<3>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf, nxt);
       case 2:
-        return scores_direct_rows<2>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
+        return scores_direct_rows<2>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf, nxt);
       case 1:
-        return scores_direct_rows<1>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf);
+        return scores_direct_rows<1>(n, D, Q + r * ld, ld, kp, ks, S + r * lds, lds, pf, nxt);
       default:
         return;
     }
@@ -556,16 +563,16 @@ struct Attn {
       if (direct)
         for (int64_t j = 0, run; j < n; j += run) {  // each contiguous run of key rows
           const T* kp = kv_row<T>(a, a.k, a.k_str, b, hkv, jb + j, run);
-          if (run < n - j) {  // paged: ask for the next cache block's first rows now
+          const int64_t left = run;  // rows to the end of its cache block (dense: all)
+          // Paged: the stream's rows past this block are the next block's (prefetched ahead).
+          const T* nxt = nullptr;
+          if (a.block_table != nullptr && jb + j + left < a.Sk) {
             int64_t r2;
-            const T* nx = kv_row<T>(a, a.k, a.k_str, b, hkv, jb + j + run, r2);
-            for (int64_t x = 0; x < kDirectAhead && x < r2; ++x)
-              prefetch_row(nx + x * a.k_str[2], D);
-          } else {
-            run = n - j;
+            nxt = kv_row<T>(a, a.k, a.k_str, b, hkv, jb + j + left, r2);
           }
+          if (run > n - j) run = n - j;
           scores_direct(rows, run, D, Qs, Dp, kp, a.k_str[2], S + j, NF,
-                        a.block_table ? run : INT64_MAX);
+                        a.block_table ? left : INT64_MAX, nxt);
         }
       else if (pk != nullptr)
         kt = pk + (jb / NF) * blk;
@@ -844,7 +851,8 @@ struct Attn {
             pack_rows(Qs, Dp, qp, a.q_str[2], mq, D, Acc(a.scale));
             pack_rows(dOs, Dvp, gp, a.do_str[2], mq, Dv, Acc(1));
             if (direct)
-              scores_direct(mq, n, D, Qs, Dp, kp + kb * a.k_str[2], a.k_str[2], S, NK, INT64_MAX);
+              scores_direct(mq, n, D, Qs, Dp, kp + kb * a.k_str[2], a.k_str[2], S, NK, INT64_MAX,
+                            static_cast<const T*>(nullptr));
             else
               gemm(mq, n, D, Qs, Dp, 1, KT, NK, S, NK, false);
             gemm(mq, n, Dv, dOs, Dvp, 1, VT, NK, dP, NK, false);
