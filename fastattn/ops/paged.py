@@ -19,6 +19,7 @@ import torch
 from fastattn import _checks, dispatch
 from fastattn.ops import attention as _attn
 from fastattn.ops import opcall
+from fastattn.ops.paged_triton import paged_forward
 
 __all__ = ["paged_attention"]
 
@@ -69,6 +70,14 @@ def paged_attention_op(
                 f"fastattn.paged_attention: block_table[{b}] names blocks {bad[:4]} outside the "
                 f"cache's {nblocks}"
             )
+    if backend == "triton":  # one kernel walks the block tables (paged_triton.py)
+        if k_new is not None and v_new is not None and new:  # append in place, one write each
+            pos = cache_seqlens.long()[:, None] + torch.arange(new, device=q.device)  # (B, new)
+            blk = block_table.long().gather(1, pos // bs)
+            k_cache[blk, pos % bs] = k_new
+            v_cache[blk, pos % bs] = v_new
+        return paged_forward(q, k_cache, v_cache, block_table, cache_seqlens + new, scale,
+                             causal, window_left, window_right, softcap, sinks, alibi)  # fmt: skip
     out = opcall.new_output(q.new_empty((B, Sq, H, v_cache.shape[-1])))
     lse = q.new_empty((B, H, Sq), dtype=_attn.lse_dtype(q))
     for b, n in enumerate(lengths):
