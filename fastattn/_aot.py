@@ -54,11 +54,12 @@ CANARY = {
 
 def all_specs() -> Iterator[dict[str, Any]]:
     """Every (kernel, signature, constexprs, num_warps) the launchers can use, over all ops."""
-    from fastattn.ops import _attention_triton_aot, norm, softmax
+    from fastattn.ops import _attention_triton_aot, norm, paged_triton, softmax
 
     yield from softmax.aot_specs()
     yield from norm.aot_specs()
     yield from _attention_triton_aot.aot_specs()
+    yield from paged_triton.aot_specs()
 
 
 def aligned_args(spec: dict[str, Any]) -> list[str]:

@@ -23,19 +23,20 @@ VARIANTS = {
 }
 
 
-def make_cache(lengths, new, bs, H, Hkv, D, dtype, seed=0, Dv=None):
+def make_cache(lengths, new, bs, H, Hkv, D, dtype, seed=0, dv=None):
     """Dense per-sequence keys/values (each sequence's cache_seqlens + new tokens), scattered
-    into shuffled blocks of a paged cache with spare blocks; q and the new keys/values."""
+    into shuffled blocks of a paged cache with spare blocks; q and the new keys/values.
+    ``dv``: v's own head dim (default D)."""
     g = torch.Generator().manual_seed(seed)
-    B, Dv = len(lengths), Dv or D
+    B = len(lengths)
     dense_k = [torch.randn(n + new, Hkv, D, generator=g).to(dtype) for n in lengths]
-    dense_v = [torch.randn(n + new, Hkv, Dv, generator=g).to(dtype) for n in lengths]
+    dense_v = [torch.randn(n + new, Hkv, dv or D, generator=g).to(dtype) for n in lengths]
     need = [-(-(n + new) // bs) for n in lengths]
     max_blocks = max(need) + 1
     nblocks = sum(need) + 3
     perm = torch.randperm(nblocks, generator=g)
     k_cache = torch.randn(nblocks, bs, Hkv, D, generator=g).to(dtype)  # garbage where unused
-    v_cache = torch.randn(nblocks, bs, Hkv, Dv, generator=g).to(dtype)
+    v_cache = torch.randn(nblocks, bs, Hkv, dv or D, generator=g).to(dtype)
     table = torch.full((B, max_blocks), nblocks - 1, dtype=torch.int32)  # unused: a valid id
     used = 0
     for b, n in enumerate(lengths):
@@ -117,7 +118,7 @@ def test_paged_cpu_kernel_paths(variant, shape, bs, new, dtype):
     H, Hkv, D, Dv = SHAPES[shape]
     lengths = [0, 300, 1, 113, 7]  # empty, one block and more, one token, odd lengths
     q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache(lengths, new, bs, H, Hkv, D, dtype,
-                                                           Dv=Dv)  # fmt: skip
+                                                           dv=Dv)  # fmt: skip
     kw = extras(VARIANTS[variant], H, len(lengths))
     out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
                                    backend="cpu", **kw)  # fmt: skip
@@ -166,6 +167,175 @@ def test_paged_triton_in_the_interpreter(variant):
     out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
                                    backend="triton", **kw)  # fmt: skip
     check_sequences(out, q, dk, dv, kw, torch.float32, f"triton {variant}")
+
+
+# ------------------------------------------------ the Triton kernel that walks the block table
+# (fastattn/ops/paged_triton.py), in the interpreter. Its pinned tiles here (paged_tiles): fp32
+# 16 rows x 32 keys, bf16 16 x 64 (decode) or 64 x 64 (prefill); so block size 16 and 32 put
+# several cache blocks in one key tile, 64 one block over two fp32 tiles. Lengths: empty (no
+# key at all when nothing is appended), one token, under one block, many blocks, ragged end.
+T_LENGTHS = [0, 1, 7, 113]
+T_HEADS = {"gqa4-2-d40": (4, 2, 40), "mha2-d64": (2, 2, 64)}  # 40: a head dim padded to 64
+T_VARIANTS = {**VARIANTS, "window-both": {"window": (9, 4)}}  # a window with no causal limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(T_VARIANTS))
+@pytest.mark.parametrize("heads", list(T_HEADS))
+# seqlen_q: 1 with nothing appended (attend to the cache); decode; a small chunked prefill; 17
+# rows per head, a chunk past one 16-row query tile (fp32; with GQA 34 rows: 3 tiles)
+@pytest.mark.parametrize("new", [0, 1, 3, 17])
+@pytest.mark.parametrize("bs", [16, 32, 64])
+def test_paged_triton_kernel(bs, new, heads, variant, dtype):
+    H, Hkv, D = T_HEADS[heads]
+    q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache(T_LENGTHS, new, bs, H, Hkv, D, dtype)
+    kw = extras(T_VARIANTS[variant], H, len(T_LENGTHS))
+    before = kc.clone()
+    out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
+                                   backend="triton", **kw)  # fmt: skip
+    check_sequences(out, q, dk, dv, kw, dtype, f"triton {variant}")
+    for b, n in enumerate(T_LENGTHS):  # the append wrote each new token at its place only
+        for t in range(n, n + new):
+            before[int(table[b, t // bs]), t % bs] = kn[b, t - n]
+    assert torch.equal(kc, before)
+
+
+def lse_oracle(q, k, kw64, seq):
+    """float64 lse ``(heads, seqlen_q)`` of one sequence (as conftest.sequence_oracle)."""
+    from conftest import reference_attention_terms
+
+    from fastattn import reference
+
+    qs, ks = (t.double().transpose(0, 1)[None] for t in (q, k))  # (1, H, L, D)
+    al = kw64.get("alibi_slopes")
+    causal, off, win = reference_attention_terms(qs, ks, bool(kw64.get("causal")),
+                                                 kw64.get("window"))  # fmt: skip
+    _, lse = reference.attention(
+        qs, ks, ks, None, None, causal, off, window=win, softcap=kw64.get("softcap", 0.0),
+        sinks=kw64.get("sinks"), alibi_slopes=None if al is None else al[seq : seq + 1],
+        opmath=torch.float64,
+    )  # fmt: skip
+    return lse[0]
+
+
+def direct_call(lengths, new, bs, H, Hkv, D, dtype, kw, dv=None, **force):
+    """paged_triton.paged_forward on a cache holding every token (new ones written here)."""
+    from fastattn.ops.paged_triton import paged_forward
+
+    q, kc, vc, table, seqlens, kn, vn, dk, dvs = make_cache(lengths, new, bs, H, Hkv, D, dtype,
+                                                            dv=dv)  # fmt: skip
+    for b, n in enumerate(lengths):
+        for t in range(n, n + new):
+            kc[table[b, t // bs], t % bs], vc[table[b, t // bs], t % bs] = dk[b][t], dvs[b][t]
+    wl, wr = kw.get("window", (-1, -1))
+    wr = 0 if kw.get("causal") and "window" in kw else wr
+    al = kw.get("alibi_slopes")
+    al = None if al is None else al.expand(len(lengths), H)
+    causal, softcap = bool(kw.get("causal")), kw.get("softcap", 0.0)
+    out, lse = paged_forward(q, kc, vc, table, seqlens + new, D**-0.5, causal, wl, wr, softcap,
+                             kw.get("sinks"), al, **force)  # fmt: skip
+    return q, out, lse, dk, dvs
+
+
+@pytest.mark.parametrize("variant", ["plain", "window-softcap", "sinks-alibi"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [2, 5])  # 113 keys: 5 splits of 32 leave empty splits
+@pytest.mark.parametrize("new", [1, 3])
+def test_paged_triton_split_k(new, splits, dtype, variant):
+    # Forced key splits: fp32 partials of each split merged by the combine kernel (the sinks
+    # join there once); out and lse against the float64 reference.
+    H, Hkv, D = 4, 2, 40
+    kw = extras(VARIANTS[variant], H, len(T_LENGTHS))
+    q, out, lse, dk, dv = direct_call(T_LENGTHS, new, 16, H, Hkv, D, dtype, kw, num_splits=splits)
+    check_sequences(out, q, dk, dv, kw, dtype, f"split {splits}")
+    kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+    for b in range(q.shape[0]):
+        assert_parity(lse[b], lse_oracle(q[b], dk[b], kw64, b), None, f"lse seq {b}",
+                      torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# (D, Dv): the smallest; 96 (padded to 128); v's own head dim (padded apart: 64 / 32); a
+# 192 / 128 latent-attention pair and 256 (the largest tier)
+@pytest.mark.parametrize("dims", [(16, 16), (96, 96), (40, 24), (192, 128), (256, 256)])
+def test_paged_triton_head_dims(dims, dtype):
+    D, Dv = dims
+    kw = extras(VARIANTS["sinks-alibi"], 4, 2) | {"causal": True}
+    q, out, lse, dk, dv = direct_call([5, 70], 3, 32, 4, 1, D, dtype, kw, dv=Dv)
+    check_sequences(out, q, dk, dv, kw, dtype, f"head dims {dims}")
+
+
+@pytest.mark.parametrize(
+    "tile",
+    [(16, 16, 4, 1), (32, 16, 4, 1)],  # one 64-token block over four key tiles; 17 x 2 rows
+)  # fmt: skip
+def test_paged_triton_tiles_inside_a_block(tile):
+    kw = {"causal": True, "window": (30, 0)}
+    q, out, _, dk, dv = direct_call(T_LENGTHS, 17, 64, 2, 1, 40, torch.bfloat16, kw, tile=tile)
+    check_sequences(out, q, dk, dv, kw, torch.bfloat16, f"tile {tile}")
+
+
+@pytest.mark.parametrize("new", [0, 3])
+def test_paged_triton_shared_blocks_and_garbage_table(new):
+    # Prefix sharing: sequence 1 reads sequence 0's first two blocks (ids out of order), then
+    # its own; entries past a sequence's blocks hold ids outside the cache, never read.
+    g = torch.Generator().manual_seed(3)
+    bs, Hkv, H, D, n0, n1 = 16, 2, 4, 32, 40, 56
+    kc = torch.randn(9, bs, Hkv, D, generator=g)
+    vc = torch.randn(9, bs, Hkv, D, generator=g)
+    table = torch.tensor([[7, 2, 5, 10**6, -1], [7, 2, 0, 4, 10**6]], dtype=torch.int32)
+    k_new = torch.randn(2, new, Hkv, D, generator=g)
+    v_new = torch.randn(2, new, Hkv, D, generator=g)
+    q = torch.randn(2, max(new, 1), H, D, generator=g)
+    dense = []
+    for b, n in enumerate((n0, n1)):
+        ids = table[b, : -(-(n + new) // bs)].long()
+        k, v = (c[ids].reshape(-1, Hkv, D)[:n] for c in (kc, vc))  # (n, Hkv, D)
+        dense.append((torch.cat([k, k_new[b]]), torch.cat([v, v_new[b]])))
+    kw = {"causal": True}
+    kn, vn = (k_new, v_new) if new else (None, None)
+    out = fastattn.paged_attention(q, kc, vc, table, torch.tensor([n0, n1], dtype=torch.int32),
+                                   k_new=kn, v_new=vn, backend="triton", **kw)  # fmt: skip
+    check_sequences(out, q, [d[0] for d in dense], [d[1] for d in dense], kw, torch.float32,
+                    "shared blocks")  # fmt: skip
+
+
+def test_paged_triton_long_context_splits_by_itself(monkeypatch):
+    # Few (sequence, kv head) programs and a long context: the launcher's heuristic splits the
+    # keys by itself (the combine kernel runs); against the oracle, as one forced split.
+    from fastattn.ops import paged_triton
+
+    combines = []
+    real = paged_triton.paged_combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            combines.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(paged_triton, "paged_combine_kernel", Spy())
+    kw = extras(VARIANTS["sinks-alibi"], 2, 2)
+    q, out, lse, dk, dv = direct_call([1025, 7], 1, 32, 2, 1, 16, torch.float32, kw)
+    assert combines, "a 1025-key context over 2 programs was not split"
+    check_sequences(out, q, dk, dv, kw, torch.float32, "auto split")
+    _, out1, _, _, _ = direct_call([1025, 7], 1, 32, 2, 1, 16, torch.float32, kw, num_splits=1)
+    assert len(combines) == 1, "num_splits=1 still combined"
+    check_sequences(out1, q, dk, dv, kw, torch.float32, "one split")
+
+
+def test_paged_triton_opcheck_and_compile():
+    # The op on the Triton branch (its vectorised append, then the kernel): opcheck, and a
+    # fullgraph compile against the C++ backend, appending in place the same.
+    q, kc, vc, table, seqlens, kn, vn, _, _ = make_cache([3, 20], 1, 16, 2, 2, 8, torch.float32)
+    args = (q, kc, vc, table, seqlens, kn, vn, 0.35, True, -1, -1, 0.0, None, None, "triton")
+    torch.library.opcheck(torch.ops.fastattn.paged_attention.default, args)
+    kc2, vc2 = kc.clone(), vc.clone()
+    f = torch.compile(fastattn.paged_attention, fullgraph=True)
+    got = f(q, kc, vc, table, seqlens, k_new=kn, v_new=vn, causal=True, backend="triton")
+    want = fastattn.paged_attention(q, kc2, vc2, table, seqlens, k_new=kn, v_new=vn, causal=True,
+                                    backend="cpu")  # fmt: skip
+    torch.testing.assert_close(got, want)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
 def test_paged_opcheck_and_compile():

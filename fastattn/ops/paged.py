@@ -20,6 +20,7 @@ import torch
 from fastattn import _checks, dispatch
 from fastattn.ops import attention as _attn
 from fastattn.ops import opcall
+from fastattn.ops.paged_triton import paged_forward
 
 __all__ = ["paged_attention"]
 
@@ -97,7 +98,11 @@ def paged_attention_op(
     if k_new is not None and v_new is not None and new:
         _append(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new)
     seqlens_k = cache_seqlens + new  # int32 (B,): the keys each sequence's queries see
-    # Elsewhere: each sequence's keys gathered out of their blocks, then the dense kernel.
+    if backend == "triton":  # one kernel walks the block tables (paged_triton.py)
+        return paged_forward(q, k_cache, v_cache, block_table, seqlens_k, scale, causal,
+                             window_left, window_right, softcap, sinks, alibi)  # fmt: skip
+    # Elsewhere (the reference): each sequence's keys gathered out of their blocks, then the
+    # dense kernel.
     out = opcall.new_output(q.new_empty((B, Sq, H, v_cache.shape[-1])))
     lse = q.new_empty((B, H, Sq), dtype=_attn.lse_dtype(q))
     for b, nk in enumerate(seqlens_k.tolist()):
