@@ -204,3 +204,24 @@ def test_varlen_one_long_sequence_among_short_ones():
     want = oracle(q.double(), k.double(), v.double(), lq, lq, {"causal": True}, torch.float64)
     eager = oracle(q, k, v, lq, lq, {"causal": True}, torch.float32)
     assert_parity(out, want, eager, "long among short")
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"scale": torch.tensor(0.5)}, "scale must be a Python number, got Tensor"),
+        ({"dropout_p": "0.1"}, "dropout_p must be a Python number, got str"),
+        ({"softcap": True}, "softcap must be a Python number, got bool"),
+    ],
+)
+def test_varlen_and_paged_take_numbers_only(kw, match):
+    # A tensor or a string where a float goes is refused by name, not converted (both ops).
+    with pytest.raises(TypeError, match=match):
+        fastattn.varlen_attention(Q, K, V, GOOD, GOOD, **kw)
+    if "dropout_p" not in kw:
+        q = torch.randn(1, 1, 2, 8)
+        kc = torch.randn(2, 16, 1, 8)
+        table = torch.zeros(1, 1, dtype=torch.int32)
+        lens = torch.ones(1, dtype=torch.int32)
+        with pytest.raises(TypeError, match=match.replace("varlen", "paged")):
+            fastattn.paged_attention(q, kc, kc, table, lens, **kw)

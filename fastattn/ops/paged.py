@@ -231,6 +231,8 @@ def paged_attention(
     Returns ``out`` ``(batch, seqlen_q, heads, head_dim_v)``. A sequence with no key gives
     zeros. Lengths and block ids are checked before the cache is read or written.
     """
+    for name, value in (("scale", scale), ("softcap", softcap)):
+        _checks.number("paged_attention", name, value)
     _check(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new)
     B, _, H, D = q.shape
     _attn.check_variants(q.new_empty((B, H, 0, D)), window, softcap, sinks, alibi_slopes)

@@ -295,6 +295,8 @@ def varlen_attention(
 
     Returns ``out`` ``(total_q, heads, head_dim_v)``. A query that sees no key gives zeros.
     """
+    for name, value in (("scale", scale), ("dropout_p", dropout_p), ("softcap", softcap)):
+        _checks.number("varlen_attention", name, value)
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, alibi_slopes)
     nseq, H, D = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
     _attn.check_variants(q.new_empty((nseq, H, 0, D)), window, softcap, sinks, alibi_slopes)
