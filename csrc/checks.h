@@ -188,6 +188,8 @@ inline void check_attention_variants(const char* op, const at::Tensor& q, int64_
                 " q, got ", sinks->scalar_type());
     TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == q.size(1), op,
                 ": sinks must have shape (heads,) = (", q.size(1), "), got ", sinks->sizes());
+    TORCH_CHECK(sinks->is_contiguous(), op, ": sinks must be contiguous (the kernels index them), ",
+                "got strides ", sinks->strides());
   }
   if (alibi.has_value()) {
     check_same_device(op, "alibi", *alibi, q);

@@ -120,8 +120,9 @@ std::tuple<Tensor, Tensor> paged_attention_forward_cpu(
   check_attention_variants(kOp, q, window_left, window_right, softcap, sinks, alibi);
   const Tensor table = block_table.contiguous(), cached = cache_seqlens.contiguous();
   if (k_new.has_value() && q.size(2) > 0) {  // all checked: append, then attend
-    append(k_cache, table, cached, *k_new);
-    append(v_cache, table, cached, *v_new);
+    // (append copies rows of the last dim: make any other layout of the new tokens so)
+    append(k_cache, table, cached, k_new->contiguous());
+    append(v_cache, table, cached, v_new->contiguous());
   }
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Dv = v_cache.size(3);
   const auto lse_dt = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -23,7 +23,7 @@ import torch
 
 from fastattn.models import Transformer, add_norm, rope_at
 
-__all__ = ["BlockPool", "Engine", "Request", "paged_forward"]
+__all__ = ["BlockPool", "Engine", "Request", "paged_logits"]
 
 
 class BlockPool:
@@ -91,7 +91,7 @@ class BlockPool:
         return table, lens
 
 
-def paged_forward(model: Transformer, idx: torch.Tensor, positions: torch.Tensor,
+def paged_logits(model: Transformer, idx: torch.Tensor, positions: torch.Tensor,
                   pool: BlockPool, seqs: Sequence[int],
                   backend: str = "auto") -> torch.Tensor:  # fmt: skip
     """Logits ``(batch, T, vocab)`` of tokens ``idx`` ``(batch, T)`` at ``positions`` ``(batch,
@@ -245,7 +245,7 @@ class Engine:
             for i in ids:
                 self.pool.grow(i, c + n)
             pos = torch.arange(c, c + n, device=dev).expand(len(group), n)
-            logits = paged_forward(self.model, tokens[:, c : c + n], pos, self.pool, ids,
+            logits = paged_logits(self.model, tokens[:, c : c + n], pos, self.pool, ids,
                                    self.backend)  # fmt: skip
             self.pool.advance(ids, n)
         self._sample(group, logits[:, -1])
@@ -258,7 +258,7 @@ class Engine:
             self.pool.grow(i, self.pool.lens[i] + 1)
         tokens = torch.tensor([[r.output[-1]] for r in group], device=dev)  # (B, 1)
         pos = torch.tensor([[self.pool.lens[i]] for i in ids], device=dev)  # each one's next
-        logits = paged_forward(self.model, tokens, pos, self.pool, ids, self.backend)
+        logits = paged_logits(self.model, tokens, pos, self.pool, ids, self.backend)
         self.pool.advance(ids, 1)
         self._sample(group, logits[:, -1])
 

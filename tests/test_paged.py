@@ -116,21 +116,29 @@ SHAPES = {"gqa4-d40": (8, 2, 40, 40), "mha-d96-dv64": (2, 2, 96, 64)}
 @pytest.mark.parametrize("variant", ["plain", "window-softcap", "sinks-alibi"])
 def test_paged_cpu_kernel_paths(variant, shape, bs, new, dtype):
     H, Hkv, D, Dv = SHAPES[shape]
-    lengths = [0, 300, 1, 113, 7]  # empty, one block and more, one token, odd lengths
+    # empty, one block and more, one token, odd lengths; 600: past one 512-key chunk of the
+    # chunk-major decode items (merged as split-K), across blocks of 256
+    lengths = [0, 300, 1, 113, 7, 600]
     q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache(lengths, new, bs, H, Hkv, D, dtype,
                                                            dv=Dv)  # fmt: skip
     kw = extras(VARIANTS[variant], H, len(lengths))
-    out = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
-                                   backend="cpu", **kw)  # fmt: skip
+    out, lse = fastattn.paged_attention(q, kc, vc, table, seqlens, k_new=kn, v_new=vn,
+                                        backend="cpu", return_lse=True, **kw)  # fmt: skip
     assert out.shape == (len(lengths), new, H, Dv) and out.is_contiguous()
-    check_sequences(out, q, dk, dv, kw, dtype, f"cpu {shape} {variant} bs {bs} new {new}")
+    what = f"cpu {shape} {variant} bs {bs} new {new}"
+    check_sequences(out, q, dk, dv, kw, dtype, what)
+    kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+    opm = torch.float64 if dtype == torch.float64 else torch.float32
+    for b in range(len(lengths)):
+        assert_parity(lse[b], lse_oracle(q[b], dk[b], kw64, b), None, f"{what} lse {b}", opm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["causal", "sinks-alibi"])
 def test_paged_cpu_split_keys(variant, dtype):
-    """Two sequences, one kv head, one query each: too few work items for two threads, so the
-    kernel splits the 2100 keys into chunks and merges them (attention.cpp's split-K)."""
+    """Two sequences, one kv head, one query each: the 2100 keys are cut into chunks (the
+    chunk-major decode items; at two threads split-K's rule would cut them too) merged in a
+    fixed order (attention.cpp)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -156,6 +164,10 @@ def test_paged_cpu_op_refuses_bad_tables_in_cpp():
         op(q.transpose(1, 2), kc, vc, table, torch.tensor([999, 1], dtype=torch.int32), *args)
     with pytest.raises(RuntimeError, match="block_size must be a power of two"):
         op(q.transpose(1, 2), kc[:, :12], vc[:, :12], table, seqlens, *args)
+    sinks = torch.zeros(4)[::2]  # (heads,) but strided: the kernels index it as contiguous
+    with pytest.raises(RuntimeError, match="sinks must be contiguous"):
+        op(q.transpose(1, 2), kc, vc, table, seqlens, None, None, 1.0, False, -1, -1, 0.0, sinks,
+           None)  # fmt: skip
     torch.library.opcheck(op.default, (q.transpose(1, 2), kc, vc, table, seqlens, *args))
 
 
@@ -275,8 +287,9 @@ def test_paged_triton_tiles_inside_a_block(tile):
     check_sequences(out, q, dk, dv, kw, torch.bfloat16, f"tile {tile}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("new", [0, 3])
-def test_paged_triton_shared_blocks_and_garbage_table(new):
+def test_paged_shared_blocks_and_garbage_table(new, backend):
     # Prefix sharing: sequence 1 reads sequence 0's first two blocks (ids out of order), then
     # its own; entries past a sequence's blocks hold ids outside the cache, never read.
     g = torch.Generator().manual_seed(3)
@@ -295,9 +308,49 @@ def test_paged_triton_shared_blocks_and_garbage_table(new):
     kw = {"causal": True}
     kn, vn = (k_new, v_new) if new else (None, None)
     out = fastattn.paged_attention(q, kc, vc, table, torch.tensor([n0, n1], dtype=torch.int32),
-                                   k_new=kn, v_new=vn, backend="triton", **kw)  # fmt: skip
+                                   k_new=kn, v_new=vn, backend=backend, **kw)  # fmt: skip
     check_sequences(out, q, [d[0] for d in dense], [d[1] for d in dense], kw, torch.float32,
                     "shared blocks")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_paged_strided_layouts(backend):
+    # Every tensor as a view with its own strides: caches with K and V side by side in one
+    # storage (transformers' layout) over a head-major block layout, new tokens with a
+    # transposed last two dims, a block table that is every other column of a wider one, a
+    # strided length vector and sinks; against the same call on contiguous copies.
+    g = torch.Generator().manual_seed(5)
+    bs, Hkv, H, D, lengths = 16, 2, 4, 32, [37, 5]
+    kv = torch.randn(6, Hkv, 2, bs, D, generator=g)  # (blocks, heads, k|v, rows, D)
+    kc, vc = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (6, bs, Hkv, D)
+    wide = torch.full((2, 8), 10**6, dtype=torch.int32)
+    wide[0, 0:6:2] = torch.tensor([4, 1, 3], dtype=torch.int32)
+    wide[1, 0:4:2] = torch.tensor([0, 5], dtype=torch.int32)
+    table = wide[:, ::2]
+    lens = torch.tensor([lengths[0], 99, lengths[1], 99], dtype=torch.int32)[::2]
+    k_new = torch.randn(2, 2, D, Hkv, generator=g).transpose(2, 3)  # (2, 2, Hkv, D), strided
+    v_new = torch.randn(2, 2, D, Hkv, generator=g).transpose(2, 3)
+    sinks = torch.randn(2 * H, generator=g)[::2]
+    q = torch.randn(2, 2, H, D, generator=g)
+    kw = {"causal": True, "sinks": sinks}
+    kc2, vc2 = kc.contiguous(), vc.contiguous()
+    want = fastattn.paged_attention(
+        q,
+        kc2,
+        vc2,
+        table.contiguous(),
+        lens.contiguous(),
+        k_new=k_new.contiguous(),
+        v_new=v_new.contiguous(),
+        causal=True,
+        sinks=sinks.contiguous(),
+        backend="reference",
+    )
+    got = fastattn.paged_attention(q, kc, vc, table, lens, k_new=k_new, v_new=v_new,
+                                   backend=backend, **kw)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(kc, kc2, atol=0, rtol=0)  # the same rows written, nothing else
+    torch.testing.assert_close(vc, vc2, atol=0, rtol=0)
 
 
 def test_paged_triton_long_context_splits_by_itself(monkeypatch):

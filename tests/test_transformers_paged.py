@@ -47,6 +47,10 @@ def models(name: str):
     """The eager model and a copy on fastattn (same weights), in eval mode."""
     torch.manual_seed(0)
     model = build(name).eval()
+    with torch.no_grad():  # sharper, stronger attention: at the default init (std 0.02) a key
+        for n, p in model.named_parameters():  # misplaced can leave the greedy tokens as they are
+            if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                p.mul_(6.0)
     model.set_attn_implementation("eager")
     fast = copy.deepcopy(model)
     fa_hf.register()

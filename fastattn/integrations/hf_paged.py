@@ -103,7 +103,23 @@ def _block_table(rows: torch.Tensor, cu_k: torch.Tensor, max_k: int, page: int) 
     read off the physical row of its first key (entries past a sequence's length are unread)."""
     n = max(1, -(-max_k // page))
     first = cu_k[:-1].long()[:, None] + torch.arange(n, device=rows.device)[None] * page
-    return (rows[first.clamp_(max=rows.numel() - 1)] // page).to(torch.int32)
+    table = (rows[first.clamp_(max=rows.numel() - 1)] // page).to(torch.int32)
+    # The table holds only if every key sits at its page's row (pages read in row order, from
+    # their start): checked over all keys, so a layout transformers might use otherwise is
+    # refused instead of misread.
+    lens = (cu_k[1:] - cu_k[:-1]).long()
+    total = int(cu_k[-1])
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=rows.device), lens,
+                                  output_size=total)  # fmt: skip
+    t = torch.arange(total, device=rows.device) - cu_k[:-1].long()[seq]
+    want = table[seq, t // page].long() * page + t % page
+    if not torch.equal(rows[:total].long(), want):
+        raise ValueError(
+            f"{_P}: the cache's rows of a sequence are not its pages' rows in order (page_size "
+            f"{page}); this transformers version lays out its paged cache in a way fastattn "
+            "cannot read in place"
+        )
+    return table
 
 
 def _paged_layer(

@@ -376,7 +376,8 @@ def attention(
     if name != "reference" and (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
         q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
     opm = lse_dtype(q)
-    sk = None if sinks is None else sinks.to(opm)  # autograd casts dsinks back
+    # (contiguous: the kernels index (H,); autograd casts dsinks back)
+    sk = None if sinks is None else sinks.to(opm).contiguous()
     al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
     args = (q, k, v, mask, rng, scale_f, causal, offset, float(dropout_p), wl, wr,
             float(softcap), sk, al)  # fmt: skip

@@ -125,7 +125,8 @@ def _(q, k_cache, v_cache, *_):
     return out, q.new_empty((B, H, Sq), dtype=_attn.lse_dtype(q))
 
 
-if "cpu" in dispatch.cpp_kernels("paged_attention_forward"):
+_PAGED_CPP = dispatch.cpp_kernels("paged_attention_forward")  # ({"cpu"} in a CPU build)
+if "cpu" in _PAGED_CPP:
 
     @torch.library.register_fake("fastattn::paged_attention_forward")
     def _(q, k_cache, v_cache, *_):
@@ -239,9 +240,9 @@ def paged_attention(
     wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
     if causal and window is not None:
         wr = 0
-    name = dispatch.select(backend, q.device, q.dtype, "attention", _attn.CPP_BACKENDS)
+    name = dispatch.select(backend, q.device, q.dtype, "paged_attention", _PAGED_CPP)
     opm = _attn.lse_dtype(q)
-    sk = None if sinks is None else sinks.detach().to(opm)
+    sk = None if sinks is None else sinks.detach().to(opm).contiguous()  # the kernels: (H,)
     al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
     sc = D**-0.5 if scale is None else float(scale)
     if name == "cpu":  # the C++ op itself (mutable schema, fake kernel): no Python op around it

@@ -268,13 +268,14 @@ def paged_forward(
     at most ``max_blocks * block_size``; 0 gives out 0 and lse -inf, or its sink), named by
     int32 ``block_table`` ``(batch, max_blocks)``; the queries are its last positions. Sinks
     ``(heads,)`` and ALiBi slopes ``(batch, heads)`` are float32. ``num_splits`` and ``tile``
-    force the key splits and the tile (tests). No host sync: lengths are read in the kernel.
+    force the key splits and the tile (tests). The kernel needs no host value: it reads the lengths.
     """
     B, Sq, H, D = q.shape
     bs, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     out = new_tensor((B, Sq, H, Dv), q.dtype, q.device)
     lse = new_tensor((B, H, Sq), torch.float32, q.device)
     max_keys = block_table.shape[1] * bs  # the host's upper bound on any sequence's keys
+    block_table = block_table.contiguous()  # the kernel steps along a row by 1
     if B * Sq * H == 0:
         return out, lse
     q = q if q.stride(-1) == 1 else q.contiguous()

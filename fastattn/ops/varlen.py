@@ -315,7 +315,7 @@ def varlen_attention(
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))
     opm = _attn.lse_dtype(q)
-    sk = None if sinks is None else sinks.to(opm)
+    sk = None if sinks is None else sinks.to(opm).contiguous()  # the kernels index (H,)
     al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(nseq, H)
     if name == "reference":  # the oracle: eager, per sequence, its gradients by autograd
         return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
