@@ -34,6 +34,9 @@ SOURCES = [
 ]
 # -O1: the kernels' code as an optimiser sees it, at a fraction of -O3's compile time.
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
+# More flags, e.g. "-fsanitize=address,undefined" (then run pytest with LD_PRELOAD of libasan and
+# ASAN_OPTIONS=detect_leaks=0: see docs/cuda-host.md).
+FLAGS += os.environ.get("FASTATTN_CUDA_HOST_FLAGS", "").split()
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MASK_KIND = {None: 0, "bool": 1, "float": 2, "dtype": 3}  # MaskKind of softmax_kernels.cuh
 SMEM_OPTIN = 227 * 1024  # sm_90's opt-in limit: rows up to ~14k fp32 logits are cached
