@@ -5,7 +5,9 @@ sources for the mistakes that pass every CPU test and the nvcc build, then fail 
 launch on the legacy default stream instead of torch's current one, a launch error left for the
 next CUDA call to report, a shuffle mask that names part of a warp, a kernel attribute set racily
 per launch, and the layout rules (shared helpers in common.cuh, one header per op, host halves
-named so that no two sources compile to one object, every kernel in the build check).
+named so that no two sources compile to one object, every kernel in the build check), and that
+an op's device code moved to <op>_kernels.cuh stays compilable by the host execution layer
+(tools/cuda_host/, tests/test_cuda_host.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ OPS = [p.stem for p in KERNEL_FILES]
 # namespaces): the kernel arguments and the launchers. Anything else both define is a copy that
 # belongs in common.cuh.
 SAME_NAME_OK = {"FwdArgs", "BwdArgs", "launch_forward", "launch_backward"}
+
+
+def kernel_code(path: Path) -> str:
+    """An op's device and launch code: <op>.cu, plus <op>_kernels.cuh where its device code moved
+    to (so that the host execution layer can compile it without the launchers)."""
+    header = path.with_name(f"{path.stem}_kernels.cuh")
+    return code(path) + ("\n" + code(header) if header.exists() else "")
+
+
+def common_code() -> str:
+    """The shared helpers: common.cuh and its device half, device.cuh."""
+    return code(CUDA / "common.cuh") + "\n" + code(CUDA / "device.cuh")
 
 
 def code(path: Path) -> str:
@@ -118,9 +132,9 @@ def test_check_cuda_lives_in_checks_h():
 
 
 def test_shared_helpers_are_not_copied():
-    common = namespace_scope_names(code(CUDA / "common.cuh"))
+    common = namespace_scope_names(common_code())
     assert {"Pack", "warp_reduce", "block_reduce", "ceil_div", "device_limits"} <= common
-    defined = {p.name: namespace_scope_names(code(p)) for p in KERNEL_FILES}
+    defined = {p.name: namespace_scope_names(kernel_code(p)) for p in KERNEL_FILES}
     for name, names in defined.items():
         assert not names & common, f"{name} redefines {sorted(names & common)} of common.cuh"
     seen: Counter[str] = Counter(n for names in defined.values() for n in names)
@@ -155,8 +169,8 @@ def test_shuffles_are_shared_and_use_whole_warps():
     for path in [*KERNEL_FILES, *CUDA.glob("*.cuh")]:
         src = code(path)
         calls = re.findall(r"__shfl\w*_sync\(\s*([^,]+),", src)
-        if path.name != "common.cuh":
-            assert not calls, f"{path.name}: shuffles belong in common.cuh's reductions"
+        if path.name != "device.cuh":
+            assert not calls, f"{path.name}: shuffles belong in device.cuh's reductions"
         for mask in calls:
             assert mask.strip() == "kFullMask", f"{path.name}: shuffle mask {mask}"
         assert "__activemask" not in src and "__ballot" not in src
@@ -197,7 +211,7 @@ def test_the_build_check_covers_every_kernel_and_op():
     kernels, ops = kernels_list.group(1).split(), ops_list.group(1).split()
     for path in KERNEL_FILES:
         pattern = r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\("
-        names = re.findall(pattern, code(path))
+        names = re.findall(pattern, kernel_code(path))
         assert names, path.name
         for name in names:
             assert name in kernels, f"tools/check_cuda.sh KERNELS lacks {name}"
@@ -217,3 +231,25 @@ def test_makefile_tracks_every_csrc_file():
         rel = f.relative_to(ROOT)
         ok = any(rel.parent == p.parent and rel.match(p.name) for p in patterns)
         assert ok, f"{rel} is not in the Makefile's CSRC"
+
+
+def test_device_headers_stay_host_compilable():
+    """device.cuh and the <op>_kernels.cuh headers are what the host execution layer compiles
+    with g++: no CUDA runtime or tensor headers, no launch syntax, dynamic shared memory through
+    device.cuh's dynamic_smem (the layer provides it), and each moved header is the .cu's."""
+    headers = [CUDA / "device.cuh", *sorted(CUDA.glob("*_kernels.cuh"))]
+    assert len(headers) >= 2, "no <op>_kernels.cuh found"
+    for path in headers:
+        src = code(path)
+        includes = re.findall(r'#include\s+[<"]([^>"]+)[>"]', src)
+        allowed = {"device.cuh", "ATen/OpMathType.h"}
+        # <cmath> and the like are fine; any project, torch or CUDA header but these is not.
+        bad = [i for i in includes if ("." in i or "/" in i) and i not in allowed]
+        assert not bad, f"{path.name} includes {bad}: the host layer cannot compile them"
+        assert "<<<" not in src, f"{path.name}: launches belong in the .cu"
+        if path.name != "device.cuh":
+            assert "extern __shared__" not in src, f"{path.name}: use dynamic_smem<T>()"
+            op = path.name.removesuffix("_kernels.cuh")
+            assert f'#include "{path.name}"' in code(CUDA / f"{op}.cu")
+    assert "extern __shared__" in code(CUDA / "device.cuh")
+    assert '#include "device.cuh"' in code(CUDA / "common.cuh")
