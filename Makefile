@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 # parity grids run at full thread count, once per CPU tier, in test-tiers (and so `make test`'s
 # suite run leaves them out: --no-tier-grids).
 TEST_JOBS ?= $(shell nproc)
-CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h tools/cuda_host/*.h tools/cuda_host/*.cpp)
 
 .PHONY: fuzz sanitize test test-scale test-tiers bench bench-attention bench-model bench-varlen bench-paged build lint format check-cuda gpu-check clean
 
