@@ -11,71 +11,21 @@ generation. Passing here is not a GPU run (tests/test_cuda_device.py is).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROUNDED, assert_parity
+from cuda_host_lib import DTYPE_CODE, ERR_LEN, check_rc, load, ptr
 
 from fastattn import reference
 
-ROOT = Path(__file__).resolve().parent.parent
-LAYER = ROOT / "tools" / "cuda_host"
-KERNELS = ROOT / "csrc" / "cuda"
-SOURCES = [
-    LAYER / "cuda_host.h",
-    LAYER / "harness.cpp",
-    KERNELS / "device.cuh",
-    KERNELS / "softmax_kernels.cuh",
-]
-# -O1: the kernels' code as an optimiser sees it, at a fraction of -O3's compile time.
-FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
-# More flags, e.g. "-fsanitize=address,undefined" (then run pytest with LD_PRELOAD of libasan and
-# ASAN_OPTIONS=detect_leaks=0: see docs/cuda-host.md).
-FLAGS += os.environ.get("FASTATTN_CUDA_HOST_FLAGS", "").split()
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 MASK_KIND = {None: 0, "bool": 1, "float": 2, "dtype": 3}  # MaskKind of softmax_kernels.cuh
 SMEM_OPTIN = 227 * 1024  # sm_90's opt-in limit: rows up to ~14k fp32 logits are cached
-ERR_LEN = 2048
-
-
-def build() -> Path:
-    """The harness library, compiled once per source content into .cache/cuda_host."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    assert cxx, "tests/test_cuda_host.py needs a C++ compiler (g++) on PATH or in $CXX"
-    include = Path(torch.__file__).parent / "include"
-    key = hashlib.sha256()
-    for p in SOURCES:
-        key.update(p.read_bytes())
-    key.update(" ".join([cxx, *FLAGS, torch.__version__]).encode())
-    out = ROOT / ".cache" / "cuda_host" / f"harness-{key.hexdigest()[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")  # xdist workers may build at once
-        cmd = [cxx, *FLAGS, f"-I{include}", f"-I{LAYER}", f"-I{KERNELS}"]
-        cmd += [str(LAYER / "harness.cpp"), "-o", str(tmp)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        assert res.returncode == 0, f"harness build failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
-        os.replace(tmp, out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def lib() -> ctypes.CDLL:
-    return ctypes.CDLL(str(build()))
-
-
-def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
-
-
-def check_rc(rc: int, err: ctypes.Array) -> None:
-    if rc != 0:
-        raise RuntimeError(err.value.decode())
+    return load()
 
 
 def mask_strides(mask: torch.Tensor, x: torch.Tensor) -> list[int]:

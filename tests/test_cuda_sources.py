@@ -253,3 +253,18 @@ def test_device_headers_stay_host_compilable():
             assert f'#include "{path.name}"' in code(CUDA / f"{op}.cu")
     assert "extern __shared__" in code(CUDA / "device.cuh")
     assert '#include "device.cuh"' in code(CUDA / "common.cuh")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_device_code_lives_in_the_kernels_header(op):
+    """Each op's kernels and device helpers are in <op>_kernels.cuh (the .cu keeps the launchers),
+    and the host harness compiles that header, so the host execution layer runs every kernel."""
+    header = CUDA / f"{op}_kernels.cuh"
+    assert header.exists(), f"{op}.cu's device code is not in {header.name}"
+    cu = code(CUDA / f"{op}.cu")
+    assert not re.search(r"__(global|device)__", cu), f"{op}.cu defines device code"
+    harness = "\n".join(code(p) for p in sorted((ROOT / "tools" / "cuda_host").glob("*.cpp")))
+    assert f'#include "{header.name}"' in harness, f"no harness unit includes {header.name}"
+    assert f'"{header.name}"' in (ROOT / "tests" / "cuda_host_lib.py").read_text(), (
+        f"tests/cuda_host_lib.py's SOURCES lacks {header.name} (the build's cache key)"
+    )

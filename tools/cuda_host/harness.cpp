@@ -1,6 +1,7 @@
 // The host harness of tests/test_cuda_host.py: a shared library (loaded with ctypes) that runs
 // fastattn's CUDA kernels through the host execution layer (cuda_host.h), with the launch plan of
-// the real launchers (csrc/cuda/softmax.cu), and the layer's own self-test kernels.
+// the real launchers (csrc/cuda/softmax.cu), and the layer's own self-test kernels (the norm
+// kernels: harness_norm.cpp, linked into the same library).
 //
 // Every entry point returns 0, or 1 with the layer's error message in `err`.
 #include <ATen/OpMathType.h>
@@ -9,6 +10,7 @@
 
 #include "cuda_host.h"
 // clang-format off: the layer must come before the kernels
+#include "harness.h"
 #include "softmax_kernels.cuh"
 // clang-format on
 
@@ -17,17 +19,9 @@
 namespace {
 
 using namespace fastattn::cuda;  // NOLINT: the harness drives this namespace's kernels
-
-int report(const std::exception& e, char* err, int errlen) {
-  std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
-  return 1;
-}
-
-// As common.cuh's packs_fit (host code the harness does not compile: it needs torch's tensors).
-bool fits(const void* p, int64_t stride, size_t elem, size_t bytes = 16) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0 &&
-         (static_cast<uint64_t>(stride) * elem) % bytes == 0;
-}
+using cuda_host_harness::dispatch;
+using cuda_host_harness::fits;
+using cuda_host_harness::report;
 
 struct MaskIn {
   const void* ptr;
@@ -140,25 +134,6 @@ void backward(const void* gv, const void* yv, void* dxv, int64_t rows, int64_t c
   const int threads = block_threads(ceil_div(cols, kVec));
   cuda_host::launch(softmax_bwd_block_kernel<scalar_t, kVec>, grid_size(rows, threads, lim),
                     threads, 0, gp, yp, dxp, a);
-}
-
-template <typename F>
-int dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case 0:
-      f(float{});
-      return 0;
-    case 1:
-      f(double{});
-      return 0;
-    case 2:
-      f(c10::Half{});
-      return 0;
-    case 3:
-      f(c10::BFloat16{});
-      return 0;
-  }
-  throw cuda_host::Error("harness: unknown dtype code " + std::to_string(dtype));
 }
 
 // ------------------------------------------------------------------ the layer's self-test kernels
