@@ -53,10 +53,22 @@ def make_cache(lengths, new, bs, H, Hkv, D, dtype, seed=0, dv=None):
     return q, k_cache, v_cache, table, seqlens, k_new, v_new, dense_k, dense_v
 
 
+def as64(kw):
+    """The public functions' keyword arguments with their tensors in float64."""
+    return {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+
+
+def check_lse(lse, q, dense_k, kw, what, opmath=torch.float32):
+    """Each sequence's lse ``(heads, seqlen_q)`` against the float64 reference (lse_oracle)."""
+    for b in range(q.shape[0]):
+        assert_parity(lse[b], lse_oracle(q[b], dense_k[b], as64(kw), b), None, f"{what} lse {b}",
+                      opmath)  # fmt: skip
+
+
 def check_sequences(out, q, dense_k, dense_v, kw, dtype, what):
     """Each sequence of ``out`` against the float64 reference on its dense keys alone
     (conftest.sequence_oracle; the keys are ragged: one sequence at a time)."""
-    kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+    kw64 = as64(kw)
     for b in range(q.shape[0]):
         want = sequence_oracle(q[b].double(), dense_k[b].double(), dense_v[b].double(), kw64,
                                torch.float64, b)  # fmt: skip
@@ -127,10 +139,7 @@ def test_paged_cpu_kernel_paths(variant, shape, bs, new, dtype):
     assert out.shape == (len(lengths), new, H, Dv) and out.is_contiguous()
     what = f"cpu {shape} {variant} bs {bs} new {new}"
     check_sequences(out, q, dk, dv, kw, dtype, what)
-    kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
-    opm = torch.float64 if dtype == torch.float64 else torch.float32
-    for b in range(len(lengths)):
-        assert_parity(lse[b], lse_oracle(q[b], dk[b], kw64, b), None, f"{what} lse {b}", opm)
+    check_lse(lse, q, dk, kw, what, torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -260,10 +269,7 @@ def test_paged_triton_split_k(new, splits, dtype, variant):
     kw = extras(VARIANTS[variant], H, len(T_LENGTHS))
     q, out, lse, dk, dv = direct_call(T_LENGTHS, new, 16, H, Hkv, D, dtype, kw, num_splits=splits)
     check_sequences(out, q, dk, dv, kw, dtype, f"split {splits}")
-    kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
-    for b in range(q.shape[0]):
-        assert_parity(lse[b], lse_oracle(q[b], dk[b], kw64, b), None, f"lse seq {b}",
-                      torch.float32)  # fmt: skip
+    check_lse(lse, q, dk, kw, f"split {splits}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
