@@ -16,14 +16,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 LAYER = ROOT / "tools" / "cuda_host"
 KERNELS = ROOT / "csrc" / "cuda"
-UNITS = [LAYER / "harness.cpp", LAYER / "harness_norm.cpp"]  # one library
+UNITS = [LAYER / "harness.cpp", LAYER / "harness_norm.cpp", LAYER / "harness_attention.cpp"]
 SOURCES = [
     *UNITS,
     LAYER / "cuda_host.h",
     LAYER / "harness.h",
+    LAYER / "tensor_core.h",
     KERNELS / "device.cuh",
     KERNELS / "softmax_kernels.cuh",
     KERNELS / "norm_kernels.cuh",
+    KERNELS / "mma.cuh",
+    KERNELS / "attention_kernels.cuh",
 ]
 # -O1: the kernels' code as an optimiser sees it, at a fraction of -O3's compile time.
 FLAGS = ["-std=c++17", "-O1", "-fPIC", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]

@@ -153,6 +153,13 @@ inline Launch*& active() {
   return l;
 }
 
+// Counts the blocks run, over all launches: per-block state kept outside the Launch
+// (tensor_core.h's pending copies) knows a new block by it.
+inline uint64_t& block_serial() {
+  static uint64_t n = 0;
+  return n;
+}
+
 inline Launch& launch_state() {
   Launch* l = active();
   if (l == nullptr) throw Error("cuda_host: a CUDA built-in used outside of a kernel launch");
@@ -240,6 +247,7 @@ inline std::string deadlock_report(const Launch& l) {
 
 inline void run_block(Launch& l) {
   const int n = static_cast<int>(l.fibers.size());
+  ++block_serial();
   for (Fiber& f : l.fibers) {
     f.wait = Wait::kNone;
     f.barriers = f.wait_gen = f.warp_seq = 0;
