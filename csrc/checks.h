@@ -114,10 +114,11 @@ inline void check_row_stats(const char* op, const char* name, const at::Tensor& 
               ") of the input of shape ", x.sizes(), ", got shape ", t.sizes());
 }
 
-// q (B, H, Sq, D), k and v (B, Hkv, Sk, D) of attention: 4-D, one floating dtype the CPU kernels
-// serve (kCpuDataTypes: float32, bfloat16, float16, float64), one device, H % Hkv == 0, 1 <= D <=
-// 256, last dims contiguous. mask: bool, float32 or q's dtype, of shape (B, H, Sq, Sk) (an expanded
-// view). rng: int64 with 2 elements when dropout_p > 0; 0 <= dropout_p <= 1.
+// q (B, H, Sq, D), k and v (B, Hkv, Sk, D) of attention: 4-D, one floating dtype the kernels
+// serve (CPU: kCpuDataTypes, float32, bfloat16, float16, float64; CUDA: float16, bfloat16), one
+// device, H % Hkv == 0, 1 <= D <= 256, last dims contiguous. mask: bool, float32 or q's dtype, of
+// shape (B, H, Sq, Sk) (an expanded view). rng: int64 with 2 elements when dropout_p > 0; 0 <=
+// dropout_p <= 1.
 inline void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                    const std::optional<at::Tensor>& rng, double dropout_p) {
@@ -128,8 +129,14 @@ inline void check_attention_inputs(const char* op, const at::Tensor& q, const at
                 " must be 4-D (batch, heads, seqlen, head_dim), got shape ", ts[t]->sizes());
     check_same_device(op, names[t], *ts[t], q);
   }
-  check_cpu_data(op, "q", q);
   const auto st = q.scalar_type();
+  if (q.is_cuda()) {  // the CUDA kernel's tensor cores take 16-bit inputs only
+    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, op,
+                     ": the CUDA attention kernel takes float16 or bfloat16 q, k, v, got ", st,
+                     " (backend='triton' takes float32)");
+  } else {
+    check_cpu_data(op, "q", q);
+  }
   TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
               ": q, k, v must share one dtype, got ", st, ", ", k.scalar_type(), ", ",
               v.scalar_type());

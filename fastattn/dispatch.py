@@ -33,7 +33,7 @@ def _probe_triton() -> str | None:
 
 
 # Resolved once at import, so that dispatch reads plain constants (cheap, and traceable by Dynamo).
-_TRITON_ERROR = _probe_triton()
+TRITON_ERROR = _probe_triton()  # None, or why Triton cannot be imported
 _EXTENSION_ERROR = None if _extension.load() is not None else _extension.error()
 _CUDA_BUILT = bool(_extension.build_info().get("cuda", False))
 
@@ -65,21 +65,27 @@ def cpp_kernels(op: str) -> frozenset[str]:
     return frozenset(b for b in ("cpu", "cuda") if has(f"fastattn::{op}", b.upper()))
 
 
+# Ops whose CUDA C++ kernels take fewer dtypes than the others: the attention kernels use tensor
+# cores on 16-bit inputs (csrc/cuda/attention.cu).
+_CUDA_OP_DTYPES = {"attention": frozenset({torch.float16, torch.bfloat16})}
+
+
 def unavailable_reason(
     backend: str,
     device: torch.device,
     dtype: torch.dtype,
     cpp: frozenset[str] = frozenset({"cpu", "cuda"}),
+    op: str = "",
 ) -> str | None:
     """Why ``backend`` cannot run on tensors of this device and dtype, or None if it can.
 
-    ``cpp`` names the C++ backends that have a kernel for the op in question.
+    ``cpp`` names the C++ backends that have a kernel for the op in question (``op``).
     """
     if backend == "reference":
         return None
     if backend == "triton":
-        if _TRITON_ERROR is not None:
-            return _TRITON_ERROR
+        if TRITON_ERROR is not None:
+            return TRITON_ERROR
         if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             return (
                 f"Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
@@ -96,7 +102,7 @@ def unavailable_reason(
             return "fastattn._C was built without CUDA kernels"
         if backend not in cpp:
             return f"fastattn._C has no {backend} kernel for this op"
-        served = _CPU_DTYPES if backend == "cpu" else _CUDA_DTYPES
+        served = _CPU_DTYPES if backend == "cpu" else _CUDA_OP_DTYPES.get(op, _CUDA_DTYPES)
         if dtype not in served:
             return f"the {backend} kernels of fastattn._C take {_names(served)}, not {dtype}"
         return None
@@ -115,22 +121,24 @@ def select(
     requested = backend if backend not in (None, "auto") else os.environ.get("FASTATTN_BACKEND")
     if requested not in (None, "", "auto"):
         assert requested is not None
-        why = unavailable_reason(requested, device, dtype, cpp)
+        why = unavailable_reason(requested, device, dtype, cpp, op)
         if why is not None:
             raise RuntimeError(f"fastattn.{op}: backend {requested!r} cannot run this call: {why}")
         return requested
     if torch.compiler.is_dynamo_compiling():
         # Traced once per graph: Dynamo folds it to a constant. It would trace through the cache
         # wrapper below too, with a warning on every compile ("silent incorrectness").
-        return _first_available(device.type, dtype, cpp)
-    return _auto(device.type, dtype, cpp)
+        return _first_available(device.type, dtype, cpp, op)
+    return _auto(device.type, dtype, cpp, op)
 
 
-def _first_available(device_type: str, dtype: torch.dtype, cpp: frozenset[str]) -> str:
+def _first_available(
+    device_type: str, dtype: torch.dtype, cpp: frozenset[str], op: str = ""
+) -> str:
     """The first backend of the auto order that can serve the call: a function of the device
     type, the dtype and facts fixed at import only."""
     for name in _AUTO_ORDER.get(device_type, ("reference",)):
-        if unavailable_reason(name, torch.device(device_type), dtype, cpp) is None:
+        if unavailable_reason(name, torch.device(device_type), dtype, cpp, op) is None:
             return name
     return "reference"
 
@@ -144,7 +152,9 @@ def backends() -> dict[str, Any]:
 
     Returns a dict: ``{"backends": {name: {"available": bool, "reason": str | None}}, "extension":
     build facts of fastattn._C (version, cpu_isa, cpu_isas_compiled, cpu_dtypes, cuda, cuda_archs),
-    "torch": version, "triton": version or None, "cuda_device": name or None}``.
+    "torch": version, "triton": version or None, "cuda_device": name or None,
+    "cuda_attention_backward": what runs the backward of the CUDA C++ attention ("triton"; None
+    without CUDA kernels)}``.
     """
     gpu_or_cpu = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict[str, Any] = {"backends": {}}
@@ -152,6 +162,10 @@ def backends() -> dict[str, Any]:
         probe = torch.device(name if name in ("cpu", "cuda") else gpu_or_cpu)
         why = unavailable_reason(name, probe, torch.float32)
         report["backends"][name] = {"available": why is None, "reason": why}
+    # The CUDA C++ attention is forward-only; autograd runs the Triton backward after it.
+    report["cuda_attention_backward"] = (
+        None if not _CUDA_BUILT else "triton" if TRITON_ERROR is None else f"none ({TRITON_ERROR})"
+    )
     report["extension"] = _extension.build_info() or {"error": _extension.error()}
     report["torch"] = torch.__version__
     try:

@@ -633,6 +633,42 @@ def test_torch_compile_fullgraph(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(("Sq", "Sk"), SEQLENS + [(1, 8192), (1023, 4097)])
 @pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.parametrize(("backend", "device"), on_devices([], ["triton", "reference"]))
+@pytest.mark.parametrize(("backend", "device"), on_devices([], ["triton", "cuda", "reference"]))
 def test_parity_gpu(backend, device, D, Sq, Sk, dtype, causal):
-    check(backend, *make_qkv(2, 8, 2, Sq, Sk, D, dtype, device), causal=causal)
+    qkv = make_qkv(2, 8, 2, Sq, Sk, D, dtype, device)
+    if backend == "cuda" and dtype == torch.float32:  # tensor cores on 16-bit inputs only
+        with pytest.raises(RuntimeError, match="take bfloat16, float16, not torch.float32"):
+            fastattn.attention(*qkv, causal=causal, backend=backend)
+        return
+    check(backend, *qkv, causal=causal)
+
+
+# The CUDA C++ forward (backward: the Triton kernels') on the feature tests' cases, in the dtypes
+# it takes: masks (one with a gradient), dropout, rows without keys, strided and empty inputs.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [*MASKS, "dropout", "dead_rows", "bshd", "empty"])
+@pytest.mark.parametrize(("backend", "device"), on_devices([], ["cuda"]))
+def test_cuda_features(backend, device, dtype, case):
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 37, 70, 40
+    if case in MASKS:
+        qkv = make_qkv(B, H, Hkv, Sq, Sk, D, dtype, device)
+        check(backend, *qkv, mask_of(case, B, H, Sq, Sk, device, dtype), causal=True)
+    elif case == "dropout":  # the op on given seeds against the reference's keep-mask
+        q, k, v = make_qkv(B, H, Hkv, Sq, Sk, D, dtype, device)
+        rng = torch.tensor([123, 4567], dtype=torch.int64, device=device)
+        args = (None, D**-0.5, True, Sk - Sq, 0.3, rng)
+        out, lse = torch.ops.fastattn.attention(q, k, v, None, rng, D**-0.5, True, Sk - Sq, 0.3,
+                                                -1, -1, 0.0, None, None)  # fmt: skip
+        want = reference.attention(q.double(), k.double(), v.double(), *args)
+        eager = reference.attention(q, k, v, *args, opmath=dtype)
+        assert_parity(out, want[0], eager[0], "out")
+        assert_parity(lse.double(), want[1], what="lse", dtype=torch.float32)
+    elif case == "dead_rows":  # bottom-right causal with Sq > Sk: 33 queries see no key
+        check(backend, *make_qkv(B, H, Hkv, Sq + 33, Sq, D, dtype, device), causal=True)
+    elif case == "bshd":
+        check(backend, *make_qkv(B, H, Hkv, Sq, Sk, D, dtype, device, layout="bshd"), causal=True)
+    else:
+        for shape in [(0, 4, 2, 8, 8), (1, 4, 2, 0, 8), (1, 4, 2, 8, 0)]:
+            q, k, v = make_qkv(*shape, 16, dtype, device)
+            out, lse = fastattn.attention(q, k, v, return_lse=True, backend=backend)
+            assert out.shape == q.shape and not out.any() and torch.isneginf(lse).all()

@@ -180,9 +180,10 @@ def test_parity_grid_variants(backend, variant, dtype, Sq, Sk, D, heads):
 @pytest.mark.parametrize(("Sq", "Sk"), [(1, 1025), (1025, 1025)])  # split-K decode; 1024 + 1
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=GPU)])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=GPU) for b in ("triton", "cuda")])
 def test_parity_variants_gpu(backend, variant, Sq, Sk, D, dtype):
-    # The Triton kernels compiled for the GPU (tensor cores, autotuned tiles), as on CPU above.
+    # The Triton kernels compiled for the GPU (tensor cores, autotuned tiles), as on CPU above,
+    # and the CUDA C++ forward (its backward: Triton's).
     kw = VARIANTS[variant]
     q = torch.randn(2, 8, Sq, D, device="cuda").to(dtype)
     k = torch.randn(2, 2, Sk, D, device="cuda").to(dtype)
@@ -194,7 +195,7 @@ def test_parity_variants_gpu(backend, variant, Sq, Sk, D, dtype):
 @pytest.mark.parametrize(("Sq", "Sk"), [(1, 1025), (113, 7), (1025, 1025)])
 @pytest.mark.parametrize("kw_name", list(DV_KWARGS))
 @pytest.mark.parametrize(("D", "Dv"), [(192, 128), (24, 16), (64, 128)])
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=GPU)])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=GPU) for b in ("triton", "cuda")])
 def test_parity_v_head_dim_gpu(backend, D, Dv, kw_name, Sq, Sk, dtype):
     # v's own head_dim compiled for the GPU: DeepSeek's 192 / 128, a tiny one, v wider than q.
     kw = {**DV_KWARGS[kw_name], "dv": Dv}

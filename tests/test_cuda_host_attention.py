@@ -105,17 +105,18 @@ def test_smoke(lib, dtype):
     assert plan["tier"] == 64 and plan["aligned"] == 1
 
 
-# Head dims: 64 / 128 / 256 fill their tiers; 40 and 96 are padded (a partial k-step of the
-# 16-wide mma); 17 takes the element-wise loads (rows not 16-byte chunks); Dv != D shares the tier
-# of the larger. Lengths: 1 (decode), 7 and 113 (tails of the 64-row and the key tiles), 130
-# (three query tiles), seqlen_q != seqlen_k both ways.
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize(
-    "D,Dv,tier",
-    [(64, 64, 64), (40, 40, 64), (96, 96, 128), (128, 128, 128), (256, 256, 256), (17, 17, 64),
-     (64, 128, 128)],
-)  # fmt: skip
-@pytest.mark.parametrize("Sq,Sk", [(1, 113), (7, 7), (113, 70), (130, 200)])
+# Head dims: 64 / 128 fill their tiers; 40 and 96 are padded (a partial k-step of the 16-wide
+# mma); 17 takes the element-wise loads (rows not 16-byte chunks); Dv != D shares the tier of the
+# larger. Lengths: 1 (decode), 7 and 113 (tails of the 64-row and the key tiles), 130 (three query
+# tiles), seqlen_q != seqlen_k both ways. fp16 and bf16 alternate over the cells (each dtype
+# meets every head dim and every length pair; the kernels differ only in the mma's input type).
+DIMS = [(64, 64, 64), (40, 40, 64), (96, 96, 128), (128, 128, 128), (17, 17, 64), (64, 128, 128)]
+LENGTHS = [(1, 113), (7, 7), (113, 70), (130, 200)]
+SHAPES = [(LOW[(i + j) % 2], *dims, *lens) for i, dims in enumerate(DIMS)
+          for j, lens in enumerate(LENGTHS)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("dtype", "D", "Dv", "tier", "Sq", "Sk"), SHAPES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_shapes(lib, dtype, D, Dv, tier, Sq, Sk, causal):
     q, k, v = qkv(1, 2, 2, Sq, Sk, D, Dv, dtype)
@@ -190,11 +191,11 @@ def test_forward_variants(lib, dtype, variant, split):
 # GQA and the plan's two decode devices: the kv group's heads packed into a tile's rows when
 # seqlen_q < 64 (pack), and split-KV when the grid is smaller than the GPU (sm_count 132, as an
 # H100 SXM, makes the plan split; 1 never does). Sk 1025: a tail past a power of two.
-@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize(
-    "B,H,Hkv,Sq,Sk",
-    [(2, 8, 2, 1, 1025), (1, 4, 1, 3, 300), (2, 4, 4, 1, 200), (1, 6, 2, 70, 130),
-     (1, 32, 4, 1, 77)],
+    "dtype,B,H,Hkv,Sq,Sk",
+    [(torch.float16, 2, 8, 2, 1, 1025), (torch.bfloat16, 1, 4, 1, 3, 300),
+     (torch.float16, 2, 4, 4, 1, 200), (torch.bfloat16, 1, 6, 2, 70, 130),
+     (torch.bfloat16, 1, 32, 4, 1, 77)],
 )  # fmt: skip
 @pytest.mark.parametrize("sm_count", [1, 132])
 @pytest.mark.parametrize("causal", [False, True])

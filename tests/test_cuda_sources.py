@@ -233,6 +233,22 @@ def test_makefile_tracks_every_csrc_file():
         assert ok, f"{rel} is not in the Makefile's CSRC"
 
 
+def test_inline_ptx_is_behind_mma_cuh():
+    """The kernels' inline PTX (mma.sync, ldmatrix, cp.async) lives in mma.cuh's small device
+    functions only, compiled out under the host layer (FASTATTN_CUDA_HOST), which has portable
+    implementations of each (tools/cuda_host/tensor_core.h)."""
+    for path in [*KERNEL_FILES, *CUDA.glob("*.cuh")]:
+        if path.name != "mma.cuh":
+            assert "asm" not in re.findall(r"\b\w+\b", code(path)), f"{path.name}: inline PTX"
+    src = code(CUDA / "mma.cuh")
+    guarded = src[src.index("#ifndef FASTATTN_CUDA_HOST") : src.rindex("#endif")]
+    assert src.count("asm volatile") == guarded.count("asm volatile") > 0
+    host = (ROOT / "tools" / "cuda_host" / "tensor_core.h").read_text()
+    for fn in re.findall(r"__forceinline__ \w+ (\w+)\(", guarded):
+        if fn != "smem_address":  # an address conversion, not a primitive
+            assert re.search(rf"\b{fn}\(", host), f"tensor_core.h has no host {fn}"
+
+
 def test_device_headers_stay_host_compilable():
     """device.cuh and the <op>_kernels.cuh headers are what the host execution layer compiles
     with g++: no CUDA runtime or tensor headers, no launch syntax, dynamic shared memory through
@@ -242,7 +258,7 @@ def test_device_headers_stay_host_compilable():
     for path in headers:
         src = code(path)
         includes = re.findall(r'#include\s+[<"]([^>"]+)[>"]', src)
-        allowed = {"device.cuh", "ATen/OpMathType.h"}
+        allowed = {"device.cuh", "mma.cuh", "ATen/OpMathType.h"}
         # <cmath> and the like are fine; any project, torch or CUDA header but these is not.
         bad = [i for i in includes if ("." in i or "/" in i) and i not in allowed]
         assert not bad, f"{path.name} includes {bad}: the host layer cannot compile them"

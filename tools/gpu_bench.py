@@ -113,9 +113,14 @@ def attention_cases(torch: Any, F: Any, fastattn: Any) -> list[dict[str, Any]]:
                         return run
 
                     impls: dict[str, Callable[..., Any]] = {
-                        "fastattn[triton]": lambda q, k, v, c=causal: fastattn.attention(
-                            q, k, v, causal=c, backend="triton"
-                        ),
+                        **{
+                            f"fastattn[{be}]": (
+                                lambda q, k, v, c=causal, be=be: fastattn.attention(
+                                    q, k, v, causal=c, backend=be
+                                )
+                            )
+                            for be in ("triton", "cuda")
+                        },
                         "SDPA flash": sdpa(SDPBackend.FLASH_ATTENTION),
                         "SDPA efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
                     }

@@ -265,8 +265,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(const AttnP
     float base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+      mx[r] = warp_reduce(mx[r], MaxOp{}, 4);      // the quad holding the row
       base[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // nothing visible yet: every P is 0
       const float alpha = exp2f(mrow[r] - base[r]);
       mrow[r] = mx[r];
@@ -315,8 +314,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(const AttnP
   // Epilogue: the rows' sums over the quad, then out (or the split's partial) and lse.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lrow[r] += __shfl_xor_sync(kFullMask, lrow[r], 1);
-    lrow[r] += __shfl_xor_sync(kFullMask, lrow[r], 2);
+    lrow[r] = warp_reduce(lrow[r], SumOp{}, 4);
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {  // (unrolled: o's indices must be compile-time, or o spills)

@@ -123,11 +123,14 @@ void with_pow2(int n, F&& f) {
 // An uninitialised contiguous tensor of like's shape, dtype and device, allocated on the current
 // stream (callers hold a device guard); NaN-filled under FASTATTN_POISON_OUTPUTS=1 (the tests
 // set it), so that an element a kernel fails to write shows up.
-inline at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
   const char* poison = std::getenv("FASTATTN_POISON_OUTPUTS");
   if (poison != nullptr && std::strcmp(poison, "1") == 0) out.fill_(NAN);
   return out;
+}
+inline at::Tensor new_output(const at::Tensor& like) {
+  return new_output(like.sizes(), like.options());
 }
 
 }  // namespace fastattn::cuda

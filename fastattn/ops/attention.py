@@ -139,6 +139,22 @@ if CPP_BACKENDS:
     _register("fastattn::attention", "fastattn::attention_backward")
 
 
+def _cuda_backward(*args: Any) -> tuple[torch.Tensor, ...]:
+    """The backward of the CUDA C++ forward (which has none of its own): the Triton kernels',
+    on the same saved out and lse (one contract: csrc/ops.cpp); fastattn.backends() says so."""
+    if dispatch.TRITON_ERROR is not None:
+        raise RuntimeError(
+            "fastattn.attention: the cuda backend's attention is forward-only and its backward "
+            f"runs the Triton kernels, which are unavailable here ({dispatch.TRITON_ERROR}); "
+            "use backend='triton' or 'reference' to train"
+        )
+    return torch.ops.fastattn.attention_triton_backward.default(*args)
+
+
+if "cuda" in CPP_BACKENDS and "cuda" not in dispatch.cpp_kernels("attention_backward"):
+    torch.library.impl("fastattn::attention_backward", "CUDA")(_cuda_backward)
+
+
 # ---------------------------------------------------------------------------------- checks
 def _check(q: Any, k: Any, v: Any, attn_mask: Any, dropout_p: Any, scale: Any) -> None:
     """Shapes, dtypes and devices of an attention call, before anything is allocated."""
@@ -346,7 +362,8 @@ def attention(
         return_lse: also return the log-sum-exp of each query row's scores, ``(batch, heads,
             seqlen_q)`` float32 (no gradient flows through it).
         deterministic: bitwise-reproducible gradients (the CPU kernels always are).
-        backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` (CUDA C++, float16 / bfloat16; its
+            backward is Triton's), ``"cpu"`` or ``"reference"``.
 
     A query row that sees no key returns zeros, lse ``-inf`` and zero gradients, never NaN.
     Saved for backward: q, k, v, out and lse only.
