@@ -4,7 +4,9 @@
 Env: FASTATTN_BUILD_CUDA=0/1 forces the CUDA build off/on; TORCH_CUDA_ARCH_LIST picks the GPU
 architectures (default "8.0;9.0a"); CUDA_HOME must name the toolkit directory; MAX_JOBS caps ninja;
 FASTATTN_CXXFLAGS: more flags for the C++ (not the nvcc) compiles, after the defaults (so
-"-O0 -g0" overrides -O3 and Python's -g: tools/check_cuda.sh, whose build only has to link).
+"-O0 -g0" overrides -O3 and Python's -g: tools/check_cuda.sh, whose build only has to link);
+FASTATTN_NVCC_VERBOSE=1: ptxas's resource usage per kernel in the build log (-Xptxas -v: checked
+by tools/ptxas_report.py in tools/check_cuda.sh).
 """
 
 import glob
@@ -22,6 +24,8 @@ with_cuda = flag == "1" if flag is not None else bool(torch.version.cuda and CUD
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 macros = [("FASTATTN_VERSION", f'"{VERSION}"')]
 nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+if os.environ.get("FASTATTN_NVCC_VERBOSE") == "1":
+    nvcc += ["-Xptxas", "-v"]
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]

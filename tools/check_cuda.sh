@@ -4,6 +4,10 @@
 #   - the extension imports from the built package, outside the source tree, and
 #     build_info()["cuda"] is True;
 #   - its fatbin holds SASS for sm_80 and sm_90a, with the softmax and norm kernels in each;
+#   - ptxas's resource usage of every kernel (-Xptxas -v, FASTATTN_NVCC_VERBOSE=1): no register
+#     spills, shared memory within each arch's limits; the table (registers, smem, stack, spills
+#     per kernel and arch) is printed and written to .build-cuda/resource-usage.md
+#     (tools/ptxas_report.py);
 #   - the dispatcher has CUDA kernels for fastattn::softmax, softmax_backward, norm and
 #     norm_backward (registered by csrc/cuda/<op>_host.cpp).
 # The build goes to .build-cuda (never the in-place fastattn/_C*.so of the CPU venv), in its own
@@ -81,6 +85,7 @@ mkdir -p "$BUILD/lib/fastattn"
 find "$BUILD/lib/fastattn" -name '*.py' -delete
 find fastattn -name '*.py' -not -path '*/__pycache__/*' -exec cp --parents {} "$BUILD/lib" \;
 FASTATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCHS MAX_JOBS=${MAX_JOBS:-2} FASTATTN_CXXFLAGS="-O0 -g0" \
+  FASTATTN_NVCC_VERBOSE=1 \
   "$PY" setup.py build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/temp" \
   >"$BUILD/build.log" 2>&1 ||
   { grep -E -B2 -A6 'error|Error' "$BUILD/build.log" | tail -60; fail "build (log: $BUILD/build.log)"; }
@@ -94,7 +99,13 @@ KARGS=()
 for k in "${KERNELS[@]}"; do KARGS+=(--kernel "$k"); done
 "$PY" tools/fatbin_list.py "$SO" --require sm_80,sm_90a "${KARGS[@]}" || fail "fatbin check"
 
-# 5. Import the built package from outside the source tree, so that neither the in-place CPU
+# 5. Resource usage, from ptxas's lines in the build log (each .cu's last compile is kept in
+# $BUILD/ptxas: ninja recompiles only what changed).
+step "resource usage (ptxas -v)"
+"$PY" tools/ptxas_report.py "$BUILD/build.log" --cu csrc/cuda/*.cu --store "$BUILD/ptxas" \
+  --out "$BUILD/resource-usage.md" --arch sm_80,sm_90a "${KARGS[@]}" || fail "resource usage"
+
+# 6. Import the built package from outside the source tree, so that neither the in-place CPU
 # build nor the sources can be picked up instead.
 step "importing the built package"
 tmp=$(mktemp -d)

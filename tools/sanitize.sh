@@ -2,9 +2,10 @@
 # make sanitize: fastattn._C built with AddressSanitizer and UndefinedBehaviorSanitizer in its own
 # build directory (.build-asan; the in-place build is untouched), then the seeded fuzz profile,
 # its regressions and the C++-entry bad-input tests run against it, on every CPU tier this
-# machine has. Then a ThreadSanitizer build (.build-tsan) runs the tests that call the ops and
-# the output cache from many Python threads at once. Any sanitizer report stops the run with a
-# non-zero status.
+# machine has. Then the CUDA kernels on the host execution layer (every tests/test_cuda_host*.py,
+# docs/cuda-host.md) with its harness library built with the same two sanitizers. Then a
+# ThreadSanitizer build (.build-tsan) runs the tests that call the ops and the output cache from
+# many Python threads at once. Any sanitizer report stops the run with a non-zero status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -58,6 +59,22 @@ for tier in "" avx512 avx2 scalar; do
     failed=1
   fi
 done
+
+# The CUDA kernels on the CPU (tools/cuda_host): tests/cuda_host_lib.py builds the harness library
+# with the sanitizers (its own file in .cache/cuda_host, keyed by the flags; ~25 s of g++ the
+# first time), loaded by ctypes under the runtimes above. ASan checks each kernel's global
+# accesses against the tensors and its dynamic shared memory against the launch's size, UBSan its
+# arithmetic. The layer annotates its fiber switches for ASan; ASan's one warning that it "doesn't
+# fully support makecontext/swapcontext" is expected. Every tests/test_cuda_host*.py.
+host_tests=("$root"/tests/test_cuda_host*.py)
+host_flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+if (cd "$lib" && FASTATTN_CUDA_HOST_FLAGS=$host_flags "$py" -m pytest -q -s -p no:cacheprovider \
+  -p no:xdist "${host_tests[@]}"); then
+  echo "sanitize cuda-host: ok"
+else
+  echo "sanitize cuda-host: FAILED"
+  failed=1
+fi
 
 # ThreadSanitizer: the output cache and the ops' entry code under 8 Python threads at once. One
 # OpenMP thread per call: gcc's libgomp is not built with TSan, so the happens-before of its
