@@ -197,3 +197,16 @@ def test_main_exit_status_and_table_file(tmp_path, capsys):
     assert pr.main(args) == 1
     (fail,) = [ln for ln in capsys.readouterr().out.splitlines() if "FAIL" in ln]
     assert "softmax_fwd_warp_kernel" in fail and "on sm_80 spills: 4 B stores" in fail
+
+
+def test_known_spills_pass_up_to_their_bytes_and_attention_never_spills():
+    """The listed softmax / norm spills pass at their measured bytes, fail past them; the
+    attention kernels have no entry, so any spill of theirs fails."""
+    (name, arch), nbytes = next(iter(pr.KNOWN_SPILLS.items()))
+    assert not any("attention" in n for n, _ in pr.KNOWN_SPILLS)
+    for spilled, fails in ((nbytes, False), (nbytes + 4, True)):
+        u = pr.Usage(mangled="_Z1k", arch=arch, name=name, spill_stores=spilled)
+        assert bool(pr.failures([u], [arch], [])) == fails
+    u = pr.Usage(mangled="_Z1k", arch=arch, name="attention_fwd_kernel<c10::Half, false, 64>",
+                           spill_loads=4)  # fmt: skip
+    assert pr.failures([u], [arch], [])

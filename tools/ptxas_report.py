@@ -46,6 +46,22 @@ DYNAMIC_SMEM: dict[str, tuple[int, bool]] = {
     "norm_bwd_reg_kernel": (16 * KIB, False),
     # softmax.cu: the row's logits while they fit (else the online path, no dynamic smem).
     "softmax_fwd_block_kernel": (OPTIN_REST, True),
+    # attention_kernels.cuh AttnTile: (64 + 4 * 32) rows of 264 fp16 at head_dim 256, the largest
+    # tier ((64 + 4 * 64) * 136 * 2 at 128, (64 + 4 * 64) * 72 * 2 at 64).
+    "attention_fwd_kernel": (101376, True),
+}
+
+# Spills of the softmax / norm kernels measured when the check was added (nvcc 13.0), as
+# (instantiation, arch) -> bytes stored: a few bytes of local memory each, in float64 and one
+# bf16 row length, well under their launch bounds' register caps. Listed so that any new spill,
+# or more bytes here, still fails; the attention kernels are not listed and must not spill.
+KNOWN_SPILLS: dict[tuple[str, str], int] = {
+    ("norm_bwd_reg_kernel<float, float, 4, 2>", "sm_80"): 8,
+    ("norm_fwd_reg_kernel<c10::BFloat16, c10::BFloat16, 8, 1>", "sm_90a"): 4,
+    ("norm_fwd_reg_kernel<double, double, 1, 4>", "sm_80"): 12,
+    ("norm_fwd_reg_kernel<double, double, 1, 4>", "sm_90a"): 16,
+    ("norm_fwd_reg_kernel<double, double, 2, 4>", "sm_90a"): 4,
+    ("softmax_fwd_block_kernel<double, 2>", "sm_90a"): 16,
 }
 
 NINJA_STEP = re.compile(r"^\[\d+/\d+\] ")
@@ -141,6 +157,7 @@ def failures(
     archs: list[str],
     kernels: list[str],
     dynamic: dict[str, tuple[int, bool]] | None = None,
+    known_spills: dict[tuple[str, str], int] | None = None,
 ) -> list[str]:
     """Every broken rule, as one line each (none: the build passes)."""
     dynamic = DYNAMIC_SMEM if dynamic is None else dynamic
@@ -153,7 +170,12 @@ def failures(
                 out.append(f"{k or 'no kernel'} has no ptxas entry for {arch}")
     for u in usages:
         where = f"{u.name} on {u.arch}"
-        if u.spill_stores or u.spill_loads:
+        known = (
+            KNOWN_SPILLS.get((u.name, u.arch), 0)
+            if known_spills is None
+            else (known_spills.get((u.name, u.arch), 0))
+        )
+        if max(u.spill_stores, u.spill_loads) > known:
             out.append(
                 f"{where} spills: {u.spill_stores} B stores, {u.spill_loads} B loads "
                 f"({u.registers} registers)"
