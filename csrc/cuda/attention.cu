@@ -35,24 +35,14 @@ namespace {
 
 template <typename scalar_t, bool kBf16>
 void launch(AttnParams& p, const AttnPlan& plan, int device, cudaStream_t stream) {
-  auto go = [&](auto kernel) {
+  with_attention_kernel<scalar_t, kBf16>(plan.tier, [&](auto kernel) {
     const int limit = max_dynamic_smem(kernel, device);
     TORCH_CHECK(plan.smem <= static_cast<size_t>(limit), "fastattn::attention: head_dim tier ",
                 plan.tier, " needs ", plan.smem, " bytes of shared memory per block; device ",
                 device, " allows ", limit);
     kernel<<<plan.grid, kAttnThreads, plan.smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  switch (plan.tier) {
-    case 64:
-      go(attention_fwd_kernel<scalar_t, kBf16, 64>);
-      break;
-    case 128:
-      go(attention_fwd_kernel<scalar_t, kBf16, 128>);
-      break;
-    default:
-      go(attention_fwd_kernel<scalar_t, kBf16, 256>);
-  }
+  });
   if (plan.combine_blocks > 0) {
     attention_combine_kernel<scalar_t>
         <<<static_cast<unsigned>(plan.combine_blocks), kCombineThreads, 0, stream>>>(p);

@@ -384,6 +384,22 @@ __global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(cons
   }
 }
 
+// f(the forward kernel of head-dim tier `tier`): the launcher and the host harness both launch
+// through it, so the tier -> instantiation map is written once.
+template <typename scalar_t, bool kBf16, typename F>
+void with_attention_kernel(int tier, F&& f) {
+  switch (tier) {
+    case 64:
+      f(attention_fwd_kernel<scalar_t, kBf16, 64>);
+      break;
+    case 128:
+      f(attention_fwd_kernel<scalar_t, kBf16, 128>);
+      break;
+    default:
+      f(attention_fwd_kernel<scalar_t, kBf16, 256>);
+  }
+}
+
 // ------------------------------------------------------------------------------ launch plan
 
 struct AttnPlan {

@@ -62,19 +62,9 @@ enum Int {
 
 template <typename scalar_t, bool kBf16>
 void run(AttnParams& p, const AttnPlan& plan) {
-  auto go = [&](auto kernel) {
+  with_attention_kernel<scalar_t, kBf16>(plan.tier, [&](auto kernel) {
     cuda_host::launch(kernel, plan.grid, dim3(kAttnThreads), plan.smem, p);
-  };
-  switch (plan.tier) {
-    case 64:
-      go(attention_fwd_kernel<scalar_t, kBf16, 64>);
-      break;
-    case 128:
-      go(attention_fwd_kernel<scalar_t, kBf16, 128>);
-      break;
-    default:
-      go(attention_fwd_kernel<scalar_t, kBf16, 256>);
-  }
+  });
   if (plan.combine_blocks > 0)
     cuda_host::launch(attention_combine_kernel<scalar_t>,
                       dim3(static_cast<unsigned>(plan.combine_blocks)), dim3(kCombineThreads), 0,
