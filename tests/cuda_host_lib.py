@@ -4,13 +4,16 @@ and loaded with ctypes by tests/test_cuda_host.py and tests/test_cuda_host_norm.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +23,8 @@ UNITS = [LAYER / "harness.cpp", LAYER / "harness_norm.cpp", LAYER / "harness_att
 SOURCES = [
     *UNITS,
     LAYER / "cuda_host.h",
+    LAYER / "cuda_host_race.h",
+    LAYER / "cuda_host_smem_symbols.h",
     LAYER / "harness.h",
     LAYER / "tensor_core.h",
     KERNELS / "device.cuh",
@@ -83,3 +88,25 @@ def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
 def check_rc(rc: int, err: ctypes.Array) -> None:
     if rc != 0:
         raise RuntimeError(err.value.decode())
+
+
+def set_race_check(lib: ctypes.CDLL, on: bool) -> int:
+    """Turns the layer's shared-memory race check on or off for the launches that follow;
+    returns the shared-memory accesses it recorded since the previous call."""
+    recorded, err = ctypes.c_int64(0), ctypes.create_string_buffer(ERR_LEN)
+    check_rc(lib.fa_set_race_check(int(on), ctypes.byref(recorded), err, ERR_LEN), err)
+    return recorded.value
+
+
+@contextlib.contextmanager
+def race_check(lib: ctypes.CDLL, on: bool = True) -> Iterator[Callable[[], int]]:
+    """The race check on (or off) inside the block, back to FASTATTN_CUDA_HOST_RACE's setting
+    after; yields a function that returns the accesses it recorded since its previous call. Skips
+    under AddressSanitizer, which owns SIGSEGV (the layer refuses the check there)."""
+    if on and any(f.startswith("-fsanitize") and "address" in f for f in FLAGS):
+        pytest.skip("the shared-memory race check is unavailable under AddressSanitizer")
+    set_race_check(lib, on)
+    try:
+        yield lambda: set_race_check(lib, on)
+    finally:
+        set_race_check(lib, os.environ.get("FASTATTN_CUDA_HOST_RACE") == "1")

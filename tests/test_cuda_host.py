@@ -4,18 +4,21 @@
 The layer compiles the kernels' own source with g++ and runs each thread of a block as a fiber,
 barriers and warp collectives in lock-step. What it shows: the kernels' indexing, tails, masking,
 reductions and barrier placement are right on these shapes, with the launch plan of the real
-launchers. What it cannot show: timing, memory-model effects beyond barriers, nvcc's code
-generation. Passing here is not a GPU run (tests/test_cuda_device.py is).
+launchers; with the layer's shared-memory race check on, that no two threads of a block touch a
+shared word between barriers, one of them writing. What it cannot show: timing, memory-model
+effects beyond barriers, nvcc's code generation. Passing here is not a GPU run
+(tests/test_cuda_device.py is).
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 
 import pytest
 import torch
 from conftest import ROUNDED, assert_parity
-from cuda_host_lib import DTYPE_CODE, ERR_LEN, check_rc, load, ptr
+from cuda_host_lib import DTYPE_CODE, ERR_LEN, check_rc, load, ptr, race_check
 
 from fastattn import reference
 
@@ -229,3 +232,100 @@ def test_block_reduce_and_dynamic_shared_memory(lib):
 def test_divergence_is_reported_not_hung(lib, name, match):
     with pytest.raises(RuntimeError, match=match):
         selftest(lib, name, 1, 64, 0, torch.zeros(64, dtype=torch.int32))
+
+
+# ------------------------------------------------------- the shared-memory race check (opt-in)
+
+# (self-test, threads, arg, the report): each kernel races on purpose (harness.cpp); the report
+# names both threads in their order, what they did, the word's array and offset, the interval.
+WARP_READER = 4  # race_warp's arg: sync + 4 * the reading thread
+RACY = [
+    ("race_write_write", 64, 0, r"\(3,0,0\) wrote static __shared__ .*::race_write_write_kernel"
+     r"\(int\*\)::s at byte offset 20, then thread \(40,0,0\) wrote it .*interval 0"),
+    ("race_write_read", 64, 0, r"\(7,0,0\) wrote static __shared__ .*::race_write_read_kernel"
+     r"\(int\*\)::s at byte offset 36, then thread \(50,0,0\) read it .*interval 1: after 1 "),
+    ("race_read_write", 64, 0, r"\(2,0,0\) read static __shared__ .*::race_read_write_kernel"
+     r"\(int\*\)::s at byte offset 4, then thread \(33,0,0\) wrote it .*interval 1"),
+    # lanes 1 and 2 of a warp: nothing between, then a shuffle (which orders no memory)
+    ("race_warp", 64, 0 + 2 * WARP_READER, r"\(1,0,0\) wrote .*race_warp_kernel.* byte offset 0, "
+     r"then thread \(2,0,0\) read it .*lanes of one warp, no __syncwarp between"),
+    ("race_warp", 64, 2 + 2 * WARP_READER, r"\(1,0,0\) wrote .*, then thread \(2,0,0\) read it "
+     r".*no __syncwarp between"),
+    # a __syncwarp orders lanes of its own warp only: thread 34 is in the second warp
+    ("race_warp", 64, 1 + 34 * WARP_READER, r"\(1,0,0\) wrote .*, then thread \(34,0,0\) read "
+     r"it with no __syncthreads between \(barrier interval 0: after 0 __syncthreads\)$"),
+    ("race_dynamic", 64, 0, r"\(4,0,0\) wrote dynamic shared memory at byte offset 40, then "
+     r"thread \(36,0,0\) wrote it"),
+    # the layer's copy on behalf of thread 5 (smem_copy_as), by thread 0
+    ("race_as", 64, 0, r"\(5,0,0\) wrote static __shared__ .*::race_as_kernel\(int\*, int\)::s at "
+     r"byte offset 12, then thread \(9,0,0\) read it"),
+]  # fmt: skip
+
+
+def selftest_out(lib, name: str, blocks: int, threads: int, arg: int) -> torch.Tensor:
+    out = torch.full((blocks * threads,), -7, dtype=torch.int32)
+    selftest(lib, name, blocks, threads, arg, out)
+    return out
+
+
+@pytest.mark.parametrize(("name", "threads", "arg", "match"), RACY)
+def test_race_check_reports_racy_kernels(lib, name, threads, arg, match):
+    with race_check(lib), pytest.raises(RuntimeError, match="shared-memory race in block") as e:
+        selftest_out(lib, name, 1, threads, arg)
+    assert re.search(match, str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize(("name", "threads", "arg", "match"), RACY)
+def test_racy_kernels_pass_without_the_check(lib, name, threads, arg, match):
+    with race_check(lib, on=False):  # opt-in: off (as by default), nothing is reported
+        selftest_out(lib, name, 1, threads, arg)
+
+
+def test_race_check_reports_dynamic_smem_past_its_size(lib):
+    with race_check(lib), pytest.raises(RuntimeError, match=r"dynamic shared memory accessed past "
+                                        r"its size: block \(0,0,0\) thread \(5,0,0\) writes byte "
+                                        r"offset 64 of 64"):  # fmt: skip
+        selftest_out(lib, "race_past", 1, 64, 16)
+
+
+# (self-test, blocks, threads, arg, out): accesses ordered by barriers (3 blocks: the check's
+# intervals restart with each block, which reuses the static arrays), a __syncwarp within a warp,
+# atomics; each result checked as well.
+ORDERED = [
+    ("barrier", 3, 96, 0, ((torch.arange(96) + 1) % 96 * 10 + torch.arange(3)[:, None]).flatten()),
+    ("race_warp", 1, 64, 1 + 2 * WARP_READER, torch.tensor([-7, -7, 11] + [-7] * 61)),
+    ("race_as", 1, 64, 1, torch.tensor([-7] * 9 + [42] + [-7] * 54)),
+    ("race_atomic", 1, 64, 0, torch.full((64,), 64)),
+]
+
+
+@pytest.mark.parametrize(("name", "blocks", "threads", "arg", "want"), ORDERED)
+def test_race_check_passes_ordered_accesses(lib, name, blocks, threads, arg, want):
+    with race_check(lib) as recorded:
+        out = selftest_out(lib, name, blocks, threads, arg)
+        assert recorded() > 0  # the check saw the shared accesses
+    assert torch.equal(out, want.int())
+
+
+def test_race_check_passes_block_reduce_and_dynamic_smem(lib):
+    with race_check(lib) as recorded:
+        test_block_reduce_and_dynamic_shared_memory(lib)
+        assert recorded() > 0
+
+
+# Every softmax kernel under the check (it costs ~20 us a shared access): the warp kernels
+# (none), the block kernels cached in dynamic shared memory (fp32, bf16), and online.
+@pytest.mark.parametrize(("dtype", "cols", "variant", "uses_smem"),
+                         [(torch.float32, 33, "bool_mask", False),
+                          (torch.float32, 1025, "float_mask", True),
+                          (torch.bfloat16, 1025, "log_causal_mask", True)])  # fmt: skip
+def test_softmax_kernels_pass_the_race_check(lib, dtype, cols, variant, uses_smem):
+    with race_check(lib) as recorded:
+        test_softmax_kernels_match_reference(lib, dtype, cols, variant)
+        assert (recorded() > 0) == uses_smem
+
+
+def test_softmax_online_block_kernel_passes_the_race_check(lib):
+    with race_check(lib) as recorded:
+        test_block_kernels_cached_and_online(lib, 1025, 0, 2, False)
+        assert recorded() > 0  # the block reductions' static scratch

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROUNDED, assert_parity
-from cuda_host_lib import DTYPE_CODE, ERR_LEN, check_rc, load, ptr
+from cuda_host_lib import DTYPE_CODE, ERR_LEN, check_rc, load, ptr, race_check
 
 from fastattn import reference
 
@@ -242,3 +242,19 @@ def test_layer_norm_rows_far_from_zero(lib, rows, cols):
     w = torch.randn(cols) * 0.5 + 1
     b = torch.randn(cols)
     check(lib, x, w, b, None, False, want_paths=expected_paths(cols, torch.float32))
+
+
+# Every norm kernel under the layer's shared-memory race check (~20 us a shared access: short
+# rows). A warp per row (33; 5 rows: the backward's warps combined in dynamic shared memory; 256
+# bf16: packed loads), a block per row (129: the shortest row past the warp kernels), looped
+# (2049: the shortest past the register kernels); the partial-sum kernel after each backward.
+@pytest.mark.parametrize(("rows", "cols", "dtype", "rms", "variant"),
+                         [(5, 33, torch.float32, False, "affine_residual"),
+                          (5, 256, torch.bfloat16, True, "weight"),
+                          (2, 129, torch.float32, True, "residual"),
+                          (2, 2049, torch.float32, False, "weight")])  # fmt: skip
+def test_norm_kernels_pass_the_race_check(lib, rows, cols, dtype, rms, variant):
+    with race_check(lib) as recorded:
+        check(lib, *make_case(variant, rows, cols, dtype, rms), rms,
+              want_paths=expected_paths(cols, dtype))  # fmt: skip
+        assert recorded() > 0  # the check saw the kernels' shared accesses

@@ -11,9 +11,13 @@
 // not the whole warp, a shuffle from a lane outside the mask, dynamic shared memory over the
 // launch's size (under AddressSanitizer).
 //
+// Opt-in (set_race_check, FASTATTN_CUDA_HOST_RACE=1): a shared-memory race check, two threads of
+// a block touching a shared word between two barriers, one of them writing (cuda_host_race.h).
+//
 // Not modelled: timing, the memory model beyond barriers (a fiber runs until it blocks, so a
-// missing __threadfence or a read of another thread's shared memory without a barrier may happen
-// to work here), tensor cores, fast-math intrinsics' precision, partial-warp masks.
+// missing __threadfence or, without the race check, a read of another thread's shared memory
+// without a barrier may happen to work here), tensor cores, fast-math intrinsics' precision,
+// partial-warp masks.
 #pragma once
 
 #include <math.h>
@@ -26,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -59,6 +64,7 @@
 #define __align__(n) alignas(n)
 // Static __shared__ arrays are function-local statics: one per kernel instantiation, shared by
 // every fiber of the block (blocks run one at a time). Dynamic shared memory: dynamic_smem().
+// The race check finds them in the module's symbol table (cuda_host_race.h).
 #define __shared__ static
 
 namespace cuda_host {
@@ -108,9 +114,10 @@ struct Fiber {
   uint3 tid;
   int linear = 0, warp = 0, lane = 0;
   Wait wait = Wait::kNone;
-  uint64_t barriers = 0;  // __syncthreads passed
-  uint64_t wait_gen = 0;  // the block barrier generation waited for
-  uint64_t warp_seq = 0;  // collectives entered
+  uint64_t barriers = 0;   // __syncthreads passed
+  uint64_t wait_gen = 0;   // the block barrier generation waited for
+  uint64_t warp_seq = 0;   // collectives entered
+  uint32_t syncwarps = 0;  // __syncwarp calls passed (the race check's order within a warp)
 };
 
 // A warp's two exchange buffers: collective n uses buffer n % 2. A lane can only enter collective
@@ -129,6 +136,24 @@ struct Warp {
   unsigned lanes = 0;      // the lanes that exist (a partial last warp has fewer)
 };
 
+struct Launch;
+namespace race {
+struct State;
+}
+
+// The layer's globals, on a page of their own: the race check's signal handlers read them, and
+// no shared memory page (which the check protects) can hold them.
+struct alignas(4096) Globals {
+  Launch* active = nullptr;
+  race::State* race = nullptr;  // the race check of the running launch
+  int race_on = -1;             // -1: not yet read from FASTATTN_CUDA_HOST_RACE
+  uint64_t race_recorded = 0;   // accesses the race check recorded (race_check_recorded)
+};
+__attribute__((visibility("hidden"))) inline Globals& globals() {
+  static Globals g;
+  return g;
+}
+
 struct Launch {
   dim3 grid, block;
   uint3 block_idx;
@@ -146,12 +171,10 @@ struct Launch {
   std::string error;
   unsigned char* dyn = nullptr;
   size_t dyn_bytes = 0;
+  race::State* race = nullptr;
 };
 
-inline Launch*& active() {
-  static Launch* l = nullptr;
-  return l;
-}
+inline Launch*& active() { return globals().active; }
 
 // Counts the blocks run, over all launches: per-block state kept outside the Launch
 // (tensor_core.h's pending copies) knows a new block by it.
@@ -195,6 +218,14 @@ inline void yield_to_scheduler(bool exiting = false) {
   yield_to_scheduler();
   std::abort();  // unreachable: the scheduler does not resume a failed launch
 }
+
+}  // namespace detail
+}  // namespace cuda_host
+
+#include "cuda_host_race.h"
+
+namespace cuda_host {
+namespace detail {
 
 inline void fiber_entry() {
   Launch& l = launch_state();
@@ -251,6 +282,7 @@ inline void run_block(Launch& l) {
   for (Fiber& f : l.fibers) {
     f.wait = Wait::kNone;
     f.barriers = f.wait_gen = f.warp_seq = 0;
+    f.syncwarps = 0;
     f.fake_stack = nullptr;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
@@ -267,6 +299,7 @@ inline void run_block(Launch& l) {
   l.block_arrived = 0;
   l.block_gen = 0;
   if (l.dyn_bytes > 0) std::memset(l.dyn, 0xff, l.dyn_bytes);  // garbage: NaN as float
+  if (l.race != nullptr) race::block_begin(*l.race);  // the shared memory closed: accesses fault
   int done = 0;
   while (done < n) {
     bool progress = false;
@@ -283,6 +316,7 @@ inline void run_block(Launch& l) {
       __sanitizer_finish_switch_fiber(l.sched_fake, nullptr, nullptr);
 #endif
       l.current = nullptr;
+      if (l.race != nullptr && l.error.empty()) l.error = race::message(l, *l.race);
       if (!l.error.empty()) return;
       done += f.wait == Wait::kDone;
     }
@@ -433,6 +467,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dynamic_smem_byt
   const size_t page = 4096;
   l.fibers.resize(threads);
   l.warps.resize((threads + kWarp - 1) / kWarp);
+  l.dyn_bytes = dynamic_smem_bytes;
+  // With the race check: the dynamic shared memory in pages of the check's (page-aligned).
+  std::unique_ptr<detail::race::Session> race;
+  if (race_check()) {
+    race = std::make_unique<detail::race::Session>(l, dynamic_smem_bytes);
+  } else if (dynamic_smem_bytes > 0) {
+    l.dyn = static_cast<unsigned char*>(::operator new(dynamic_smem_bytes, std::align_val_t{16}));
+  }
   for (size_t i = 0; i < threads; ++i) {
     detail::Fiber& f = l.fibers[i];
     void* m = mmap(nullptr, stack_size + page, PROT_READ | PROT_WRITE,
@@ -448,17 +490,16 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dynamic_smem_byt
     f.lane = static_cast<int>(i % kWarp);
     l.warps[f.warp].lanes |= 1u << f.lane;
   }
-  l.dyn_bytes = dynamic_smem_bytes;
-  if (dynamic_smem_bytes > 0)
-    l.dyn = static_cast<unsigned char*>(::operator new(dynamic_smem_bytes, std::align_val_t{16}));
   detail::active() = &l;
   for (unsigned z = 0; z < grid.z && l.error.empty(); ++z)
     for (unsigned y = 0; y < grid.y && l.error.empty(); ++y)
       for (unsigned x = 0; x < grid.x && l.error.empty(); ++x) {
         l.block_idx = {x, y, z};
         detail::run_block(l);
+        if (l.race != nullptr) detail::race::block_end(*l.race);
       }
   detail::active() = nullptr;
+  race.reset();
   for (detail::Fiber& f : l.fibers) {
 #ifdef CUDA_HOST_ASAN
     ASAN_UNPOISON_MEMORY_REGION(f.stack, f.stack_size);  // an abandoned fiber's frames
@@ -483,6 +524,7 @@ constexpr int warpSize = 32;
 inline void __syncthreads() { cuda_host::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   cuda_host::detail::warp_collective(cuda_host::detail::Op::kSyncwarp, mask, 0, false, 32);
+  ++cuda_host::detail::self().syncwarps;
 }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
@@ -517,32 +559,38 @@ inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 
 // Atomics: the fibers of a launch run on one OS thread, one at a time, so plain updates are atomic.
+// The race check does not see them (an atomic races with no access).
 template <typename T>
 T atomicAdd(T* p, T v) {
+  const cuda_host::detail::SmemUnchecked open;
   const T old = *p;
   *p = old + v;
   return old;
 }
 template <typename T>
 T atomicMax(T* p, T v) {
+  const cuda_host::detail::SmemUnchecked open;
   const T old = *p;
   *p = std::max(old, v);
   return old;
 }
 template <typename T>
 T atomicMin(T* p, T v) {
+  const cuda_host::detail::SmemUnchecked open;
   const T old = *p;
   *p = std::min(old, v);
   return old;
 }
 template <typename T>
 T atomicExch(T* p, T v) {
+  const cuda_host::detail::SmemUnchecked open;
   const T old = *p;
   *p = v;
   return old;
 }
 template <typename T>
 T atomicCAS(T* p, T compare, T v) {
+  const cuda_host::detail::SmemUnchecked open;
   const T old = *p;
   if (old == compare) *p = v;
   return old;

@@ -207,6 +207,88 @@ __global__ void dynamic_smem_kernel(float* out) {
   out[t] = s[blockDim.x - 1 - t];
 }
 
+// ----------------------------------------- the race check's self-tests (racy on purpose or not)
+
+// Threads 3 and 40 (two warps) write s[5] between the same two barriers.
+__global__ void race_write_write_kernel(int* out) {
+  __shared__ int s[64];
+  const int t = threadIdx.x;
+  if (t == 3 || t == 40) s[5] = t;
+  __syncthreads();
+  out[t] = s[5];
+}
+
+// After a barrier, thread 7 writes s[9] and thread 50 then reads it, no barrier between. (The
+// reads index by t so that the compiler cannot hoist them out of their condition: out of bounds
+// for other threads.)
+__global__ void race_write_read_kernel(int* out) {
+  __shared__ int s[64];
+  const int t = threadIdx.x;
+  s[t] = t;
+  __syncthreads();
+  if (t == 7) s[9] = -1;
+  if (t == 50) out[t] = s[t - 41];
+}
+
+// Thread 2 reads s[1] (written before the barrier), then thread 33 writes it.
+__global__ void race_read_write_kernel(int* out) {
+  __shared__ int s[64];
+  const int t = threadIdx.x;
+  s[t] = t;
+  __syncthreads();
+  if (t == 2) out[t] = s[t - 1];
+  if (t == 33) s[1] = -1;
+}
+
+// Thread 1 writes s[0], thread `reader` reads it; between them (sync) nothing (0), a __syncwarp
+// (1), a shuffle, which orders no memory (2).
+__global__ void race_warp_kernel(int* out, int sync, int reader) {
+  __shared__ int s[32];
+  const int t = threadIdx.x;
+  if (t == 1) s[0] = 11;
+  if (sync == 1) __syncwarp();
+  if (sync == 2) out[t] = __shfl_xor_sync(0xffffffffu, t, 1);
+  if (t == reader) out[t] = s[t - reader];
+}
+
+// Threads 4 and 36 write the 11th int of the dynamic shared memory.
+__global__ void race_dynamic_kernel(int* out) {
+  int* d = dynamic_smem<int>();
+  const int t = threadIdx.x;
+  if (t == 4 || t == 36) d[10] = t;
+  __syncthreads();
+  out[t] = d[10];
+}
+
+// Thread 5 writes the int just past `n` ints of dynamic shared memory.
+__global__ void race_past_kernel(int* out, int n) {
+  int* d = dynamic_smem<int>();
+  const int t = threadIdx.x;
+  if (t == 5) d[n] = t;
+  out[t] = t;
+}
+
+// Thread 0 copies 42 into s[3] on behalf of thread 5 (smem_copy_as: as tensor_core.h's cp.async
+// at its wait), thread 9 reads it after a barrier (barrier 1) or with none (0).
+__global__ void race_as_kernel(int* out, int barrier) {
+  __shared__ int s[8];
+  const int t = threadIdx.x, v = 42;
+  if (t == 0) cuda_host::detail::smem_copy_as(5, &s[3], &v, sizeof v);
+  if (barrier != 0) __syncthreads();
+  if (t == 9) out[t] = s[t - 6];
+}
+
+// Every thread adds 1 to s[0] atomically: not a race.
+__global__ void race_atomic_kernel(int* out) {
+  __shared__ int s[1];
+  const int t = threadIdx.x;
+  if (t == 0) s[0] = 0;
+  __syncthreads();
+  atomicAdd(&s[0], 1);
+  __syncthreads();
+  out[t] = s[0];
+}
+
 }  // namespace
 
 extern "C" {
@@ -273,9 +355,38 @@ int fa_selftest(const char* name, int blocks, int threads, int arg, void* out, c
       cuda_host::launch(mixed_collectives_kernel, blocks, threads, 0, o);
     } else if (n == "partial_mask") {
       cuda_host::launch(partial_mask_kernel, blocks, threads, 0, o);
+    } else if (n == "race_write_write") {
+      cuda_host::launch(race_write_write_kernel, blocks, threads, 0, o);
+    } else if (n == "race_write_read") {
+      cuda_host::launch(race_write_read_kernel, blocks, threads, 0, o);
+    } else if (n == "race_read_write") {
+      cuda_host::launch(race_read_write_kernel, blocks, threads, 0, o);
+    } else if (n == "race_warp") {  // arg: sync + 4 * reader
+      cuda_host::launch(race_warp_kernel, blocks, threads, 0, o, arg % 4, arg / 4);
+    } else if (n == "race_dynamic") {
+      cuda_host::launch(race_dynamic_kernel, blocks, threads, threads * sizeof(int), o);
+    } else if (n == "race_past") {  // arg: the ints of dynamic shared memory
+      cuda_host::launch(race_past_kernel, blocks, threads, static_cast<size_t>(arg) * sizeof(int),
+                        o, arg);
+    } else if (n == "race_as") {
+      cuda_host::launch(race_as_kernel, blocks, threads, 0, o, arg);
+    } else if (n == "race_atomic") {
+      cuda_host::launch(race_atomic_kernel, blocks, threads, 0, o);
     } else {
       throw cuda_host::Error("harness: no self-test " + n);
     }
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+// The shared-memory race check on (1) or off (0) for the launches that follow; *recorded: the
+// shared-memory accesses it recorded since the previous call.
+int fa_set_race_check(int on, int64_t* recorded, char* err, int errlen) {
+  try {
+    *recorded = static_cast<int64_t>(cuda_host::race_check_recorded());
+    cuda_host::set_race_check(on != 0);
     return 0;
   } catch (const std::exception& e) {
     return report(e, err, errlen);
