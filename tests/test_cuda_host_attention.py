@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from conftest import assert_parity
-from cuda_host_lib import DTYPE_CODE, ERR_LEN, check_rc, load, ptr
+from cuda_host_lib import DTYPE_CODE, ERR_LEN, check_rc, load, ptr, race_check
 
 from fastattn import reference
 
@@ -245,3 +245,20 @@ def test_large_scores_and_dead_rows(lib, dtype):
     out, lse, _ = run(lib, q, k, v, causal=True, offset=-70)  # queries 0..69 see no key
     assert torch.equal(out[..., :70, :], torch.zeros_like(out[..., :70, :]))
     assert torch.isneginf(lse[..., :70]).all() and torch.isfinite(lse[..., 70:]).all()
+
+
+# The shared-memory race check (docs/cuda-host.md) on the attention kernels: one query tile and
+# two key tiles (both K/V buffers, the refill of the first after the loop's closing barrier),
+# element-wise and cp.async loads, and split-KV with the combine kernel (~20 us a shared access:
+# small shapes only).
+@pytest.mark.parametrize(("aligned", "splits"), [(True, 0), (False, 2)])
+def test_attention_kernels_pass_the_race_check(lib, aligned, splits):
+    q, k, v = qkv(1, 1, 1, 16, 100, 64, dtype=torch.bfloat16)
+    with race_check(lib) as recorded:
+        out, lse, plan = run(lib, q, k, v, causal=True, offset=84, aligned=aligned, splits=splits)
+        assert recorded() > 0  # the check saw the kernels' shared accesses
+    assert plan["aligned"] == int(aligned) and plan["splits"] == max(splits, 1)
+    ref_out, ref_lse = oracle(q, k, v, torch.float64, causal=True, offset=84)
+    eager_out, _ = oracle(q, k, v, q.dtype, causal=True, offset=84)
+    assert_parity(out, ref_out, eager_out, "out")
+    assert_parity(lse.double(), ref_lse, what="lse", dtype=torch.float32)

@@ -122,11 +122,15 @@ __device__ __forceinline__ void load_rows(uint16_t* dst, int nrows, int width, b
       const bool ok = src != nullptr && col < width;
       cp_async_16(dst + r * kLd + col, ok ? src + col : any, ok);
     }
-  } else {
-    for (int e = threadIdx.x; e < nrows * D; e += kAttnThreads) {
-      const int r = e / D, col = e % D;
+  } else {  // a pair of columns per thread: one 4-byte shared store (no two threads per word)
+    for (int e = threadIdx.x; e < nrows * D / 2; e += kAttnThreads) {
+      const int r = e / (D / 2), col = e % (D / 2) * 2;
       const uint16_t* src = row_ptr(r);
-      dst[r * kLd + col] = src != nullptr && col < width ? src[col] : uint16_t{0};
+      uint16_t pair[2] = {0, 0};
+      for (int c = 0; c < 2; ++c)
+        if (src != nullptr && col + c < width) pair[c] = src[col + c];
+      *reinterpret_cast<uint32_t*>(dst + r * kLd + col) = uint32_t{pair[0]} | uint32_t{pair[1]}
+                                                                                  << 16;
     }
   }
 }
