@@ -23,6 +23,7 @@
 #include "checks.h"
 #include "cpu/attention_kernels.h"
 #include "cpu_dispatch.h"
+#include "dropout.h"
 #include "output_pool.h"
 
 namespace fastattn {
@@ -113,8 +114,7 @@ Tensor setup_attention_args(AttnArgs& a, const Tensor& q, const Tensor& k, const
     const int64_t* s = r.data_ptr<int64_t>();
     a.seed0 = uint32_t(uint64_t(s[0]) & 0xffffffffu);
     a.seed1 = uint32_t(uint64_t(s[1]) & 0xffffffffu);
-    const double t = std::floor(dropout_p * double(1 << 24) + 0.5);
-    a.thr = uint32_t(std::min(t, double(1 << 24)));
+    a.thr = dropout_threshold(dropout_p);
     a.drop_scale = 1.0 / (1.0 - dropout_p);
   } else {
     a.drop_scale = 1.0;

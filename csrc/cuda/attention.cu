@@ -21,6 +21,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../dropout.h"
 #include "attention.h"
 #include "attention_kernels.cuh"
 #include "common.cuh"
@@ -103,8 +104,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
   }
   if (dropout_p > 0.0) {  // fastattn.reference.dropout_keep's hash and threshold
     p.rng = rng->data_ptr<int64_t>();
-    const double t = std::floor(dropout_p * double(1 << 24) + 0.5);
-    p.drop_threshold = static_cast<uint32_t>(std::min(t, double(1 << 24)));
+    p.drop_threshold = dropout_threshold(dropout_p);
     p.drop_scale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
   }
   p.aligned = attention_rows_aligned(p, 2);

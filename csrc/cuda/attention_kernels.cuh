@@ -70,11 +70,16 @@ struct AttnParams {
 
 // Key columns per tile: 64 while S (32 floats) and O (D / 2 floats) per thread fit in registers
 // next to each other; 32 at head_dim 256, where O alone takes 128 floats per thread.
+__host__ __device__ constexpr int attention_cols(int tier) { return tier <= 128 ? 64 : 32; }
+// Q, and two buffers each of K and V, as 16-bit elements in rows of tier + 8 (16 bytes of padding).
+__host__ __device__ constexpr size_t attention_smem_bytes(int tier) {
+  return size_t(kAttnRows + 4 * attention_cols(tier)) * (tier + 8) * 2;
+}
+
 template <int D>
 struct AttnTile {
-  static constexpr int kCols = D <= 128 ? 64 : 32;
-  static constexpr int kLd = D + 8;  // shared-memory row stride (elements): 16 bytes of padding
-  static constexpr size_t kSmemBytes = size_t{kAttnRows + 4 * kCols} * kLd * 2;
+  static constexpr int kCols = attention_cols(D);
+  static constexpr int kLd = D + 8;  // shared-memory row stride (elements)
 };
 
 // The head-dim tiers compiled (q/k and v padded with zeros up to it).
@@ -424,26 +429,34 @@ inline bool attention_rows_aligned(const AttnParams& p, int64_t elem) {
   return ok;
 }
 
+// Splits the key tiles into at most `splits` slices of whole tiles (p.splits, p.tiles_per_split,
+// the grid's z and the combine step follow).
+inline void set_attention_splits(AttnParams& p, AttnPlan& plan, int64_t splits) {
+  const int64_t tiles = ceil_div(p.Sk, plan.cols);
+  p.tiles_per_split = static_cast<int>(ceil_div(tiles, splits));
+  p.splits = static_cast<int>(tiles > 0 ? ceil_div(tiles, p.tiles_per_split) : 1);
+  plan.grid.z = static_cast<unsigned>(p.splits);
+  plan.combine_blocks = p.splits > 1 ? std::min<int64_t>(int64_t{p.B} * p.H * p.Sq, 65535) : 0;
+}
+
 // Fills p.pack, p.splits, p.tiles_per_split and returns the launch. sm_count: the device's.
 inline AttnPlan attention_plan(AttnParams& p, int sm_count) {
   AttnPlan plan;
   plan.tier = attention_tier(p.d > p.dv ? p.d : p.dv);
-  plan.cols = plan.tier <= 128 ? 64 : 32;
-  plan.smem = size_t{kAttnRows + 4 * static_cast<size_t>(plan.cols)} * (plan.tier + 8) * 2;
+  plan.cols = attention_cols(plan.tier);
+  plan.smem = attention_smem_bytes(plan.tier);
   // Fewer query rows than a tile (decode): the kv group's heads fill the tile's rows instead.
   p.pack = p.group > 1 && p.Sq < kAttnRows ? p.group : 1;
   const int64_t m_blocks = ceil_div(int64_t{p.Sq} * p.pack, kAttnRows);
   const int64_t blocks = int64_t{p.B} * (p.H / p.pack) * m_blocks;
   const int64_t tiles = ceil_div(p.Sk, plan.cols);
+  plan.grid = dim3(static_cast<unsigned>(int64_t{p.B} * (p.H / p.pack)),
+                   static_cast<unsigned>(m_blocks), 1);
   // Split the keys when the grid would leave SMs idle: about two blocks per SM in all.
   int64_t splits = 1;
   if (blocks < sm_count && tiles > 1)
     splits = std::min<int64_t>({tiles, ceil_div(2 * int64_t{sm_count}, blocks), kAttnMaxSplits});
-  p.tiles_per_split = static_cast<int>(ceil_div(tiles, splits));
-  p.splits = static_cast<int>(tiles > 0 ? ceil_div(tiles, p.tiles_per_split) : 1);
-  plan.grid = dim3(static_cast<unsigned>(int64_t{p.B} * (p.H / p.pack)),
-                   static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.splits));
-  plan.combine_blocks = p.splits > 1 ? std::min<int64_t>(int64_t{p.B} * p.H * p.Sq, 65535) : 0;
+  set_attention_splits(p, plan, splits);
   return plan;
 }
 

@@ -113,13 +113,7 @@ extern "C" int fa_attention_forward(int dtype, const void* const* ptrs, const in
     p.drop_scale = static_cast<float>(reals[2]);
     p.aligned = attention_rows_aligned(p, 2) && n[kAligned] != 0;
     AttnPlan plan = attention_plan(p, static_cast<int>(n[kSmCount]));
-    if (n[kSplits] > 0) {  // a test's own split count, through the same arithmetic
-      const int64_t tiles = ceil_div(p.Sk, plan.cols);
-      p.tiles_per_split = static_cast<int>(ceil_div(tiles, n[kSplits]));
-      p.splits = static_cast<int>(tiles > 0 ? ceil_div(tiles, p.tiles_per_split) : 1);
-      plan.grid.z = static_cast<unsigned>(p.splits);
-      plan.combine_blocks = p.splits > 1 ? int64_t{p.B} * p.H * p.Sq : 0;
-    }
+    if (n[kSplits] > 0) set_attention_splits(p, plan, n[kSplits]);  // a test's own count
     const size_t rows = size_t(p.B) * p.H * p.Sq;
     std::vector<float> out_part, lse_part;
     if (p.splits > 1) {  // NaN: a partial the kernel fails to write shows up
