@@ -232,7 +232,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
                                          const OptTensor& sinks, const OptTensor& alibi) {
   check_attention_inputs(kFwd, q, k, v, mask, rng, dropout_p);
   check_attention_variants(kFwd, q, window_left, window_right, softcap, sinks, alibi);
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Dv = v.size(3);
   const int64_t Sk = k.size(2);
   const auto lse_dt = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor out = new_output({B, H, Sq, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -229,6 +230,85 @@ inline void check_attention_saved(const char* op, const at::Tensor& grad_out, co
                   lse.size(2) == q.size(2),
               op, ": lse must have shape (batch, heads, seqlen_q) = (", q.size(0), ", ", q.size(1),
               ", ", q.size(2), "), got ", lse.sizes());
+}
+
+// The inputs of fastattn::paged_attention_forward (CPU and CUDA):
+// q (B, H, Sq, D) (any strides, last dim contiguous), caches (num_blocks, block_size, Hkv, D|Dv);
+// block_table (B, max_blocks) and cache_seqlens (B,) int32; k_new, v_new (B, Sq, Hkv, D | Dv)
+// or neither; every sequence's keys (with the new ones) fit its row of the table, and every
+// block they take exists. Returns the longest sequence's key count. op: the op named in errors.
+inline int64_t check_paged_inputs(const char* op, const at::Tensor& q, const at::Tensor& kc,
+                                  const at::Tensor& vc, const at::Tensor& table,
+                                  const at::Tensor& lens, const std::optional<at::Tensor>& kn,
+                                  const std::optional<at::Tensor>& vn) {
+  TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && vc.dim() == 4, op,
+              ": expected q (batch, heads, seqlen_q, head_dim) and caches (num_blocks, "
+              "block_size, kv_heads, head_dim); got q ",
+              q.sizes(), ", k_cache ", kc.sizes(), ", v_cache ", vc.sizes());
+  if (q.is_cuda()) {  // the CUDA kernel's tensor cores take 16-bit inputs only
+    TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+                     ": the CUDA attention kernel takes float16 or bfloat16 q and caches, got ",
+                     q.scalar_type(), " (backend='triton' takes float32)");
+  } else {
+    check_cpu_data(op, "q", q);
+  }
+  check_same_dtype(op, "k_cache", kc, q);
+  check_same_dtype(op, "v_cache", vc, q);
+  const at::Tensor* named[4] = {&kc, &vc, &table, &lens};
+  const char* names[4] = {"k_cache", "v_cache", "block_table", "cache_seqlens"};
+  for (int t = 0; t < 4; ++t) check_same_device(op, names[t], *named[t], q);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), bs = kc.size(1), Hkv = kc.size(2);
+  TORCH_CHECK(kc.size(3) == D && vc.size(0) == kc.size(0) && vc.size(1) == bs && vc.size(2) == Hkv,
+              op, ": k_cache must match q's head_dim and v_cache's first three dims; got q ",
+              q.sizes(), ", k_cache ", kc.sizes(), ", v_cache ", vc.sizes());
+  TORCH_CHECK(bs >= 16 && (bs & (bs - 1)) == 0, op,
+              ": block_size must be a power of two >= 16, got ", bs);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": q's heads (", H,
+              ") must be a multiple of the caches' kv_heads (", Hkv, ")");
+  TORCH_CHECK(D >= 1 && D <= 256 && vc.size(3) >= 1 && vc.size(3) <= 256, op,
+              ": head_dims must be in [1, 256], got q ", q.sizes(), ", v_cache ", vc.sizes());
+  for (const at::Tensor* t : {&q, &kc, &vc})
+    TORCH_CHECK(t->stride(3) == 1 || t->size(3) <= 1, op,
+                ": q and the caches need a contiguous last dim, got strides ", t->strides());
+  TORCH_CHECK(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == B, op,
+              ": block_table must be int32 (batch=", B, ", max_blocks), got ", table.scalar_type(),
+              " of shape ", table.sizes());
+  TORCH_CHECK(lens.scalar_type() == at::kInt && lens.dim() == 1 && lens.size(0) == B, op,
+              ": cache_seqlens must be int32 (batch=", B, ",), got ", lens.scalar_type(),
+              " of shape ", lens.sizes());
+  TORCH_CHECK(kn.has_value() == vn.has_value(), op, ": k_new and v_new come together");
+  int64_t added = 0;
+  if (kn.has_value()) {
+    const std::vector<int64_t> ks{B, q.size(2), Hkv, D}, vs{B, q.size(2), Hkv, vc.size(3)};
+    TORCH_CHECK(
+        kn->sizes() == ks && vn->sizes() == vs, op,
+        ": k_new / v_new must be (batch, seqlen_q, kv_heads, head_dim) = ", at::IntArrayRef(ks),
+        " / ", at::IntArrayRef(vs), "; got ", kn->sizes(), ", ", vn->sizes());
+    check_same_dtype(op, "k_new", *kn, q);
+    check_same_dtype(op, "v_new", *vn, q);
+    check_same_device(op, "k_new", *kn, q);
+    check_same_device(op, "v_new", *vn, q);
+    added = q.size(2);
+  }
+  // Read on the host (a CUDA table and lengths: one copy and sync each, as the Python checks).
+  const at::Tensor tc = table.cpu().contiguous(), lc = lens.cpu().contiguous();
+  const int32_t* tp = tc.data_ptr<int32_t>();
+  const int32_t* lp = lc.data_ptr<int32_t>();
+  const int64_t mb = table.size(1), nblocks = kc.size(0);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = lp[b] + added, need = (n + bs - 1) / bs;
+    // (ValueError in Python, as the Python checks of the other backends raise.)
+    TORCH_CHECK_VALUE(lp[b] >= 0 && need <= mb, op, ": sequence ", b, " has ", lp[b], " + ", added,
+                      " keys, which need ", need, " blocks of ", bs, "; block_table has ", mb,
+                      " per sequence (and a length must be >= 0)");
+    for (int64_t i = 0; i < need; ++i)
+      TORCH_CHECK_VALUE(tp[b * mb + i] >= 0 && tp[b * mb + i] < nblocks, op, ": block_table[", b,
+                        ", ", i, "] = ", tp[b * mb + i], " is outside the cache's ", nblocks,
+                        " blocks");
+    longest = std::max(longest, n);
+  }
+  return longest;
 }
 
 }  // namespace fastattn

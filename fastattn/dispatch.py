@@ -67,7 +67,9 @@ def cpp_kernels(op: str) -> frozenset[str]:
 
 # Ops whose CUDA C++ kernels take fewer dtypes than the others: the attention kernels use tensor
 # cores on 16-bit inputs (csrc/cuda/attention.cu).
-_CUDA_OP_DTYPES = {"attention": frozenset({torch.float16, torch.bfloat16})}
+_CUDA_OP_DTYPES = dict.fromkeys(
+    ("attention", "paged_attention"), frozenset({torch.float16, torch.bfloat16})
+)
 
 
 def unavailable_reason(

@@ -22,7 +22,8 @@ from fastattn import reference
 # The order of harness_attention.cpp's Int enum.
 INTS = (
     "B H Hkv Sq Sk D Dv q_sb q_sh q_ss k_sb k_sh k_ss v_sb v_sh v_ss o_sb o_sh o_ss causal offset "
-    "wl wr mask_kind m_sb m_sh m_sq m_sk al_sb al_sh drop_threshold sm_count splits aligned"
+    "wl wr mask_kind m_sb m_sh m_sq m_sk al_sb al_sh drop_threshold sm_count splits aligned page "
+    "bt_stride seqlen_added"
 ).split()
 PLAN = "tier cols pack splits tiles_per_split aligned grid_x grid_y grid_z".split()
 MASK_KIND = {None: 0, torch.bool: 1, torch.float32: 2}  # else q's own dtype: 3
@@ -61,7 +62,9 @@ def run(lib, q, k, v, *, mask=None, causal=False, offset=0, window=(-1, -1), sof
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     drop_scale = 1.0 / (1.0 - dropout_p)
     reals = (ctypes.c_double * 3)(scale, softcap, drop_scale)
-    ptrs = (ctypes.c_void_p * 9)(*(ptr(t).value for t in (q, k, v, out, lse, m, sinks, al, rng)))
+    ptrs = (ctypes.c_void_p * 11)(
+        *(ptr(t).value for t in (q, k, v, out, lse, m, sinks, al, rng, None, None))
+    )
     plan = (ctypes.c_int64 * len(PLAN))()
     err = ctypes.create_string_buffer(ERR_LEN)
     rc = lib.fa_attention_forward(DTYPE_CODE[q.dtype], ptrs, ints, reals, plan, err, ERR_LEN)

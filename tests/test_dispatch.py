@@ -67,11 +67,13 @@ def test_auto_takes_the_cpu_kernels_where_they_serve_else_the_reference(monkeypa
             torch.ops.fastattn.softmax(torch.randn(2, 3).to(dtype), None, 1.0, False, False)
 
 
+@pytest.mark.parametrize("op", ["attention", "paged_attention"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cuda_attention_serves_16_bit_dtypes_only(monkeypatch, dtype):
-    """As a CUDA build would see it (faked: no CUDA here): the CUDA C++ attention takes fp16 /
-    bf16, so auto passes over it for fp32 attention (to the reference when Triton is out) and
-    names the reason when asked for it; softmax's CUDA kernels still take fp32."""
+def test_cuda_attention_serves_16_bit_dtypes_only(monkeypatch, dtype, op):
+    """As a CUDA build would see it (faked: no CUDA here): the CUDA C++ attention (dense and
+    paged) takes fp16 / bf16, so auto passes over it for fp32 attention (to the reference when
+    Triton is out) and names the reason when asked for it; softmax's CUDA kernels still take
+    fp32."""
     monkeypatch.setattr(dispatch, "_CUDA_BUILT", True)
     monkeypatch.setattr(dispatch, "TRITON_ERROR", "faked away")
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
@@ -79,13 +81,11 @@ def test_cuda_attention_serves_16_bit_dtypes_only(monkeypatch, dtype):
     try:
         gpu, cpp = torch.device("cuda"), frozenset({"cuda"})
         low = dtype != torch.float32
-        assert dispatch.select("auto", gpu, dtype, "attention", cpp) == (
-            "cuda" if low else "reference"
-        )
+        assert dispatch.select("auto", gpu, dtype, op, cpp) == ("cuda" if low else "reference")
         assert dispatch.select("auto", gpu, dtype, "softmax", cpp) == "cuda"
         if not low:
             with pytest.raises(RuntimeError, match="take bfloat16, float16, not torch.float32"):
-                dispatch.select("cuda", gpu, dtype, "attention", cpp)
+                dispatch.select("cuda", gpu, dtype, op, cpp)
     finally:
         dispatch._auto.cache_clear()
 

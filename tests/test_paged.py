@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_parity, sequence_oracle
+from conftest import GPU, assert_parity, sequence_oracle
 
 import fastattn
 
@@ -453,3 +453,76 @@ def test_paged_bad_arguments_are_refused(change, exc, match):
     with pytest.raises(exc, match=match):
         fastattn.paged_attention(kw.pop("q"), kw.pop("k_cache"), kw.pop("v_cache"),
                                  kw.pop("block_table"), kw.pop("cache_seqlens"), **kw)  # fmt: skip
+
+
+# ------------------------------------------------------------ on a GPU: the CUDA C++ kernels
+# (csrc/cuda/paged_host.cpp, attention.cu) and Triton's on CUDA tensors. The CUDA kernels run
+# on the CPU in every CI run too, through the host layer (tests/test_cuda_host_paged.py).
+# Lengths as LENGTHS, with a long one past the split-KV threshold; block sizes 16 (several per
+# key tile) and 256 (a tile inside a block); head_dim 128, GQA 8/2 (decode packs 4 heads a tile).
+GPU_BACKENDS = [pytest.param(b, marks=GPU) for b in ("cuda", "triton")]
+
+
+def to_cuda(*ts):
+    return [t if not isinstance(t, torch.Tensor) else t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("new", [0, 1, 7])
+@pytest.mark.parametrize("bs", [16, 256])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_paged_gpu(backend, bs, new, variant, dtype):
+    lengths = [0, 1, 113, 4097, 40]
+    q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache(lengths, new, bs, 8, 2, 128, dtype)
+    kw = extras(VARIANTS[variant], 8, len(lengths))
+    want_k = kc.clone()
+    for b, n in enumerate(lengths):
+        for t in range(n, n + new):
+            want_k[int(table[b, t // bs]), t % bs] = dk[b][t]
+    qd, kcd, vcd, td, sd, knd, vnd = to_cuda(q, kc, vc, table, seqlens, kn, vn)
+    kwd = dict(zip(kw, to_cuda(*kw.values()), strict=True))
+    out, lse = fastattn.paged_attention(qd, kcd, vcd, td, sd, k_new=knd, v_new=vnd,
+                                        backend=backend, return_lse=True, **kwd)  # fmt: skip
+    check_sequences(out.cpu(), q, dk, dv, kw, dtype, f"{backend} {variant}")
+    check_lse(lse.cpu(), q, dk, kw, f"{backend} {variant}")
+    assert torch.equal(kcd.cpu(), want_k)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_paged_gpu_strided_layouts_and_refusals(backend):
+    # test_paged_strided_layouts's views (K and V side by side, a strided table, lengths and
+    # new tokens) on CUDA tensors in fp16, against the same call on contiguous copies; then the
+    # CUDA kernel's refusal of float32 (a TypeError naming the dtype, before the cache is
+    # touched) and of a block id outside the cache.
+    g = torch.Generator().manual_seed(5)
+    bs, Hkv, H, D = 16, 2, 4, 64
+    kv = torch.randn(6, Hkv, 2, bs, D, generator=g).half().cuda()
+    kc, vc = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (6, bs, Hkv, D)
+    wide = torch.full((2, 8), 10**6, dtype=torch.int32)
+    wide[0, 0:6:2] = torch.tensor([4, 1, 3], dtype=torch.int32)
+    wide[1, 0:4:2] = torch.tensor([0, 5], dtype=torch.int32)
+    table = wide.cuda()[:, ::2]
+    lens = torch.tensor([37, 99, 5, 99], dtype=torch.int32).cuda()[::2]
+    k_new = torch.randn(2, 2, D, Hkv, generator=g).half().cuda().transpose(2, 3)
+    v_new = torch.randn(2, 2, D, Hkv, generator=g).half().cuda().transpose(2, 3)
+    q = torch.randn(2, 2, H, D, generator=g).half().cuda()
+    kc2, vc2 = kc.contiguous(), vc.contiguous()
+    want = fastattn.paged_attention(q, kc2, vc2, table.contiguous(), lens.contiguous(),
+                                    k_new=k_new.contiguous(), v_new=v_new.contiguous(),
+                                    causal=True, backend=backend)  # fmt: skip
+    got = fastattn.paged_attention(q, kc, vc, table, lens, k_new=k_new, v_new=v_new, causal=True,
+                                   backend=backend)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    if backend == "cuda":
+        before = kc2.clone()
+        with pytest.raises((TypeError, RuntimeError), match="float32"):
+            fastattn.paged_attention(q.float(), kc2.float(), vc2.float(), table, lens,
+                                     backend="cuda")  # fmt: skip
+        bad = table.contiguous().clone()
+        bad[1, 0] = 6  # the cache has blocks 0..5
+        with pytest.raises(ValueError, match="outside the cache"):
+            fastattn.paged_attention(q, kc2, vc2, bad, lens, k_new=k_new, v_new=v_new,
+                                     backend="cuda")  # fmt: skip
+        assert torch.equal(kc2, before)  # refused before any append

@@ -25,11 +25,11 @@ PY=$ROOT/$VENV/bin/python
 BUILD=$ROOT/.build-cuda
 ARCHS="8.0;9.0a"
 OPS=(fastattn::softmax fastattn::softmax_backward fastattn::norm fastattn::norm_backward
-  fastattn::attention fastattn::attention_backward)
+  fastattn::attention fastattn::attention_backward fastattn::paged_attention_forward)
 KERNELS=(softmax_fwd_warp_kernel softmax_fwd_block_kernel softmax_bwd_warp_kernel
   softmax_bwd_block_kernel norm_fwd_reg_kernel norm_fwd_loop_kernel norm_bwd_reg_kernel
   norm_bwd_coef_kernel norm_bwd_loop_kernel norm_sum_partials_kernel attention_fwd_kernel
-  attention_combine_kernel)
+  attention_combine_kernel paged_append_kernel)
 T0=$SECONDS
 
 step() { printf '== %s\n' "$*"; }

@@ -46,6 +46,7 @@ GPU_TEST_FILES = [
     "tests/test_attention.py",
     "tests/test_norm.py",
     "tests/test_softmax.py",
+    "tests/test_paged.py",
     "tests/test_cuda_device.py",  # the CUDA C++ paths only a device shows: streams, guards, 2**31
 ]
 

@@ -1,5 +1,8 @@
-// Launcher of the CUDA attention forward (the kernels and their launch plan:
-// attention_kernels.cuh; schema: csrc/ops.cpp). Inputs are checked in attention_host.cpp.
+// Launchers of the CUDA attention forward, dense (fastattn::attention) and against a paged KV
+// cache (fastattn::paged_attention_forward, with its in-place append): the kernels and their
+// launch plan are in attention_kernels.cuh, the schemas in csrc/ops.cpp.
+// Inputs are checked in attention_host.cpp and paged_host.cpp. Both ops launch from this one
+// translation unit so that nvcc compiles the forward kernels' instantiations once.
 //
 // float16 / bfloat16 only (tensor cores); head dims up to 256 in three compiled tiers (64, 128,
 // 256; q/k and v zero-padded to the tier of the larger). The forward kernel runs once; when the
@@ -34,13 +37,15 @@
 namespace fastattn::cuda {
 namespace {
 
+using OptTensor = std::optional<at::Tensor>;
+
 template <typename scalar_t, bool kBf16>
-void launch(AttnParams& p, const AttnPlan& plan, int device, cudaStream_t stream) {
+void launch(const char* op, AttnParams& p, const AttnPlan& plan, int device, cudaStream_t stream) {
   with_attention_kernel<scalar_t, kBf16>(plan.tier, [&](auto kernel) {
     const int limit = max_dynamic_smem(kernel, device);
-    TORCH_CHECK(plan.smem <= static_cast<size_t>(limit), "fastattn::attention: head_dim tier ",
-                plan.tier, " needs ", plan.smem, " bytes of shared memory per block; device ",
-                device, " allows ", limit);
+    TORCH_CHECK(plan.smem <= static_cast<size_t>(limit), op, ": head_dim tier ", plan.tier,
+                " needs ", plan.smem, " bytes of shared memory per block; device ", device,
+                " allows ", limit);
     kernel<<<plan.grid, kAttnThreads, plan.smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -51,42 +56,14 @@ void launch(AttnParams& p, const AttnPlan& plan, int device, cudaStream_t stream
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> attention_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng, double scale,
-    bool causal, int64_t causal_offset, double dropout_p, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& alibi) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Sk = k.size(2), Dv = v.size(3);
-  at::Tensor out = new_output({B, H, Sq, Dv}, q.options());
-  at::Tensor lse = new_output({B, H, Sq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(B * H <= kMax && Sq <= kMax && Sk <= kMax, "fastattn::attention: batch * heads (",
-              B * H, "), seqlen_q (", Sq, ") and seqlen_k (", Sk, ") must each be < 2**31");
-
-  AttnParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
-  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_ss = out.stride(2);
-  p.B = static_cast<int>(B), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(Hkv);
-  p.Sq = static_cast<int>(Sq), p.Sk = static_cast<int>(Sk);
-  p.d = static_cast<int>(D), p.dv = static_cast<int>(Dv);
-  p.group = static_cast<int>(H / Hkv);
+// p's sizes, scaling and variant fields (q (B, H, Sq, D) and the shape fields set by the caller).
+void set_variants(AttnParams& p, double scale, bool causal, int64_t window_left,
+                  int64_t window_right, double softcap, const OptTensor& sinks,
+                  const OptTensor& alibi) {
+  p.group = p.H / p.Hkv;
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
   p.causal = causal;
-  p.causal_offset = causal_offset;
   p.window_left = window_left;
   p.window_right = window_right;
   if (sinks.has_value()) p.sinks = sinks->data_ptr<float>();
@@ -94,6 +71,86 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
     p.alibi = alibi->data_ptr<float>();
     p.al_sb = alibi->stride(0), p.al_sh = alibi->stride(1);
   }
+}
+
+// The launch plan of p, refused (before anything is allocated) past the grid's y limit.
+AttnPlan plan_for(const char* op, AttnParams& p, int device) {
+  const AttnPlan plan = attention_plan(p, device_limits(device).sm_count);
+  TORCH_CHECK(plan.grid.y <= kMaxGridY, op, ": seqlen_q ", p.Sq,
+              " needs more than 65535 query tiles");
+  return plan;
+}
+
+// q, k, v and out pointers and strides set: the alignment choice, the split-KV partials, the
+// launch on q's dtype.
+void run(const char* op, AttnParams& p, const AttnPlan& plan, const at::Tensor& q) {
+  p.aligned = attention_rows_aligned(p, 2);
+  at::Tensor out_part, lse_part;
+  if (p.splits > 1) {
+    out_part = at::empty({p.splits, p.B, p.H, p.Sq, p.dv}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({p.splits, p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
+    p.out_part = out_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  const int device = static_cast<int>(q.get_device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kBFloat16)
+    launch<c10::BFloat16, true>(op, p, plan, device, stream);
+  else
+    launch<c10::Half, false>(op, p, plan, device, stream);
+}
+
+void check_sizes(const char* op, int64_t B, int64_t H, int64_t Sq, int64_t Sk) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(B * H <= kMax && Sq <= kMax && Sk <= kMax, op, ": batch * heads (", B * H,
+              "), seqlen_q (", Sq, ") and seqlen_k (", Sk, ") must each be < 2**31");
+}
+
+// nw (B, S, Hkv, d) -> cache at each sequence's positions lens[b] .. (paged_append_kernel).
+void append(const at::Tensor& cache, const at::Tensor& table, const at::Tensor& lens,
+            const at::Tensor& new_rows, cudaStream_t stream) {
+  // (the kernel copies rows of the last dim: any other layout of the new tokens is made so)
+  const at::Tensor nw = new_rows.stride(3) == 1 ? new_rows : new_rows.contiguous();
+  PagedAppendParams a;
+  a.src = static_cast<const uint16_t*>(nw.data_ptr());
+  a.cache = static_cast<uint16_t*>(cache.data_ptr());
+  a.table = table.data_ptr<int32_t>();
+  a.lens = lens.data_ptr<int32_t>();
+  a.s_sb = nw.stride(0), a.s_ss = nw.stride(1), a.s_sh = nw.stride(2);
+  a.c_sb = cache.stride(0), a.c_ss = cache.stride(1), a.c_sh = cache.stride(2);
+  a.bt_stride = table.stride(0);
+  a.B = static_cast<int>(nw.size(0)), a.S = static_cast<int>(nw.size(1));
+  a.Hkv = static_cast<int>(nw.size(2)), a.d = static_cast<int>(nw.size(3));
+  a.page = static_cast<int>(cache.size(1));
+  // One block per row up to the grid's reach (the kernel strides over the rest).
+  const int64_t blocks = std::min<int64_t>(nw.size(0) * nw.size(1) * nw.size(2), 65535);
+  paged_append_kernel<<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, const OptTensor& mask,
+                                                  const OptTensor& rng, double scale, bool causal,
+                                                  int64_t causal_offset, double dropout_p,
+                                                  int64_t window_left, int64_t window_right,
+                                                  double softcap, const OptTensor& sinks,
+                                                  const OptTensor& alibi) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  constexpr const char* op = "fastattn::attention";
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Sk = k.size(2), Dv = v.size(3);
+  if (B * H * Sq * Dv == 0)
+    return {new_output({B, H, Sq, Dv}, q.options()),
+            new_output({B, H, Sq}, q.options().dtype(at::kFloat))};
+  check_sizes(op, B, H, Sq, Sk);
+
+  AttnParams p;
+  p.B = static_cast<int>(B), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(k.size(1));
+  p.Sq = static_cast<int>(Sq), p.Sk = static_cast<int>(Sk);
+  p.d = static_cast<int>(q.size(3)), p.dv = static_cast<int>(Dv);
+  set_variants(p, scale, causal, window_left, window_right, softcap, sinks, alibi);
+  p.causal_offset = causal_offset;
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     p.mask = m.data_ptr();
@@ -107,24 +164,62 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
     p.drop_threshold = dropout_threshold(dropout_p);
     p.drop_scale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
   }
-  p.aligned = attention_rows_aligned(p, 2);
+  const AttnPlan plan = plan_for(op, p, static_cast<int>(q.get_device()));
 
-  const int device = static_cast<int>(q.get_device());
-  const AttnPlan plan = attention_plan(p, device_limits(device).sm_count);
-  TORCH_CHECK(plan.grid.y <= kMaxGridY, "fastattn::attention: seqlen_q ", Sq,
-              " needs more than 65535 query tiles");
-  at::Tensor out_part, lse_part;
-  if (p.splits > 1) {
-    out_part = at::empty({p.splits, B, H, Sq, Dv}, q.options().dtype(at::kFloat));
-    lse_part = at::empty({p.splits, B, H, Sq}, q.options().dtype(at::kFloat));
-    p.out_part = out_part.data_ptr<float>();
-    p.lse_part = lse_part.data_ptr<float>();
-  }
+  at::Tensor out = new_output({B, H, Sq, Dv}, q.options());
+  at::Tensor lse = new_output({B, H, Sq}, q.options().dtype(at::kFloat));
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_ss = out.stride(2);
+  run(op, p, plan, q);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& cache_seqlens, const OptTensor& k_new,
+    const OptTensor& v_new, int64_t longest, double scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const OptTensor& sinks, const OptTensor& alibi) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  constexpr const char* op = "fastattn::paged_attention_forward";
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Dv = v_cache.size(3);
+  const at::Tensor table = block_table.contiguous(), lens = cache_seqlens.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kBFloat16)
-    launch<c10::BFloat16, true>(p, plan, device, stream);
-  else
-    launch<c10::Half, false>(p, plan, device, stream);
+  check_sizes(op, B, H, Sq, longest);
+  if (k_new.has_value() && Sq > 0) {  // all checked: append, then attend (one stream: in order)
+    append(k_cache, table, lens, *k_new, stream);
+    append(v_cache, table, lens, *v_new, stream);
+  }
+  // Seq-major, as the caller's q (batch, seqlen_q, heads, head_dim) and FlashAttention's output.
+  if (B * H * Sq * Dv == 0)
+    return {new_output({B, Sq, H, Dv}, q.options()),
+            new_output({B, H, Sq}, q.options().dtype(at::kFloat))};
+
+  AttnParams p;
+  p.B = static_cast<int>(B), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(k_cache.size(2));
+  p.Sq = static_cast<int>(Sq), p.Sk = static_cast<int>(longest);
+  p.d = static_cast<int>(q.size(3)), p.dv = static_cast<int>(Dv);
+  set_variants(p, scale, causal, window_left, window_right, softcap, sinks, alibi);
+  p.block_table = table.data_ptr<int32_t>();
+  p.bt_stride = table.stride(0);
+  p.seqlen_k = lens.data_ptr<int32_t>();
+  p.seqlen_added = k_new.has_value() ? static_cast<int>(Sq) : 0;
+  p.page = static_cast<int>(k_cache.size(1));
+  const AttnPlan plan = plan_for(op, p, static_cast<int>(q.get_device()));
+
+  at::Tensor out = new_output({B, Sq, H, Dv}, q.options());
+  at::Tensor lse = new_output({B, H, Sq}, q.options().dtype(at::kFloat));
+  p.q = q.data_ptr(), p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
+  p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
+  // The caches (num_blocks, page, Hkv, D): a block, a head, a row of the block.
+  p.k_sb = k_cache.stride(0), p.k_sh = k_cache.stride(2), p.k_ss = k_cache.stride(1);
+  p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(2), p.v_ss = v_cache.stride(1);
+  p.o_sb = out.stride(0), p.o_sh = out.stride(2), p.o_ss = out.stride(1);
+  run(op, p, plan, q);
   return {out, lse};
 }
 

@@ -16,7 +16,9 @@
 // the query heads of a kv group are packed into the rows ("pack"), so that they share the K/V
 // reads and the tile is not mostly padding. Split-KV (decode, or any grid smaller than the GPU):
 // blockIdx.z takes a slice of the key tiles and writes an fp32 partial output and its lse, which
-// attention_combine_kernel merges (with the sinks and the dropout scale).
+// attention_combine_kernel merges (with the sinks and the dropout scale). A paged KV cache
+// (fastattn::paged_attention_forward): the same kernel walks each sequence's block table, after
+// paged_append_kernel has written the new tokens into their blocks.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -66,6 +68,15 @@ struct AttnParams {
   float drop_scale = 1.f;        // 1 / (1 - dropout_p)
   int splits = 1, tiles_per_split = 0;
   bool aligned = false;  // q, k, v rows load as 16-byte cp.async chunks (else element-wise)
+  // A paged KV cache (fastattn::paged_attention_forward) when block_table is set: key j of
+  // sequence b is row j % page of block block_table[b * bt_stride + j / page]; k and v point at
+  // the caches, whose k_sb / v_sb stride the blocks and k_ss / v_ss a block's rows. Sequence b
+  // then has seqlen_k[b] + seqlen_added keys (Sk: the longest), its queries the last ones
+  // (causal and the window aligned bottom-right per sequence; causal_offset unused).
+  const int32_t* block_table = nullptr;
+  const int32_t* seqlen_k = nullptr;  // (B,)
+  int64_t bt_stride = 0;
+  int page = 0, seqlen_added = 0;
 };
 
 // Key columns per tile: 64 while S (32 floats) and O (D / 2 floats) per thread fit in registers
@@ -153,7 +164,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(const AttnP
   const int b = blockIdx.x / head_blocks, hb = blockIdx.x % head_blocks;
   const int hk = hb * p.pack / p.group;
   const int64_t rows = int64_t{p.Sq} * p.pack, m0 = int64_t{blockIdx.y} * kAttnRows;
-  const int64_t off = p.causal_offset;
+  const bool paged = p.block_table != nullptr;
+  const int sk = paged ? p.seqlen_k[b] + p.seqlen_added : p.Sk;  // this sequence's keys (< 2**31)
+  const int64_t off = paged ? sk - p.Sq : p.causal_offset;
 
   // The two rows this thread holds (16 warp + g, and 8 below), as (query i, head h).
   int64_t qi[2];
@@ -174,7 +187,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(const AttnP
 
   // The block's key range: the union of its rows' visible keys, then this split's slice.
   const int64_t i_lo = m0 / p.pack, i_hi = (std::min(m0 + kAttnRows, rows) - 1) / p.pack;
-  int64_t j_begin = 0, j_end = p.Sk;
+  int64_t j_begin = 0, j_end = sk;
   if (p.window_left >= 0) j_begin = std::max<int64_t>(0, i_lo + off - p.window_left);
   if (p.causal) j_end = std::min(j_end, i_hi + off + 1);
   if (p.window_right >= 0) j_end = std::min(j_end, i_hi + off + p.window_right + 1);
@@ -185,14 +198,20 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(const AttnP
   }
 
   const auto* qp = static_cast<const uint16_t*>(p.q);
-  const auto* kp = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const auto* vp = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const auto* kp = static_cast<const uint16_t*>(p.k) + hk * p.k_sh;
+  const auto* vp = static_cast<const uint16_t*>(p.v) + hk * p.v_sh;
+  // Key j's row of k (sb, ss: k's or v's strides) or nullptr past the sequence's end.
+  auto key_row = [&](const uint16_t* base, int64_t sb, int64_t ss, int64_t j) -> const uint16_t* {
+    if (j >= sk) return nullptr;
+    if (!paged) return base + b * sb + j * ss;
+    return base + int64_t{p.block_table[b * p.bt_stride + j / p.page]} * sb + j % p.page * ss;
+  };
   auto load_kv = [&](int64_t kb, int buf) {
     const int64_t j0 = kb * BC;
     load_rows<D>(sK + buf * BC * LD, BC, p.d, p.aligned, p.k,
-                 [&](int r) { return j0 + r < p.Sk ? kp + (j0 + r) * p.k_ss : nullptr; });
+                 [&](int r) { return key_row(kp, p.k_sb, p.k_ss, j0 + r); });
     load_rows<D>(sV + buf * BC * LD, BC, p.dv, p.aligned, p.v,
-                 [&](int r) { return j0 + r < p.Sk ? vp + (j0 + r) * p.v_ss : nullptr; });
+                 [&](int r) { return key_row(vp, p.v_sb, p.v_ss, j0 + r); });
   };
   if (kb_begin < kb_end) {
     load_rows<D>(sQ, kAttnRows, p.d, p.aligned, p.q, [&](int r) -> const uint16_t* {
@@ -242,7 +261,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(const AttnP
 
     // The scores' options, in natural units, then to log2 units.
     const int64_t j0 = kb * BC;
-    const bool edge = j0 + BC > p.Sk || (p.causal && j0 + BC - 1 > i_lo + off) ||
+    const bool edge = j0 + BC > sk || (p.causal && j0 + BC - 1 > i_lo + off) ||
                       (p.window_right >= 0 && j0 + BC - 1 > i_lo + off + p.window_right) ||
                       (p.window_left >= 0 && j0 < i_hi + off - p.window_left);
 #pragma unroll
@@ -254,7 +273,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(const AttnP
         float x = s[n][e] * p.scale;
         if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
         if (p.alibi != nullptr) x -= slope[r] * static_cast<float>(rel < 0 ? -rel : rel);
-        const bool in = j < p.Sk && rv[r];
+        const bool in = j < sk && rv[r];
         if (p.mask_kind != kAttnNoMask && in)
           x += mask_value<scalar_t>(p, b * p.m_sb + hh[r] * p.m_sh + qi[r] * p.m_sq + j * p.m_sk);
         if (edge &&
@@ -406,6 +425,42 @@ void with_attention_kernel(int tier, F&& f) {
       break;
     default:
       f(attention_fwd_kernel<scalar_t, kBf16, 256>);
+  }
+}
+
+// ------------------------------------------------------------ paged KV cache: the append
+// fastattn::paged_attention_forward's in-place append, launched before the forward (with
+// AttnParams' paged fields) on the same stream: the new keys (or values) of every sequence
+// written at their positions of the cache.
+
+constexpr int kAppendThreads = 128;
+
+// src (B, S, Hkv, d) -> cache (num_blocks, page, Hkv, d): token t of sequence b goes to position
+// lens[b] + t, i.e. row (lens[b] + t) % page of block table[b * bt_stride + (lens[b] + t) / page]
+// (the tables and lengths checked on the host first). Strides in elements; last dims contiguous.
+struct PagedAppendParams {
+  const uint16_t* src = nullptr;
+  uint16_t* cache = nullptr;
+  const int32_t* table = nullptr;
+  const int32_t* lens = nullptr;
+  int64_t s_sb = 0, s_ss = 0, s_sh = 0;  // src's batch, token, head strides
+  int64_t c_sb = 0, c_ss = 0, c_sh = 0;  // the cache's block, row, head strides
+  int64_t bt_stride = 0;
+  int B = 0, S = 0, Hkv = 0, d = 0, page = 0;
+};
+
+// One (b, t, head) row per block iteration (grid-stride), its d elements over the threads. Rows
+// of distinct (b, t) never share a cache position: each sequence's new positions are its own
+// (two sequences naming one block for them would be the caller's race, as in FlashAttention).
+__global__ void __launch_bounds__(kAppendThreads) paged_append_kernel(const PagedAppendParams a) {
+  const int64_t rows = int64_t{a.B} * a.S * a.Hkv;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t h = row % a.Hkv, t = row / a.Hkv % a.S, b = row / (int64_t{a.Hkv} * a.S);
+    const int64_t pos = int64_t{a.lens[b]} + t;
+    const int64_t blk = a.table[b * a.bt_stride + pos / a.page];
+    const uint16_t* src = a.src + b * a.s_sb + t * a.s_ss + h * a.s_sh;
+    uint16_t* dst = a.cache + blk * a.c_sb + pos % a.page * a.c_ss + h * a.c_sh;
+    for (int c = threadIdx.x; c < a.d; c += kAppendThreads) dst[c] = src[c];
   }
 }
 

@@ -6,11 +6,12 @@ blocks ``k_cache[block_table[b, i]]``, ``cache_seqlens[b]`` of them filled. Forw
 
 The op ``fastattn::paged_attention`` reads the lengths and the block table inside itself (a
 ``torch.compile`` graph needs no host integer), checks them before touching the cache, appends,
-then attends. On the ``cpu`` backend one C++ call does all three for the whole batch
-(``fastattn::paged_attention_forward``, csrc/paged.cpp): the attention kernels walk the block
-table themselves, reading each key where it lies, split over the keys for long contexts. The
-``reference`` backend (and any other, until it has such a kernel) gathers each sequence's keys
-out of their blocks and runs the dense kernel per sequence: exact, at the cost of that copy.
+then attends. On the ``cpu`` and ``cuda`` backends one C++ call does all three for the whole
+batch (``fastattn::paged_attention_forward``: csrc/paged.cpp, csrc/cuda/paged_host.cpp): the
+attention kernels walk the block table themselves, reading each key where it lies, split over
+the keys for long contexts. The ``triton`` backend's kernel walks it too
+(fastattn/ops/paged_triton.py). The ``reference`` backend gathers each sequence's keys out of
+their blocks and runs the dense kernel per sequence: exact, at the cost of that copy.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def paged_attention_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out ``(batch, seqlen_q, heads, head_dim_v)``, lse ``(batch, heads, seqlen_q)``."""
-    if backend == "cpu":  # one C++ call: checks, append, kernels walking the block table
+    if backend in ("cpu", "cuda"):  # one C++ call: checks, append, kernels walking the table
         return torch.ops.fastattn.paged_attention_forward(
             q.transpose(1, 2), k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, scale,
             causal, window_left, window_right, softcap, sinks, alibi,
@@ -125,8 +126,8 @@ def _(q, k_cache, v_cache, *_):
     return out, q.new_empty((B, H, Sq), dtype=_attn.lse_dtype(q))
 
 
-_PAGED_CPP = dispatch.cpp_kernels("paged_attention_forward")  # ({"cpu"} in a CPU build)
-if "cpu" in _PAGED_CPP:
+_PAGED_CPP = dispatch.cpp_kernels("paged_attention_forward")  # {"cpu"} (+ "cuda" in a CUDA build)
+if _PAGED_CPP:
 
     @torch.library.register_fake("fastattn::paged_attention_forward")
     def _(q, k_cache, v_cache, *_):
@@ -245,7 +246,7 @@ def paged_attention(
     sk = None if sinks is None else sinks.detach().to(opm).contiguous()  # the kernels: (H,)
     al = None if alibi_slopes is None else alibi_slopes.detach().to(opm).expand(B, H)
     sc = D**-0.5 if scale is None else float(scale)
-    if name == "cpu":  # the C++ op itself (mutable schema, fake kernel): no Python op around it
+    if name in ("cpu", "cuda"):  # the C++ op itself (mutable schema, fake kernel): no Python op
         out, lse = torch.ops.fastattn.paged_attention_forward(
             q.transpose(1, 2), k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, sc,
             bool(causal), wl, wr, float(softcap), sk, al,

@@ -1,7 +1,8 @@
-// The attention kernels of csrc/cuda/attention_kernels.cuh (forward, split-KV combine) run
-// through the host execution layer, with the tensor-core primitives of tensor_core.h and the
-// launch plan of attention.cu (attention_plan). Its own translation unit (linked into the
-// harness library with harness.cpp); loaded by tests/test_cuda_host_attention.py.
+// The attention kernels of csrc/cuda/attention_kernels.cuh (forward, split-KV combine; dense or
+// against a paged KV cache, and the cache append) run through the host execution layer, with the
+// tensor-core primitives of tensor_core.h and the launch plan of attention.cu (attention_plan). Its
+// own translation unit (linked into the harness library with harness.cpp); loaded by
+// tests/test_cuda_host_attention.py.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -57,6 +58,9 @@ enum Int {
   kSmCount,
   kSplits,
   kAligned,
+  kPage,
+  kBtStride,
+  kSeqlenAdded,
   kInts
 };  // clang-format: one list
 
@@ -73,8 +77,9 @@ void run(AttnParams& p, const AttnPlan& plan) {
 
 }  // namespace
 
-// ptrs: q, k, v, out, lse, mask, sinks, alibi, rng. reals: scale, softcap, drop_scale.
-// plan_out: tier, cols, pack, splits, tiles_per_split, aligned, grid x, y, z.
+// ptrs: q, k, v, out, lse, mask, sinks, alibi, rng, block_table, seqlen_k (the last two set: a
+// paged cache, k / v the caches with k_sb / v_sb their block strides). reals: scale, softcap,
+// drop_scale. plan_out: tier, cols, pack, splits, tiles_per_split, aligned, grid x, y, z.
 extern "C" int fa_attention_forward(int dtype, const void* const* ptrs, const int64_t* n,
                                     const double* reals, int64_t* plan_out, char* err, int errlen) {
   try {
@@ -88,6 +93,11 @@ extern "C" int fa_attention_forward(int dtype, const void* const* ptrs, const in
     p.sinks = static_cast<const float*>(ptrs[6]);
     p.alibi = static_cast<const float*>(ptrs[7]);
     p.rng = static_cast<const int64_t*>(ptrs[8]);
+    p.block_table = static_cast<const int32_t*>(ptrs[9]);
+    p.seqlen_k = static_cast<const int32_t*>(ptrs[10]);
+    p.page = static_cast<int>(n[kPage]);
+    p.bt_stride = n[kBtStride];
+    p.seqlen_added = static_cast<int>(n[kSeqlenAdded]);
     p.B = static_cast<int>(n[kB]);
     p.H = static_cast<int>(n[kH]);
     p.Hkv = static_cast<int>(n[kHkv]);
@@ -132,6 +142,30 @@ extern "C" int fa_attention_forward(int dtype, const void* const* ptrs, const in
     else
       throw cuda_host::Error("harness: the attention kernels take float16 or bfloat16 (code " +
                              std::to_string(dtype) + ")");
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+// paged_append_kernel: ptrs src, cache, table, lens; n: B, S, Hkv, d, page, bt_stride, then
+// src's (batch, token, head) and the cache's (block, row, head) strides; blocks: the grid
+// (fewer blocks than rows: the grid-stride loop).
+extern "C" int fa_paged_append(const void* const* ptrs, const int64_t* n, int64_t blocks, char* err,
+                               int errlen) {
+  try {
+    PagedAppendParams a;
+    a.src = static_cast<const uint16_t*>(ptrs[0]);
+    a.cache = static_cast<uint16_t*>(const_cast<void*>(ptrs[1]));
+    a.table = static_cast<const int32_t*>(ptrs[2]);
+    a.lens = static_cast<const int32_t*>(ptrs[3]);
+    a.B = static_cast<int>(n[0]), a.S = static_cast<int>(n[1]);
+    a.Hkv = static_cast<int>(n[2]), a.d = static_cast<int>(n[3]), a.page = static_cast<int>(n[4]);
+    a.bt_stride = n[5];
+    a.s_sb = n[6], a.s_ss = n[7], a.s_sh = n[8];
+    a.c_sb = n[9], a.c_ss = n[10], a.c_sh = n[11];
+    cuda_host::launch(paged_append_kernel, dim3(static_cast<unsigned>(blocks)),
+                      dim3(kAppendThreads), 0, a);
     return 0;
   } catch (const std::exception& e) {
     return report(e, err, errlen);
