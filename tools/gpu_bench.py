@@ -3,9 +3,11 @@
 Each case checks every implementation's output against a float32 (attention: float64-accumulated
 SDPA math) reference first, then times it with ``triton.testing.do_bench`` (median; CUDA events
 when Triton is missing) and reports TFLOP/s (attention) or GB/s (the row ops: bytes read once and
-written once) with the percentage of the device's peak from ``PEAKS``. Peers: SDPA on its flash
-and efficient backends, ``F.layer_norm``, ``F.rms_norm``, ``torch.softmax``, eager add + norm,
-and flash-attn, Liger-Kernel and xformers when importable.
+written once; the paged decode: its keys and values read once) with the percentage of the
+device's peak from ``PEAKS``. Peers: SDPA on its flash and efficient backends (the paged decode:
+SDPA on the dense padded cache), ``F.layer_norm``, ``F.rms_norm``, ``torch.softmax``, eager
+add + norm, and flash-attn (its ``flash_attn_with_kvcache`` for the paged decode), Liger-Kernel
+and xformers when importable.
 
 Rows are written to ``--out`` after every case, so a run stopped by its time limit keeps what it
 measured. Usage: ``python tools/gpu_bench.py --out DIR/bench.json --budget 90``.
@@ -143,6 +145,58 @@ def attention_cases(torch: Any, F: Any, fastattn: Any) -> list[dict[str, Any]]:
     return cases
 
 
+def paged_cases(torch: Any, F: Any, fastattn: Any) -> list[dict[str, Any]]:
+    """A decode step on a paged KV cache (the CPU bench's shape: 32 sequences of 256-8192 keys,
+    GQA 32/8, head_dim 128), blocks of 256 (flash-attn's kvcache needs a multiple of 256), vs
+    SDPA over the same keys as a dense cache padded to the longest (GB/s: K and V read once)."""
+    flash_attn = _optional("flash_attn")
+    B, H, Hkv, D, bs = 32, 32, 8, 128, 256
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(256, 8193, (B,), generator=g).to(torch.int32)
+    need = (lens + bs - 1) // bs
+    table = torch.randperm(int(need.sum()), generator=g).to(torch.int32)
+    rows = torch.zeros(B, int(need.max()), dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(need.tolist()):
+        rows[b, :n] = table[start : start + n]
+        start += n
+    cases = []
+    for dtype in ("bf16", "fp16"):
+        dt = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype])
+        kc = torch.randn(start, bs, Hkv, D, device="cuda", dtype=dt)
+        vc = torch.randn(start, bs, Hkv, D, device="cuda", dtype=dt)
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=dt)
+        bt, sl = rows.cuda(), lens.cuda()
+        L = int(lens.max())
+        # The dense padded cache (B, Hkv, L, D) and its key padding: built once, outside timing.
+        dk = kc[bt.long()].flatten(1, 2)[:, :L].transpose(1, 2).contiguous()
+        dv = vc[bt.long()].flatten(1, 2)[:, :L].transpose(1, 2).contiguous()
+        pad = (torch.arange(L, device="cuda") < sl[:, None])[:, None, None]  # (B, 1, 1, L)
+        impls: dict[str, Callable[..., Any]] = {
+            f"fastattn[{be}]": (lambda q, kc, vc, bt, sl, be=be: fastattn.paged_attention(
+                q, kc, vc, bt, sl, backend=be))
+            for be in ("triton", "cuda")
+        }  # fmt: skip
+
+        def dense(q: Any, *_: Any, dk: Any = dk, dv: Any = dv, pad: Any = pad) -> Any:
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), dk, dv, attn_mask=pad, enable_gqa=True
+            ).transpose(1, 2)
+
+        impls["SDPA (dense padded)"] = dense
+        if flash_attn is not None:
+            impls["flash-attn kvcache"] = lambda q, kc, vc, bt, sl: (
+                flash_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=sl, block_table=bt)
+            )
+        cases.append({
+            "op": "paged_attention", "shape": f"{B}x{H}/{Hkv}x{L}x{D} bs{bs}", "dtype": dtype,
+            "variant": "decode", "inputs": (q, kc, vc, bt, sl), "impls": impls, "bwd": False,
+            "bytes": int(lens.sum()) * Hkv * D * 2 * kc.element_size(),
+            "ref": lambda q, *_, f=dense, k=dk, v=dv: f(q.float(), dk=k.float(), dv=v.float()),
+        })  # fmt: skip
+    return cases
+
+
 def row_cases(torch: Any, F: Any, fastattn: Any) -> list[dict[str, Any]]:
     """softmax, LayerNorm, RMSNorm and add+RMSNorm on (rows, hidden), forward and fwd+bwd."""
     liger = _optional("liger_kernel.transformers.functional")
@@ -248,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file written after every case")
     p.add_argument("--budget", type=float, default=90.0, help="seconds: no case starts later")
-    p.add_argument("--ops", default="attention,row", help="comma-separated: attention,row")
+    p.add_argument(
+        "--ops", default="attention,paged,row", help="comma-separated: attention,paged,row"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -267,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_source": PEAK_SOURCE, "rows": [], "skipped": [],
     }  # fmt: skip
     t0, time_ms = time.monotonic(), _timer()
-    builders = {"attention": attention_cases, "row": row_cases}
+    builders = {"attention": attention_cases, "paged": paged_cases, "row": row_cases}
     for group in args.ops.split(","):
         for case in builders[group](torch, F, fastattn):
             label = f"{case['op']} {case['shape']} {case['dtype']} {case['variant']}"
