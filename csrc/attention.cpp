@@ -115,7 +115,7 @@ Tensor setup_attention_args(AttnArgs& a, const Tensor& q, const Tensor& k, const
     a.seed0 = uint32_t(uint64_t(s[0]) & 0xffffffffu);
     a.seed1 = uint32_t(uint64_t(s[1]) & 0xffffffffu);
     a.thr = dropout_threshold(dropout_p);
-    a.drop_scale = 1.0 / (1.0 - dropout_p);
+    a.drop_scale = dropout_scale(dropout_p);
   } else {
     a.drop_scale = 1.0;
   }

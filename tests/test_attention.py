@@ -244,6 +244,28 @@ def test_dropout_is_reproducible_and_seeded(backend):
     assert not torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize(("backend", "device"), on_devices(["cpu"], ["cuda"]))
+def test_the_op_at_dropout_p_one_gives_zeros(backend, device):
+    # The schema allows dropout_p == 1 (the public functions refuse it): nothing is kept, so out
+    # and every gradient are zeros, as the reference's, not the 0 * inf = NaN of 1 / (1 - p).
+    dt = torch.float32 if device == "cpu" else torch.float16
+    q = torch.randn(1, 2, 5, 16, device=device).to(dt)
+    rng = torch.tensor([1, 2], device=device)
+    out, lse = torch.ops.fastattn.attention(q, q, q, None, rng, 0.25, False, 0, 1.0, -1, -1, 0.0,
+                                            None, None)  # fmt: skip
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(lse).all()
+    ref, _ = reference.attention(q.double(), q.double(), q.double(), None, 0.25, False, 0, 1.0,
+                                 rng)  # fmt: skip
+    assert torch.equal(ref, torch.zeros_like(ref))
+    if device == "cpu":  # (CUDA tensors' backward is the Triton kernel's)
+        grads = torch.ops.fastattn.attention_backward(
+            torch.randn_like(out), q, q, q, out, lse, None, rng, 0.25, False, 0, 1.0, -1, -1, 0.0,
+            None, None, False, False,
+        )  # fmt: skip
+        for g in grads[:3]:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
 def test_dropout_keep_statistics():
     # Keep rate, and no correlation between neighbouring keys or rows (a weak hash would show).
     p = 0.3

@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   if (dropout_p > 0.0) {  // fastattn.reference.dropout_keep's hash and threshold
     p.rng = rng->data_ptr<int64_t>();
     p.drop_threshold = dropout_threshold(dropout_p);
-    p.drop_scale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
+    p.drop_scale = static_cast<float>(dropout_scale(dropout_p));
   }
   const AttnPlan plan = plan_for(op, p, static_cast<int>(q.get_device()));
 
