@@ -36,6 +36,18 @@ inline void check_cpu_data(const char* op, const char* name, const at::Tensor& t
               "float16 or float64 ", name, ", got ", t.scalar_type());
 }
 
+// The dtypes the CUDA attention kernels (dense and paged) take: tensor-core 16-bit inputs.
+// fastattn._C.build_info()["cuda_attention_dtypes"] reports them to fastattn/dispatch.py.
+inline constexpr at::ScalarType kCudaAttentionTypes[] = {at::kHalf, at::kBFloat16};
+
+// q of a CUDA attention kernel has one of kCudaAttentionTypes (a TypeError otherwise).
+inline void check_cuda_attention_dtype(const char* op, const at::Tensor& q) {
+  bool ok = false;
+  for (const at::ScalarType t : kCudaAttentionTypes) ok = ok || q.scalar_type() == t;
+  TORCH_CHECK_TYPE(ok, op, ": the CUDA attention kernel takes float16 or bfloat16 q, k, v, got ",
+                   q.scalar_type(), " (backend='triton' takes float32)");
+}
+
 // The CUDA kernels' inputs: `t` must live on a CUDA device.
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name,
@@ -131,10 +143,8 @@ inline void check_attention_inputs(const char* op, const at::Tensor& q, const at
     check_same_device(op, names[t], *ts[t], q);
   }
   const auto st = q.scalar_type();
-  if (q.is_cuda()) {  // the CUDA kernel's tensor cores take 16-bit inputs only
-    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, op,
-                     ": the CUDA attention kernel takes float16 or bfloat16 q, k, v, got ", st,
-                     " (backend='triton' takes float32)");
+  if (q.is_cuda()) {
+    check_cuda_attention_dtype(op, q);
   } else {
     check_cpu_data(op, "q", q);
   }
@@ -245,10 +255,8 @@ inline int64_t check_paged_inputs(const char* op, const at::Tensor& q, const at:
               ": expected q (batch, heads, seqlen_q, head_dim) and caches (num_blocks, "
               "block_size, kv_heads, head_dim); got q ",
               q.sizes(), ", k_cache ", kc.sizes(), ", v_cache ", vc.sizes());
-  if (q.is_cuda()) {  // the CUDA kernel's tensor cores take 16-bit inputs only
-    TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-                     ": the CUDA attention kernel takes float16 or bfloat16 q and caches, got ",
-                     q.scalar_type(), " (backend='triton' takes float32)");
+  if (q.is_cuda()) {
+    check_cuda_attention_dtype(op, q);
   } else {
     check_cpu_data(op, "q", q);
   }
@@ -290,7 +298,8 @@ inline int64_t check_paged_inputs(const char* op, const at::Tensor& q, const at:
     check_same_device(op, "v_new", *vn, q);
     added = q.size(2);
   }
-  // Read on the host (a CUDA table and lengths: one copy and sync each, as the Python checks).
+  // Read on the host: CUDA tensors are copied (two small blocking copies; the stream drains at
+  // the first, as at the Python checks' one sync), so the op cannot be captured in a CUDA graph.
   const at::Tensor tc = table.cpu().contiguous(), lc = lens.cpu().contiguous();
   const int32_t* tp = tc.data_ptr<int32_t>();
   const int32_t* lp = lc.data_ptr<int32_t>();

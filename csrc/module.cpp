@@ -18,7 +18,7 @@
 namespace py = pybind11;
 
 namespace {
-// The name of st as a torch attribute (torch.float32, ...), for the dtypes of kCpuDataTypes.
+// The name of st as a torch attribute (torch.float32, ...), for the dtype lists of checks.h.
 const char* torch_dtype_name(at::ScalarType st) {
   switch (st) {
     case at::kFloat:
@@ -32,6 +32,17 @@ const char* torch_dtype_name(at::ScalarType st) {
     default:
       return "unknown";
   }
+}
+
+// "float32,bfloat16,..." of a dtype list.
+template <size_t N>
+std::string dtype_names(const at::ScalarType (&types)[N]) {
+  std::string names;
+  for (const at::ScalarType st : types) {
+    if (!names.empty()) names += ",";
+    names += torch_dtype_name(st);
+  }
+  return names;
 }
 }  // namespace
 
@@ -48,13 +59,10 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_archs"] = FASTATTN_CUDA_ARCHS;
     d["cpu_isas_compiled"] = fastattn::cpu::compiled_isas();
     d["cpu_isa"] = fastattn::cpu::isa_name(fastattn::cpu::isa());
-    // torch's names of the data dtypes the CPU kernels take ("float32,bfloat16,float16,float64").
-    std::string dtypes;
-    for (const at::ScalarType st : fastattn::kCpuDataTypes) {
-      if (!dtypes.empty()) dtypes += ",";
-      dtypes += torch_dtype_name(st);
-    }
-    d["cpu_dtypes"] = dtypes;
+    // torch's names of the data dtypes the CPU kernels take ("float32,bfloat16,float16,float64"),
+    // and those of the CUDA attention kernels (reported by a CPU build too: a constant).
+    d["cpu_dtypes"] = dtype_names(fastattn::kCpuDataTypes);
+    d["cuda_attention_dtypes"] = dtype_names(fastattn::kCudaAttentionTypes);
     return d;
   });
   m.def("cpu_cache_info", [] {

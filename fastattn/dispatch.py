@@ -66,9 +66,10 @@ def cpp_kernels(op: str) -> frozenset[str]:
 
 
 # Ops whose CUDA C++ kernels take fewer dtypes than the others: the attention kernels use tensor
-# cores on 16-bit inputs (csrc/cuda/attention.cu).
+# cores on 16-bit inputs (csrc/checks.h kCudaAttentionTypes, reported by the build).
 _CUDA_OP_DTYPES = dict.fromkeys(
-    ("attention", "paged_attention"), frozenset({torch.float16, torch.bfloat16})
+    ("attention", "paged_attention"),
+    _dtypes(str(_extension.build_info().get("cuda_attention_dtypes", ""))),
 )
 
 

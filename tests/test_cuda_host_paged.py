@@ -135,15 +135,37 @@ def test_paged_tier_256(lib, dtype):
     attend(lib, [5, 40], 70, 16, 2, 1, 256, dtype, "causal")
 
 
-def test_paged_append_grid_stride(lib):
-    """Fewer blocks than rows: each block strides over several (b, t, head) rows."""
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_paged_append_grid_stride(lib, layout):
+    """Fewer blocks than rows: each block strides over several (b, t, head) rows. "strided": the
+    new tokens a view whose heads and tokens are strided (the last dim contiguous, as the
+    launcher passes any such view as it is)."""
     q, kc, _, table, lens, kn, _, dk, _ = make_cache([3, 30], 5, 16, 2, 2, 24, torch.float16)
+    if layout == "strided":
+        wide = torch.zeros(2, 5, 2, 3 * 24, dtype=kn.dtype)
+        wide[..., 24:48] = kn
+        kn = wide[..., 24:48]  # strides (720, 144, 72, 1)
     want = kc.clone()
     for b, n in enumerate([3, 30]):
         for t in range(n, n + 5):
             want[int(table[b, t // 16]), t % 16] = dk[b][t]
     append(lib, kc, table, lens, kn, blocks=3)
     assert torch.equal(kc, want)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_paged_more_queries_than_keys(lib, dtype):
+    """4 query rows against sequences of 0, 2, 5 and 40 cached keys (nothing appended), causal
+    bottom-right: the first rows of the short sequences see no key (out 0, lse -inf)."""
+    lengths = [0, 2, 5, 40]
+    _, kc, vc, table, lens, _, _, dk, dv = make_cache(lengths, 0, 16, 4, 2, 64, dtype)
+    q = torch.randn(4, 4, 4, 64).to(dtype)
+    kw = {"causal": True}
+    out, lse, _ = forward(lib, q, kc, vc, table, lens, 0, kw)
+    check_sequences(out, q, dk, dv, kw, dtype, "more queries than keys")
+    check_lse(lse, q, dk, kw, "more queries than keys")
+    assert torch.equal(out[1, :2], torch.zeros_like(out[1, :2]))
+    assert torch.isneginf(lse[1, :, :2]).all() and torch.isneginf(lse[0]).all()
 
 
 def test_paged_kernels_pass_the_race_check(lib):

@@ -30,6 +30,9 @@ OTHER_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 def test_build_reports_the_cpu_dtypes():
     names = _extension.build_info()["cpu_dtypes"].split(",")
     assert {getattr(torch, n) for n in names} == set(CPU_DTYPES)
+    # The CUDA attention kernels' (tensor cores: 16-bit only), which dispatch reads.
+    cuda = _extension.build_info()["cuda_attention_dtypes"].split(",")
+    assert {getattr(torch, n) for n in cuda} == {torch.float16, torch.bfloat16}
 
 
 def _every_op(dtype, backend):

@@ -382,31 +382,32 @@ def test_paged_triton_long_context_splits_by_itself(monkeypatch):
     check_sequences(out1, q, dk, dv, kw, torch.float32, "one split")
 
 
+def check_compiled(q, kc, vc, table, seqlens, kn, vn, backend, eager_backend):
+    """A fullgraph compile of paged_attention on ``backend`` matches the eager call on
+    ``eager_backend`` (fresh cache copies), appending in place the same."""
+    kc2, vc2 = kc.clone(), vc.clone()
+    f = torch.compile(fastattn.paged_attention, fullgraph=True)
+    got = f(q, kc, vc, table, seqlens, k_new=kn, v_new=vn, causal=True, backend=backend)
+    want = fastattn.paged_attention(q, kc2, vc2, table, seqlens, k_new=kn, v_new=vn, causal=True,
+                                    backend=eager_backend)  # fmt: skip
+    torch.testing.assert_close(got, want)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
 def test_paged_triton_opcheck_and_compile():
     # The op on the Triton branch (its vectorised append, then the kernel): opcheck, and a
     # fullgraph compile against the C++ backend, appending in place the same.
     q, kc, vc, table, seqlens, kn, vn, _, _ = make_cache([3, 20], 1, 16, 2, 2, 8, torch.float32)
     args = (q, kc, vc, table, seqlens, kn, vn, 0.35, True, -1, -1, 0.0, None, None, "triton")
     torch.library.opcheck(torch.ops.fastattn.paged_attention.default, args)
-    kc2, vc2 = kc.clone(), vc.clone()
-    f = torch.compile(fastattn.paged_attention, fullgraph=True)
-    got = f(q, kc, vc, table, seqlens, k_new=kn, v_new=vn, causal=True, backend="triton")
-    want = fastattn.paged_attention(q, kc2, vc2, table, seqlens, k_new=kn, v_new=vn, causal=True,
-                                    backend="cpu")  # fmt: skip
-    torch.testing.assert_close(got, want)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    check_compiled(q, kc, vc, table, seqlens, kn, vn, "triton", "cpu")
 
 
 def test_paged_opcheck_and_compile():
     q, kc, vc, table, seqlens, kn, vn, _, _ = make_cache([3, 20], 1, 16, 2, 2, 8, torch.float32)
     args = (q, kc, vc, table, seqlens, kn, vn, 0.35, True, -1, -1, 0.0, None, None, "cpu")
     torch.library.opcheck(torch.ops.fastattn.paged_attention.default, args)
-    kc2, vc2 = kc.clone(), vc.clone()
-    f = torch.compile(fastattn.paged_attention, fullgraph=True)
-    got = f(q, kc, vc, table, seqlens, k_new=kn, v_new=vn, causal=True)
-    want = fastattn.paged_attention(q, kc2, vc2, table, seqlens, k_new=kn, v_new=vn, causal=True)
-    torch.testing.assert_close(got, want)
-    assert torch.equal(kc, kc2)  # the compiled call appended in place too
+    check_compiled(q, kc, vc, table, seqlens, kn, vn, "auto", "auto")
 
 
 def _base():
@@ -471,11 +472,14 @@ def to_cuda(*ts):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("new", [0, 1, 7])
 @pytest.mark.parametrize("bs", [16, 256])
+# head_dim 128 with GQA 8/2; 17 with MQA 4/1: rows not 16-byte chunks (element-wise loads)
+@pytest.mark.parametrize("heads", [(8, 2, 128), (4, 1, 17)], ids=["gqa-d128", "mqa-d17"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_paged_gpu(backend, bs, new, variant, dtype):
+def test_paged_gpu(backend, heads, bs, new, variant, dtype):
     lengths = [0, 1, 113, 4097, 40]
-    q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache(lengths, new, bs, 8, 2, 128, dtype)
-    kw = extras(VARIANTS[variant], 8, len(lengths))
+    H, Hkv, D = heads
+    q, kc, vc, table, seqlens, kn, vn, dk, dv = make_cache(lengths, new, bs, H, Hkv, D, dtype)
+    kw = extras(VARIANTS[variant], H, len(lengths))
     want_k = kc.clone()
     for b, n in enumerate(lengths):
         for t in range(n, n + new):
@@ -490,11 +494,9 @@ def test_paged_gpu(backend, bs, new, variant, dtype):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_paged_gpu_strided_layouts_and_refusals(backend):
+def test_paged_gpu_strided_layouts(backend):
     # test_paged_strided_layouts's views (K and V side by side, a strided table, lengths and
-    # new tokens) on CUDA tensors in fp16, against the same call on contiguous copies; then the
-    # CUDA kernel's refusal of float32 (a TypeError naming the dtype, before the cache is
-    # touched) and of a block id outside the cache.
+    # new tokens) on CUDA tensors in fp16, against the float64 reference on contiguous copies.
     g = torch.Generator().manual_seed(5)
     bs, Hkv, H, D = 16, 2, 4, 64
     kv = torch.randn(6, Hkv, 2, bs, D, generator=g).half().cuda()
@@ -507,22 +509,35 @@ def test_paged_gpu_strided_layouts_and_refusals(backend):
     k_new = torch.randn(2, 2, D, Hkv, generator=g).half().cuda().transpose(2, 3)
     v_new = torch.randn(2, 2, D, Hkv, generator=g).half().cuda().transpose(2, 3)
     q = torch.randn(2, 2, H, D, generator=g).half().cuda()
-    kc2, vc2 = kc.contiguous(), vc.contiguous()
-    want = fastattn.paged_attention(q, kc2, vc2, table.contiguous(), lens.contiguous(),
-                                    k_new=k_new.contiguous(), v_new=v_new.contiguous(),
-                                    causal=True, backend=backend)  # fmt: skip
+    kc2, vc2 = kc.double(), vc.double()  # contiguous float64 copies
+    want = fastattn.paged_attention(q.double(), kc2, vc2, table.contiguous(), lens.contiguous(),
+                                    k_new=k_new.double(), v_new=v_new.double(), causal=True,
+                                    backend="reference")  # fmt: skip
     got = fastattn.paged_attention(q, kc, vc, table, lens, k_new=k_new, v_new=v_new, causal=True,
                                    backend=backend)  # fmt: skip
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-    if backend == "cuda":
-        before = kc2.clone()
-        with pytest.raises((TypeError, RuntimeError), match="float32"):
-            fastattn.paged_attention(q.float(), kc2.float(), vc2.float(), table, lens,
-                                     backend="cuda")  # fmt: skip
-        bad = table.contiguous().clone()
-        bad[1, 0] = 6  # the cache has blocks 0..5
-        with pytest.raises(ValueError, match="outside the cache"):
-            fastattn.paged_attention(q, kc2, vc2, bad, lens, k_new=k_new, v_new=v_new,
-                                     backend="cuda")  # fmt: skip
-        assert torch.equal(kc2, before)  # refused before any append
+    torch.testing.assert_close(got.double(), want, atol=4e-3, rtol=4e-3)
+    assert torch.equal(kc.double(), kc2) and torch.equal(vc.double(), vc2)  # same rows written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_paged_cuda_op_checks_opcheck_and_compile():
+    # The CUDA C++ op itself: float32 refused by its own check (TypeError naming the dtype) and
+    # a block id outside the cache (ValueError), both before the cache is touched; opcheck; a
+    # fullgraph compile appending in place as the eager call does.
+    q, kc, vc, table, seqlens, kn, vn, _, _ = make_cache([3, 20], 1, 16, 2, 2, 64, torch.float16)
+    q, kc, vc, table, seqlens, kn, vn = to_cuda(q, kc, vc, table, seqlens, kn, vn)
+    op = torch.ops.fastattn.paged_attention_forward
+    args = (0.125, True, -1, -1, 0.0, None, None)
+    before = kc.clone()
+    with pytest.raises(TypeError, match="float16 or bfloat16 .* got Float"):
+        op(q.float().transpose(1, 2), kc.float(), vc.float(), table, seqlens, kn.float(),
+           vn.float(), *args)  # fmt: skip
+    bad = table.clone()
+    bad[1, 0] = kc.shape[0]
+    with pytest.raises(ValueError, match="outside the cache"):
+        op(q.transpose(1, 2), kc, vc, bad, seqlens, kn, vn, *args)
+    assert torch.equal(kc, before)
+    torch.library.opcheck(op.default, (q.transpose(1, 2), kc, vc, table, seqlens, None, None,
+                                       *args))  # fmt: skip
+    check_compiled(q, kc, vc, table, seqlens, kn, vn, "cuda", "cuda")

@@ -39,13 +39,20 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// The plan's shared memory within what the device lets the tier's forward kernel opt into.
 template <typename scalar_t, bool kBf16>
-void launch(const char* op, AttnParams& p, const AttnPlan& plan, int device, cudaStream_t stream) {
+void check_smem(const char* op, const AttnPlan& plan, int device) {
   with_attention_kernel<scalar_t, kBf16>(plan.tier, [&](auto kernel) {
     const int limit = max_dynamic_smem(kernel, device);
     TORCH_CHECK(plan.smem <= static_cast<size_t>(limit), op, ": head_dim tier ", plan.tier,
                 " needs ", plan.smem, " bytes of shared memory per block; device ", device,
                 " allows ", limit);
+  });
+}
+
+template <typename scalar_t, bool kBf16>
+void launch(const AttnParams& p, const AttnPlan& plan, cudaStream_t stream) {
+  with_attention_kernel<scalar_t, kBf16>(plan.tier, [&](auto kernel) {
     kernel<<<plan.grid, kAttnThreads, plan.smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -56,7 +63,27 @@ void launch(const char* op, AttnParams& p, const AttnPlan& plan, int device, cud
   }
 }
 
-// p's sizes, scaling and variant fields (q (B, H, Sq, D) and the shape fields set by the caller).
+// p's sizes (B, H, Hkv, Sq, Sk, D, Dv; each checked < 2**31).
+void set_shape(AttnParams& p, int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
+               int64_t Dv) {
+  p.B = static_cast<int>(B), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(Hkv);
+  p.Sq = static_cast<int>(Sq), p.Sk = static_cast<int>(Sk);
+  p.d = static_cast<int>(D), p.dv = static_cast<int>(Dv);
+}
+
+// p's pointers and strides of q (B, H, Sq, D), k and v (B | blocks, Hkv, Sk | page, D | Dv),
+// out (B, H, Sq, Dv) (any views: strides as they are) and the contiguous lse (B, H, Sq).
+void set_io(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const at::Tensor& out, const at::Tensor& lse) {
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_ss = out.stride(2);
+}
+
+// p's scaling and variant fields (after set_shape).
 void set_variants(AttnParams& p, double scale, bool causal, int64_t window_left,
                   int64_t window_right, double softcap, const OptTensor& sinks,
                   const OptTensor& alibi) {
@@ -81,23 +108,37 @@ AttnPlan plan_for(const char* op, AttnParams& p, int device) {
   return plan;
 }
 
-// q, k, v and out pointers and strides set: the alignment choice, the split-KV partials, the
-// launch on q's dtype.
-void run(const char* op, AttnParams& p, const AttnPlan& plan, const at::Tensor& q) {
+// The split-KV partials of a launch (empty without splits), held until it is queued.
+struct Partials {
+  at::Tensor out, lse;
+};
+
+// q, k, v and out pointers and strides set: the alignment choice, the split-KV partials and the
+// shared-memory check, i.e. everything of a launch that allocates or can refuse.
+Partials prepare(const char* op, AttnParams& p, const AttnPlan& plan, const at::Tensor& q) {
   p.aligned = attention_rows_aligned(p, 2);
-  at::Tensor out_part, lse_part;
-  if (p.splits > 1) {
-    out_part = at::empty({p.splits, p.B, p.H, p.Sq, p.dv}, q.options().dtype(at::kFloat));
-    lse_part = at::empty({p.splits, p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
-    p.out_part = out_part.data_ptr<float>();
-    p.lse_part = lse_part.data_ptr<float>();
-  }
   const int device = static_cast<int>(q.get_device());
+  if (q.scalar_type() == at::kBFloat16)
+    check_smem<c10::BFloat16, true>(op, plan, device);
+  else
+    check_smem<c10::Half, false>(op, plan, device);
+  Partials part;
+  if (p.splits > 1) {
+    part.out = at::empty({p.splits, p.B, p.H, p.Sq, p.dv}, q.options().dtype(at::kFloat));
+    part.lse = at::empty({p.splits, p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
+    p.out_part = part.out.data_ptr<float>();
+    p.lse_part = part.lse.data_ptr<float>();
+  }
+  return part;
+}
+
+// The forward (and combine) launch on q's dtype, on the current stream.
+void run(const AttnParams& p, const AttnPlan& plan, const at::Tensor& q) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16)
-    launch<c10::BFloat16, true>(op, p, plan, device, stream);
+    launch<c10::BFloat16, true>(p, plan, stream);
   else
-    launch<c10::Half, false>(op, p, plan, device, stream);
+    launch<c10::Half, false>(p, plan, stream);
 }
 
 void check_sizes(const char* op, int64_t B, int64_t H, int64_t Sq, int64_t Sk) {
@@ -110,6 +151,7 @@ void check_sizes(const char* op, int64_t B, int64_t H, int64_t Sq, int64_t Sk) {
 void append(const at::Tensor& cache, const at::Tensor& table, const at::Tensor& lens,
             const at::Tensor& new_rows, cudaStream_t stream) {
   // (the kernel copies rows of the last dim: any other layout of the new tokens is made so)
+  if (new_rows.numel() == 0) return;  // (batch 0: no grid to launch)
   const at::Tensor nw = new_rows.stride(3) == 1 ? new_rows : new_rows.contiguous();
   PagedAppendParams a;
   a.src = static_cast<const uint16_t*>(nw.data_ptr());
@@ -126,6 +168,13 @@ void append(const at::Tensor& cache, const at::Tensor& table, const at::Tensor& 
   const int64_t blocks = std::min<int64_t>(nw.size(0) * nw.size(1) * nw.size(2), 65535);
   paged_append_kernel<<<static_cast<unsigned>(blocks), kAppendThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void append_both(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
+                 const at::Tensor& lens, const at::Tensor& k_new, const at::Tensor& v_new) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  append(k_cache, table, lens, k_new, stream);
+  append(v_cache, table, lens, v_new, stream);
 }
 
 }  // namespace
@@ -146,9 +195,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   check_sizes(op, B, H, Sq, Sk);
 
   AttnParams p;
-  p.B = static_cast<int>(B), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(k.size(1));
-  p.Sq = static_cast<int>(Sq), p.Sk = static_cast<int>(Sk);
-  p.d = static_cast<int>(q.size(3)), p.dv = static_cast<int>(Dv);
+  set_shape(p, B, H, k.size(1), Sq, Sk, q.size(3), Dv);
   set_variants(p, scale, causal, window_left, window_right, softcap, sinks, alibi);
   p.causal_offset = causal_offset;
   if (mask.has_value()) {
@@ -168,13 +215,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
 
   at::Tensor out = new_output({B, H, Sq, Dv}, q.options());
   at::Tensor lse = new_output({B, H, Sq}, q.options().dtype(at::kFloat));
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
-  p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
-  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_ss = out.stride(2);
-  run(op, p, plan, q);
+  set_io(p, q, k, v, out, lse);
+  const Partials part = prepare(op, p, plan, q);
+  run(p, plan, q);
   return {out, lse};
 }
 
@@ -187,21 +230,17 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
   constexpr const char* op = "fastattn::paged_attention_forward";
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), Dv = v_cache.size(3);
   const at::Tensor table = block_table.contiguous(), lens = cache_seqlens.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_sizes(op, B, H, Sq, longest);
-  if (k_new.has_value() && Sq > 0) {  // all checked: append, then attend (one stream: in order)
-    append(k_cache, table, lens, *k_new, stream);
-    append(v_cache, table, lens, *v_new, stream);
-  }
+  const bool append_new = k_new.has_value() && Sq > 0;
   // Seq-major, as the caller's q (batch, seqlen_q, heads, head_dim) and FlashAttention's output.
-  if (B * H * Sq * Dv == 0)
+  if (B * H * Sq * Dv == 0) {
+    if (append_new) append_both(k_cache, v_cache, table, lens, *k_new, *v_new);
     return {new_output({B, Sq, H, Dv}, q.options()),
             new_output({B, H, Sq}, q.options().dtype(at::kFloat))};
+  }
 
   AttnParams p;
-  p.B = static_cast<int>(B), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(k_cache.size(2));
-  p.Sq = static_cast<int>(Sq), p.Sk = static_cast<int>(longest);
-  p.d = static_cast<int>(q.size(3)), p.dv = static_cast<int>(Dv);
+  set_shape(p, B, H, k_cache.size(2), Sq, longest, q.size(3), Dv);
   set_variants(p, scale, causal, window_left, window_right, softcap, sinks, alibi);
   p.block_table = table.data_ptr<int32_t>();
   p.bt_stride = table.stride(0);
@@ -212,14 +251,13 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
 
   at::Tensor out = new_output({B, Sq, H, Dv}, q.options());
   at::Tensor lse = new_output({B, H, Sq}, q.options().dtype(at::kFloat));
-  p.q = q.data_ptr(), p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
-  p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
-  // The caches (num_blocks, page, Hkv, D): a block, a head, a row of the block.
-  p.k_sb = k_cache.stride(0), p.k_sh = k_cache.stride(2), p.k_ss = k_cache.stride(1);
-  p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(2), p.v_ss = v_cache.stride(1);
-  p.o_sb = out.stride(0), p.o_sh = out.stride(2), p.o_ss = out.stride(1);
-  run(op, p, plan, q);
+  // The caches (num_blocks, page, Hkv, D) as (num_blocks, Hkv, page, D): a block, a head, a row
+  // of the block; out (B, Sq, H, Dv) as (B, H, Sq, Dv).
+  set_io(p, q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), out.transpose(1, 2), lse);
+  const Partials part = prepare(op, p, plan, q);
+  // Everything that allocates or can refuse is done: append, then attend (one stream: in order).
+  if (append_new) append_both(k_cache, v_cache, table, lens, *k_new, *v_new);
+  run(p, plan, q);
   return {out, lse};
 }
 
