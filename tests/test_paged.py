@@ -319,25 +319,34 @@ def test_paged_shared_blocks_and_garbage_table(new, backend):
                     "shared blocks")  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-def test_paged_strided_layouts(backend):
-    # Every tensor as a view with its own strides: caches with K and V side by side in one
-    # storage (transformers' layout) over a head-major block layout, new tokens with a
-    # transposed last two dims, a block table that is every other column of a wider one, a
-    # strided length vector and sinks; against the same call on contiguous copies.
+def strided_views(D, dtype, device="cpu"):
+    """Every tensor as a view with its own strides: caches with K and V side by side in one
+    storage (transformers' layout) over a head-major block layout, new tokens with a
+    transposed last two dims, a block table that is every other column of a wider one, a
+    strided length vector (37 and 5 tokens) and sinks (float32). Returns (q, k_cache, v_cache,
+    block_table, cache_seqlens, k_new, v_new, sinks); 4 heads over 2 kv heads, blocks of 16."""
     g = torch.Generator().manual_seed(5)
-    bs, Hkv, H, D, lengths = 16, 2, 4, 32, [37, 5]
-    kv = torch.randn(6, Hkv, 2, bs, D, generator=g)  # (blocks, heads, k|v, rows, D)
+    bs, Hkv, H = 16, 2, 4
+    # (blocks, heads, k|v, rows, D)
+    kv = torch.randn(6, Hkv, 2, bs, D, generator=g).to(device, dtype)
     kc, vc = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (6, bs, Hkv, D)
     wide = torch.full((2, 8), 10**6, dtype=torch.int32)
     wide[0, 0:6:2] = torch.tensor([4, 1, 3], dtype=torch.int32)
     wide[1, 0:4:2] = torch.tensor([0, 5], dtype=torch.int32)
-    table = wide[:, ::2]
-    lens = torch.tensor([lengths[0], 99, lengths[1], 99], dtype=torch.int32)[::2]
-    k_new = torch.randn(2, 2, D, Hkv, generator=g).transpose(2, 3)  # (2, 2, Hkv, D), strided
-    v_new = torch.randn(2, 2, D, Hkv, generator=g).transpose(2, 3)
-    sinks = torch.randn(2 * H, generator=g)[::2]
-    q = torch.randn(2, 2, H, D, generator=g)
+    table = wide.to(device)[:, ::2]
+    lens = torch.tensor([37, 99, 5, 99], dtype=torch.int32).to(device)[::2]
+    # (2, 2, Hkv, D), strided
+    k_new = torch.randn(2, 2, D, Hkv, generator=g).to(device, dtype).transpose(2, 3)
+    v_new = torch.randn(2, 2, D, Hkv, generator=g).to(device, dtype).transpose(2, 3)
+    sinks = torch.randn(2 * H, generator=g).to(device)[::2]
+    q = torch.randn(2, 2, H, D, generator=g).to(device, dtype)
+    return q, kc, vc, table, lens, k_new, v_new, sinks
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_paged_strided_layouts(backend):
+    # strided_views (fp32) against the same call on contiguous copies.
+    q, kc, vc, table, lens, k_new, v_new, sinks = strided_views(32, torch.float32)
     kw = {"causal": True, "sinks": sinks}
     kc2, vc2 = kc.contiguous(), vc.contiguous()
     want = fastattn.paged_attention(
@@ -460,7 +469,7 @@ def test_paged_bad_arguments_are_refused(change, exc, match):
 # (csrc/cuda/paged_host.cpp, attention.cu) and Triton's on CUDA tensors. The CUDA kernels run
 # on the CPU in every CI run too, through the host layer (tests/test_cuda_host_paged.py).
 # Lengths as LENGTHS, with a long one past the split-KV threshold; block sizes 16 (several per
-# key tile) and 256 (a tile inside a block); head_dim 128, GQA 8/2 (decode packs 4 heads a tile).
+# key tile) and 256 (a tile inside a block); GQA 8/2 (decode packs 4 heads a tile) and MQA.
 GPU_BACKENDS = [pytest.param(b, marks=GPU) for b in ("cuda", "triton")]
 
 
@@ -495,20 +504,9 @@ def test_paged_gpu(backend, heads, bs, new, variant, dtype):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_paged_gpu_strided_layouts(backend):
-    # test_paged_strided_layouts's views (K and V side by side, a strided table, lengths and
-    # new tokens) on CUDA tensors in fp16, against the float64 reference on contiguous copies.
-    g = torch.Generator().manual_seed(5)
-    bs, Hkv, H, D = 16, 2, 4, 64
-    kv = torch.randn(6, Hkv, 2, bs, D, generator=g).half().cuda()
-    kc, vc = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (6, bs, Hkv, D)
-    wide = torch.full((2, 8), 10**6, dtype=torch.int32)
-    wide[0, 0:6:2] = torch.tensor([4, 1, 3], dtype=torch.int32)
-    wide[1, 0:4:2] = torch.tensor([0, 5], dtype=torch.int32)
-    table = wide.cuda()[:, ::2]
-    lens = torch.tensor([37, 99, 5, 99], dtype=torch.int32).cuda()[::2]
-    k_new = torch.randn(2, 2, D, Hkv, generator=g).half().cuda().transpose(2, 3)
-    v_new = torch.randn(2, 2, D, Hkv, generator=g).half().cuda().transpose(2, 3)
-    q = torch.randn(2, 2, H, D, generator=g).half().cuda()
+    # strided_views on CUDA tensors in fp16 (no sinks), against the float64 reference on
+    # contiguous copies.
+    q, kc, vc, table, lens, k_new, v_new, _ = strided_views(64, torch.float16, "cuda")
     kc2, vc2 = kc.double(), vc.double()  # contiguous float64 copies
     want = fastattn.paged_attention(q.double(), kc2, vc2, table.contiguous(), lens.contiguous(),
                                     k_new=k_new.double(), v_new=v_new.double(), causal=True,

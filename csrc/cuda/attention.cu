@@ -150,8 +150,8 @@ void check_sizes(const char* op, int64_t B, int64_t H, int64_t Sq, int64_t Sk) {
 // nw (B, S, Hkv, d) -> cache at each sequence's positions lens[b] .. (paged_append_kernel).
 void append(const at::Tensor& cache, const at::Tensor& table, const at::Tensor& lens,
             const at::Tensor& new_rows, cudaStream_t stream) {
-  // (the kernel copies rows of the last dim: any other layout of the new tokens is made so)
   if (new_rows.numel() == 0) return;  // (batch 0: no grid to launch)
+  // (the kernel copies rows of the last dim: any other layout of the new tokens is made so)
   const at::Tensor nw = new_rows.stride(3) == 1 ? new_rows : new_rows.contiguous();
   PagedAppendParams a;
   a.src = static_cast<const uint16_t*>(nw.data_ptr());

@@ -2,7 +2,7 @@
 // against a paged KV cache, and the cache append) run through the host execution layer, with the
 // tensor-core primitives of tensor_core.h and the launch plan of attention.cu (attention_plan). Its
 // own translation unit (linked into the harness library with harness.cpp); loaded by
-// tests/test_cuda_host_attention.py.
+// tests/test_cuda_host_attention.py and tests/test_cuda_host_paged.py.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
